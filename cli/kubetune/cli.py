@@ -1,0 +1,70 @@
+"""The `kubetune` command.
+
+  kubetune run SPEC.yaml --local [--nproc-per-node N]   run a FineTuneJob on this machine
+  kubetune demo                                         a complete small fine-tune, no setup
+  kubetune validate SPEC.yaml                           check a spec and print the trainer config
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from kubetune_trainer.errors import EXIT_BAD_INPUT, KubetuneError
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .local import default_nproc, load_spec, run_local
+
+    if not args.local:
+        print("kubetune run: only --local is available here; in a cluster, `kubectl apply -f` the spec", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    job = load_spec(args.spec)
+    return run_local(job.train_config(default_namespace="local"), args.nproc_per_node or default_nproc())
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from .local import load_spec
+
+    print(load_spec(args.spec).train_config().model_dump_json(by_alias=True, indent=2))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.out, steps=args.steps, nproc=args.nproc_per_node, checkpoint=args.checkpoint)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kubetune", description="Kubernetes-native fine-tuning of SAM2, SAM and Detectron2 models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a FineTuneJob spec")
+    run.add_argument("spec", type=Path)
+    run.add_argument("--local", action="store_true", help="run on this machine through torchrun")
+    run.add_argument("--nproc-per-node", type=int, default=None, help="processes (default: GPUs, or 1)")
+    run.set_defaults(func=_run)
+    val = sub.add_parser("validate", help="validate a spec and print the trainer config it becomes")
+    val.add_argument("spec", type=Path)
+    val.set_defaults(func=_validate)
+    demo = sub.add_parser("demo", help="fine-tune SAM2 tiny on a synthetic dataset served from a local S3")
+    demo.add_argument("--out", type=Path, default=Path("kubetune-demo"), help="where results are copied")
+    demo.add_argument("--steps", type=int, default=40)
+    demo.add_argument("--nproc-per-node", type=int, default=None)
+    demo.add_argument("--checkpoint", type=Path, default=None, help="Meta's sam2.1_hiera_tiny.pt, if you have it")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KubetuneError as exc:
+        print(f"kubetune: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Run a FineTuneJob spec on this machine: the same trainer, through the same torchrun launcher
+the pods use (`kubetune_trainer.launch`), with c10d rendezvous on loopback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from kubetune_operator.specs import FineTuneJob
+from kubetune_trainer.config import TrainConfig
+from kubetune_trainer.errors import ConfigError
+from kubetune_trainer.main import describe_validation_error
+
+
+def load_spec(path: Path) -> FineTuneJob:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path} does not exist") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    try:
+        return FineTuneJob.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: " + describe_validation_error(exc).removeprefix("invalid config: ")) from exc
+
+
+def default_nproc() -> int:
+    try:
+        import torch
+
+        return max(torch.cuda.device_count(), 1)
+    except ImportError:
+        return 1
+
+
+def torchrun_command(config_path: Path, nproc: int) -> list[str]:
+    return [
+        sys.executable, "-m", "kubetune_trainer.launch",
+        "--nnodes", "1", "--nproc-per-node", str(nproc),
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0",
+        "--max-restarts", "0",
+        "-m", "kubetune_trainer", "--config", str(config_path),
+    ]
+
+
+def run_local(config: TrainConfig, nproc: int, env: dict[str, str] | None = None) -> int:
+    """Write the config where the trainer reads it and run torchrun; returns its exit code."""
+    with tempfile.TemporaryDirectory(prefix="kubetune-local-") as tmp:
+        config_path = Path(tmp) / "train.json"
+        config_path.write_text(config.model_dump_json(by_alias=True, indent=1))
+        merged = {**os.environ, **(env or {})}
+        merged.setdefault("OMP_NUM_THREADS", str(max((os.cpu_count() or 1) // nproc, 1)))
+        return subprocess.call(torchrun_command(config_path, nproc), env=merged)

@@ -1,0 +1,94 @@
+"""The FineTuneJob resource as pydantic models (kubetune.dev/v1alpha1).
+
+The spec composes the trainer's `TrainParameters` (model, data, training, storage, output) and
+adds what only the cluster side needs (resources, runPolicy, queueName, image). Torch-free.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from kubetune_trainer.config import JobIdentity, Section, TrainConfig, TrainParameters
+
+GROUP = "kubetune.dev"
+VERSION = "v1alpha1"
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+
+
+class Toleration(Section):
+    key: str | None = None
+    """Taint key the toleration matches (empty with operator Exists: every taint)."""
+    operator: Literal["Exists", "Equal"] = "Equal"
+    """Exists or Equal."""
+    value: str | None = None
+    """Taint value for operator Equal."""
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """Taint effect matched; empty: all effects."""
+    toleration_seconds: int | None = None
+    """How long a NoExecute taint is tolerated."""
+
+
+class ResourcesSpec(Section):
+    nodes: int = Field(1, ge=1)
+    """Pods (one per node), each running torchrun."""
+    gpus_per_node: int = Field(1, ge=0)
+    """GPUs per pod and torchrun processes per pod; 0 runs one CPU process per pod."""
+    cpu: str | None = None
+    """CPU request and limit per pod, e.g. "16"."""
+    memory: str | None = None
+    """Memory request and limit per pod, e.g. 128Gi."""
+    shm_size: str = "8Gi"
+    """Size of the memory-backed /dev/shm (DataLoader workers share batches through it)."""
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    """Node labels the pods must match."""
+    tolerations: list[Toleration] = Field(default_factory=list)
+    """Taints the pods tolerate."""
+    priority_class_name: str | None = None
+    """PriorityClass of the pods."""
+
+
+class RunPolicySpec(Section):
+    backoff_limit: int = Field(3, ge=0)
+    """Retries of failed pods (infrastructure failures; bad config fails at once)."""
+    active_deadline_seconds: int | None = Field(None, ge=1)
+    """Wall-clock limit of the whole job."""
+    ttl_seconds_after_finished: int | None = Field(None, ge=0)
+    """Delete the Job's pods this long after it finishes."""
+    suspend: bool = False
+    """Suspend the job (pods stop; training resumes from the newest checkpoint when unset)."""
+
+
+class FineTuneJobSpec(TrainParameters):
+    resources: ResourcesSpec = ResourcesSpec()
+    """Nodes, GPUs and pod resources."""
+    run_policy: RunPolicySpec = RunPolicySpec()
+    """Retries, deadlines, suspension."""
+    queue_name: str | None = None
+    """Kueue LocalQueue; the Job is created suspended and admitted by Kueue as one gang."""
+    image: str | None = None
+    """Trainer image; default: the operator's configured trainer image."""
+
+
+class ObjectMeta(Section):
+    model_config = Section.model_config | {"extra": "allow"}
+    name: str
+    namespace: str | None = None
+
+
+class FineTuneJob(Section):
+    """A whole FineTuneJob manifest, as `kubectl apply` receives it."""
+
+    api_version: Literal["kubetune.dev/v1alpha1"]
+    kind: Literal["FineTuneJob"]
+    metadata: ObjectMeta
+    spec: FineTuneJobSpec
+    status: dict[str, Any] | None = None
+
+    def train_config(self, default_namespace: str = "default") -> TrainConfig:
+        """The trainer's config: the spec's trainer sections plus the job's identity."""
+        params = self.spec.model_dump(by_alias=True, include=set(TrainParameters.model_fields))
+        identity = JobIdentity(name=self.metadata.name, namespace=self.metadata.namespace or default_namespace)
+        return TrainConfig.model_validate({**params, "job": identity.model_dump(by_alias=True)})

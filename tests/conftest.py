@@ -1,0 +1,53 @@
+"""Shared fixtures: a real S3 endpoint (moto's server on loopback) and tiny synthetic datasets."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kubetune.s3server import client, local_s3, upload_tree
+from kubetune.synthetic import write_coco_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    with local_s3() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def s3(s3_endpoint: str):
+    """A boto3 client for the test server."""
+    return client(s3_endpoint)
+
+
+@pytest.fixture
+def bucket(s3, request) -> str:
+    """A fresh, empty bucket named after the test."""
+    name = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
+    s3.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def tiny_coco(tmp_path_factory) -> Path:
+    """Eight training and four validation images of 96 px: small enough for CPU runs."""
+    return write_coco_dataset(tmp_path_factory.mktemp("coco"), train=8, val=4, size=96, seed=3)
+
+
+@pytest.fixture
+def tiny_coco_s3(s3_endpoint: str, tiny_coco: Path, bucket: str) -> str:
+    upload_tree(s3_endpoint, tiny_coco, bucket, "data/")
+    return f"s3://{bucket}/data/"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("KUBETUNE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("KUBETUNE_LOG_FORMAT", "json")
+    os.environ.setdefault("OMP_NUM_THREADS", "2")

@@ -1,0 +1,104 @@
+"""The config/spec models: the canonical example parses, bad specs fail naming the field."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from kubetune_operator.specs import FineTuneJob
+from kubetune_trainer.config import TrainConfig
+from kubetune_trainer.main import describe_validation_error
+
+ROOT = Path(__file__).resolve().parents[1]
+
+EXAMPLE = ROOT / "examples" / "finetunejob.yaml"
+DESIGN = ROOT.parent / "shared" / "DESIGN.md"
+
+
+def example() -> dict:
+    return yaml.safe_load(EXAMPLE.read_text())
+
+
+def test_canonical_example_parses_with_every_value() -> None:
+    job = FineTuneJob.model_validate(example())
+    spec = job.spec
+    assert spec.model.variant == "sam2.1_hiera_small"
+    assert spec.model.trainable == ["mask_decoder", "prompt_encoder"]
+    assert spec.data.prompts.positive_points == 3
+    assert spec.training.max_steps == 2000 and spec.training.epochs is None
+    assert spec.training.optimizer.lr == 1.0e-5 and spec.training.optimizer.weight_decay == 4.0e-5
+    assert spec.training.early_stopping.metric == "miou"
+    assert spec.resources.gpus_per_node == 8 and spec.resources.shm_size == "16Gi"
+    assert spec.output.keep_last == 3 and spec.run_policy.ttl_seconds_after_finished == 86400
+
+
+@pytest.mark.skipif(not DESIGN.exists(), reason="shared/DESIGN.md is not beside this checkout")
+def test_example_file_is_the_design_documents_example() -> None:
+    block = re.search(r"## The canonical example.*?```yaml\n(.*?)```", DESIGN.read_text(), re.S).group(1)
+    assert yaml.safe_load(block) == example()
+
+
+def test_train_config_round_trips_through_json() -> None:
+    config = FineTuneJob.model_validate(example()).train_config()
+    assert config.job.name == "labpics-sam2" and config.job.namespace == "default"
+    again = TrainConfig.model_validate_json(config.model_dump_json(by_alias=True))
+    assert again == config
+    assert "resources" not in config.model_dump(by_alias=True)
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "field"),
+    [
+        (("spec", "training", "learningRate"), 1, "spec.training.learningRate"),
+        (("spec", "model", "colour"), "red", "spec.model.colour"),
+        (("spec", "bogus"), {}, "spec.bogus"),
+    ],
+)
+def test_unknown_fields_are_rejected_by_name(path, value, field) -> None:
+    raw = example()
+    target = raw
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    with pytest.raises(ValidationError) as info:
+        FineTuneJob.model_validate(raw)
+    message = describe_validation_error(info.value)
+    assert field in message and "Extra inputs are not permitted" in message
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda s: s["model"].update(variant="sam2.1_hiera_huge"), "not a SAM2 variant"),
+        (lambda s: s["model"].update(imageSize=1000), "multiple of 32"),
+        (lambda s: s["model"].update(checkpoint="http://x/y.pt"), "must start with s3:// or file://"),
+        (lambda s: s["data"].update(format="yolo"), "spec.data.format"),
+        (lambda s: s["training"].update(epochs=3), "exactly one of epochs or maxSteps"),
+        (lambda s: s["training"].update(batchSize=0), "spec.training.batchSize"),
+        (lambda s: s["training"].update(precision="fp8"), "spec.training.precision"),
+        (lambda s: s["training"].pop("evalEvery"), "earlyStopping needs training.evalEvery"),
+        (lambda s: s["output"].update(uri="/tmp/out"), "output.uri must start with"),
+        (lambda s: s["model"].update(overrides={"SOLVER.BASE_LR": 0.1}), "detectron2 only"),
+        (lambda s: s["data"]["prompts"].update(type="points", positivePoints=0), "needs positivePoints"),
+    ],
+)
+def test_invalid_specs_fail_with_a_specific_message(mutate, expected) -> None:
+    raw = copy.deepcopy(example())
+    mutate(raw["spec"])
+    with pytest.raises(ValidationError) as info:
+        FineTuneJob.model_validate(raw)
+    assert expected in describe_validation_error(info.value)
+
+
+def test_config_module_does_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, kubetune_operator.specs; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -1,0 +1,186 @@
+"""Build everything a run needs from a TrainConfig, resume if possible, train, publish results.
+
+Order matters for the "bad input loses nothing" promise: every input (data, weights, output
+bucket) is checked before the first byte is written to output.uri.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import BatchSampler, DataLoader
+
+from . import distributed
+from .annotations import Sample, usable_samples
+from .checkpointing import Checkpointer
+from .config import TrainConfig
+from .data import PromptedMasks, ResumableSampler, collate, shard
+from .distributed import DistContext
+from .engine import Trainer
+from .errors import DataError
+from .evaluation import evaluate
+from .events import JsonlWriter, TerminalWriter
+from .hooks import CheckpointHook, EvalHook, WriterHook
+from .segmenter import segmenter_for
+from .staging import fetch_object, stage
+from .storage import ObjectStore, open_store, split_object_uri
+from .telemetry import PrometheusWriter
+
+log = structlog.get_logger(__name__)
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class Inputs:
+    train: list[Sample]
+    validation: list[Sample]
+    weights: Path | None
+    downloaded_bytes: int
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("KUBETUNE_CACHE_DIR", "~/.cache/kubetune")).expanduser()
+
+
+def stage_inputs(config: TrainConfig, ctx: DistContext) -> Inputs:
+    """Dataset and base weights on local disk, read and checked; node leaders download."""
+    root = cache_root()
+    data_store = open_store(config.data.source, config.storage)
+    report = distributed.leader_first(ctx, lambda: stage(data_store, root))
+    weights = None
+    if config.model.checkpoint:
+        folder, key = split_object_uri(config.model.checkpoint)
+        weights_store = open_store(folder, config.storage)
+        weights = distributed.leader_first(ctx, lambda: fetch_object(weights_store, key, root / "weights"))
+    data = config.data
+    train = usable_samples(data.format, report.root, data.train)
+    val = usable_samples(data.format, report.root, data.validation) if data.validation else []
+    downloaded = report.bytes_downloaded if ctx.is_local_leader else 0
+    return Inputs(train, val, weights, downloaded)
+
+
+def build_loader(samples: list[Sample], config: TrainConfig, ctx: DistContext) -> DataLoader:
+    dataset = PromptedMasks(samples, config.model.image_size, config.data.prompts, config.training.seed, train=True)
+    sampler = ResumableSampler(len(samples), ctx.rank, ctx.world_size, config.training.seed)
+    batches = BatchSampler(sampler, config.training.batch_size, drop_last=True)
+    steps = len(batches) // config.training.grad_accumulation
+    if steps == 0:
+        raise DataError(
+            f"the train split has {len(samples)} usable samples: too few for batchSize "
+            f"{config.training.batch_size} × gradAccumulation {config.training.grad_accumulation} × {ctx.world_size} processes"
+        )
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=config.data.num_workers,
+                      pin_memory=ctx.device.type == "cuda")
+
+
+def build_eval_loader(samples: list[Sample], config: TrainConfig, ctx: DistContext) -> DataLoader:
+    dataset = PromptedMasks(samples, config.model.image_size, config.data.prompts, config.training.seed, train=False)
+    keys = shard(len(samples), ctx.rank, ctx.world_size)
+    return DataLoader(keys, batch_size=config.training.batch_size, collate_fn=lambda ks: collate([dataset[k] for k in ks]))
+
+
+def build_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    opt = config.training.optimizer
+    if opt.name == "adamw":
+        return torch.optim.AdamW(params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
+    return torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+
+
+def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dict[str, Any]:
+    started = time.time()
+    segmenter = segmenter_for(config.model)
+    distributed.check_precision(config.training.precision, ctx.device)
+    inputs = stage_inputs(config, ctx)
+    output = open_store(config.output.uri, config.storage)
+    checkpointer = Checkpointer(output, cache_root(), config.output.keep_last)
+    latest = distributed.broadcast_object(checkpointer.latest() if ctx.is_main else None)
+
+    torch.manual_seed(config.training.seed)  # identical random init on every rank and restart
+    random.seed(config.training.seed)
+    module = segmenter.build(config.model, inputs.weights).to(ctx.device)
+    model = module
+    if ctx.world_size > 1:
+        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        model = DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+    loader = build_loader(inputs.train, config, ctx)
+    training = config.training
+    per_epoch = len(loader) // training.grad_accumulation
+    total = training.max_steps or training.epochs * per_epoch
+    optimizer = build_optimizer([p for p in module.parameters() if p.requires_grad], config)
+    from .schedules import build_scheduler
+
+    trainer = Trainer(model, optimizer, build_scheduler(optimizer, training.schedule, total), loader,
+                      training, total, ctx, config.model.multimask)
+    trainer.storage.inc("s3_bytes/download", inputs.downloaded_bytes)
+    workdir = Path(tempfile.mkdtemp(prefix="kubetune-run-"))
+    if latest is not None:
+        state = distributed.leader_first(ctx, lambda: checkpointer.load(latest))
+        trainer.load_state_dict(state)
+        log.info("resumed", step=latest, epoch=trainer.state.epoch, uri=f"{output.uri}checkpoints/step-{latest:08d}/")
+        if ctx.is_main:
+            _restore_metrics_log(output, workdir / METRICS_FILE, latest)
+
+    eval_hook = None
+    if inputs.validation and training.eval_every:
+        eval_loader = build_eval_loader(inputs.validation, config, ctx)
+        eval_hook = EvalHook(training.eval_every, lambda: evaluate(module, eval_loader, ctx, training.precision,
+                                                                    config.model.multimask, training.loss),
+                             training.early_stopping)
+        trainer.hooks.append(eval_hook)
+    ckpt_hook = CheckpointHook(checkpointer, config.output.checkpoint_every, ctx.is_main)
+    trainer.hooks.append(ckpt_hook)
+    writers = [metrics]
+    if ctx.is_main:
+        writers += [JsonlWriter(workdir / METRICS_FILE), TerminalWriter(total, trainer.state.step)]
+    trainer.hooks.append(WriterHook(writers))
+    log.info("training", family=config.model.family, variant=config.model.variant, samples=len(inputs.train),
+             steps_per_epoch=per_epoch, total_steps=total, start_step=trainer.state.step,
+             precision=training.precision, world_size=ctx.world_size, device=str(ctx.device))
+    trainer.train()
+    report = {
+        "job": config.job.name,
+        "family": config.model.family,
+        "variant": config.model.variant,
+        "steps": trainer.state.step,
+        "total_steps": total,
+        "epochs": trainer.state.epoch,
+        "stopped_early": trainer.state.stopped_early,
+        "evaluations": eval_hook.history if eval_hook else [],
+        "best": {"metric": eval_hook.metric, "value": trainer.state.best} if eval_hook else None,
+        "last_checkpoint": ckpt_hook.last_uri,
+        "final_model": f"{output.uri}final/model.pt",
+        "wall_seconds": time.time() - started,
+    }
+    if ctx.is_main:
+        _publish(output, segmenter, module, config, report, workdir)
+    distributed.barrier()
+    return report
+
+
+def _restore_metrics_log(output: ObjectStore, path: Path, step: int) -> None:
+    """Continue the previous run's metrics.jsonl up to the resumed step."""
+    if not output.list(METRICS_FILE):
+        return
+    lines = output.get_bytes(METRICS_FILE).decode().splitlines()
+    path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= step))
+
+
+def _publish(output: ObjectStore, segmenter, module, config: TrainConfig, report: dict, workdir: Path) -> None:
+    """Final weights in the family's native format, the config, the metric log, the report."""
+    model_path = workdir / "model.pt"
+    segmenter.save_native(module, model_path)
+    output.upload(model_path, "final/model.pt")
+    output.put_bytes(config.model_dump_json(by_alias=True, indent=1).encode(), "final/config.json")
+    output.upload(workdir / METRICS_FILE, METRICS_FILE)
+    output.put_bytes(json.dumps(report, indent=1).encode(), "report.json")
+    log.info("published", model=report["final_model"], report=f"{output.uri}report.json")
