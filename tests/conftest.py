@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from kubetune.s3server import client, local_s3, upload_tree
 from kubetune.synthetic import write_coco_dataset
 
@@ -51,3 +51,88 @@ def _isolated_cache(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("KUBETUNE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("KUBETUNE_LOG_FORMAT", "json")
     os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def tiny_spec(source: str, output: str, endpoint: str | None, **training) -> dict:
+    """A FineTuneJob for CPU tests: SAM2 tiny at 64 px on the tiny COCO set."""
+    return {
+        "apiVersion": "kubetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "e2e", "namespace": "tests"},
+        "spec": {
+            "model": {"family": "sam2", "variant": "sam2.1_hiera_tiny", "imageSize": 64},
+            "data": {
+                "source": source,
+                "format": "coco",
+                "train": "train/annotations.json",
+                "validation": "val/annotations.json",
+                "numWorkers": 0,
+            },
+            "training": {
+                "maxSteps": 6,
+                "batchSize": 2,
+                "precision": "fp32",
+                "evalEvery": 3,
+                "optimizer": {"lr": 1e-3},
+                **training,
+            },
+            "storage": {"endpoint": endpoint, "region": "us-east-1"},
+            "output": {"uri": output, "checkpointEvery": 3, "keepLast": 2},
+        },
+    }
+
+
+@pytest.fixture
+def start_run(tmp_path):
+    """Start `kubetune run SPEC --local` as a process group; returns (Popen, log path)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    procs = []
+
+    def start(spec: dict, nproc: int = 1, env: dict | None = None, name: str = "run"):
+        spec_path = tmp_path / f"{name}.yaml"
+        spec_path.write_text(yaml.safe_dump(spec))
+        log_path = tmp_path / f"{name}.log"
+        full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kubetune.cli", "run", str(spec_path), "--local", "--nproc-per-node", str(nproc)],
+            stdout=log_path.open("w"),
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            start_new_session=True,
+        )
+        procs.append(proc)
+        return proc, log_path
+
+    yield start
+    for proc in procs:
+        kill_tree(proc.pid)
+        proc.wait()
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants, as a node failure would.
+
+    torchrun starts its workers in sessions of their own, so killing the process group is not
+    enough to take a whole local run down.
+    """
+    import signal
+
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    todo, victims = [pid], []
+    while todo:
+        current = todo.pop()
+        victims.append(current)
+        todo.extend(children.get(current, []))
+    for victim in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGKILL)

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from kubetune_trainer.annotations import load_image, read_split, usable_samples
 from kubetune_trainer.errors import DataError
+from PIL import Image
 
 
 def _png(path: Path, array: np.ndarray, mode: str | None = None) -> None:
@@ -41,11 +40,18 @@ def test_coco_polygons_and_rle_decode_to_the_drawn_masks(tiny_coco: Path) -> Non
 def test_via_balloon_format(tmp_path: Path) -> None:
     _rgb(tmp_path / "train" / "a.jpg")
     _rgb(tmp_path / "train" / "b.jpg")
-    regions = {"0": {"shape_attributes": {"name": "polygon", "all_points_x": [2, 20, 20, 2], "all_points_y": [2, 2, 12, 12]}, "region_attributes": {}},
-               "1": {"shape_attributes": {"name": "circle", "cx": 5, "cy": 5, "r": 3}, "region_attributes": {}}}
-    via = {"a.jpg123": {"filename": "a.jpg", "size": 123, "regions": regions},
-           "b.jpg9": {"filename": "b.jpg", "size": 9, "regions": []},
-           "c.jpg9": {"filename": "c.jpg", "size": 9, "regions": regions}}
+    regions = {
+        "0": {
+            "shape_attributes": {"name": "polygon", "all_points_x": [2, 20, 20, 2], "all_points_y": [2, 2, 12, 12]},
+            "region_attributes": {},
+        },
+        "1": {"shape_attributes": {"name": "circle", "cx": 5, "cy": 5, "r": 3}, "region_attributes": {}},
+    }
+    via = {
+        "a.jpg123": {"filename": "a.jpg", "size": 123, "regions": regions},
+        "b.jpg9": {"filename": "b.jpg", "size": 9, "regions": []},
+        "c.jpg9": {"filename": "c.jpg", "size": 9, "regions": regions},
+    }
     (tmp_path / "train" / "via_region_data.json").write_text(json.dumps(via))
     report = read_split("via", tmp_path, "train/via_region_data.json")
     assert len(report.samples) == 1
@@ -111,7 +117,9 @@ def test_broken_samples_are_skipped_and_counted(tiny_coco: Path, tmp_path: Path,
 
 def test_no_usable_sample_is_a_data_error(tmp_path: Path) -> None:
     (tmp_path / "train").mkdir()
-    (tmp_path / "train" / "annotations.json").write_text(json.dumps({"images": [{"id": 1, "file_name": "gone.jpg"}], "annotations": []}))
+    (tmp_path / "train" / "annotations.json").write_text(
+        json.dumps({"images": [{"id": 1, "file_name": "gone.jpg"}], "annotations": []})
+    )
     with pytest.raises(DataError, match="no usable sample"):
         usable_samples("coco", tmp_path, "train/annotations.json")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from kubetune_trainer.config import PromptSpec, ScheduleSpec
 from kubetune_trainer.losses import compute_loss, dice_loss, mask_iou
 from kubetune_trainer.prompts import boxes_from_masks, make_prompts

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 from boto3.s3.transfer import TransferConfig
-
 from kubetune_trainer.config import StorageSpec
 from kubetune_trainer.errors import ConfigError
 from kubetune_trainer.staging import INDEX_NAME, fetch_object, stage
@@ -18,7 +17,10 @@ def test_stage_downloads_then_skips(s3_endpoint: str, tiny_coco_s3: str, tiny_co
     first = stage(store, tmp_path)
     files = sorted(p.relative_to(tiny_coco) for p in tiny_coco.rglob("*") if p.is_file())
     assert first.downloaded == len(files) and first.skipped == 0
-    assert sorted(p.relative_to(first.root) for p in first.root.rglob("*") if p.is_file() and p.name != INDEX_NAME) == files
+    assert (
+        sorted(p.relative_to(first.root) for p in first.root.rglob("*") if p.is_file() and p.name != INDEX_NAME)
+        == files
+    )
     for rel in files:
         assert (first.root / rel).read_bytes() == (tiny_coco / rel).read_bytes()
     again = stage(store, tmp_path)
@@ -33,7 +35,12 @@ def test_stage_downloads_then_skips(s3_endpoint: str, tiny_coco_s3: str, tiny_co
 def test_multipart_etag_is_verified(s3, bucket: str, tmp_path: Path) -> None:
     big = tmp_path / "weights.bin"
     big.write_bytes(bytes(range(256)) * (40 * 1024 * 4))  # 40 MiB
-    s3.upload_file(str(big), bucket, "w/weights.bin", Config=TransferConfig(multipart_threshold=8 << 20, multipart_chunksize=8 << 20))
+    s3.upload_file(
+        str(big),
+        bucket,
+        "w/weights.bin",
+        Config=TransferConfig(multipart_threshold=8 << 20, multipart_chunksize=8 << 20),
+    )
     etag = s3.head_object(Bucket=bucket, Key="w/weights.bin")["ETag"].strip('"')
     assert etag.endswith("-5")
     assert etag_matches(big, etag)

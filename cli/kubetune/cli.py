@@ -1,8 +1,8 @@
 """The `kubetune` command.
 
-  kubetune run SPEC.yaml --local [--nproc-per-node N]   run a FineTuneJob on this machine
-  kubetune demo                                         a complete small fine-tune, no setup
-  kubetune validate SPEC.yaml                           check a spec and print the trainer config
+kubetune run SPEC.yaml --local [--nproc-per-node N]   run a FineTuneJob on this machine
+kubetune demo                                         a complete small fine-tune, no setup
+kubetune validate SPEC.yaml                           check a spec and print the trainer config
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ def _run(args: argparse.Namespace) -> int:
     from .local import default_nproc, load_spec, run_local
 
     if not args.local:
-        print("kubetune run: only --local is available here; in a cluster, `kubectl apply -f` the spec", file=sys.stderr)
+        print(
+            "kubetune run: only --local is available here; in a cluster, `kubectl apply -f` the spec", file=sys.stderr
+        )
         return EXIT_BAD_INPUT
     job = load_spec(args.spec)
     return run_local(job.train_config(default_namespace="local"), args.nproc_per_node or default_nproc())
@@ -38,7 +40,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kubetune", description="Kubernetes-native fine-tuning of SAM2, SAM and Detectron2 models")
+    parser = argparse.ArgumentParser(
+        prog="kubetune", description="Kubernetes-native fine-tuning of SAM2, SAM and Detectron2 models"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a FineTuneJob spec")
     run.add_argument("spec", type=Path)
@@ -50,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     val.set_defaults(func=_validate)
     demo = sub.add_parser("demo", help="fine-tune SAM2 tiny on a synthetic dataset served from a local S3")
     demo.add_argument("--out", type=Path, default=Path("kubetune-demo"), help="where results are copied")
-    demo.add_argument("--steps", type=int, default=40)
+    demo.add_argument("--steps", type=int, default=120)
     demo.add_argument("--nproc-per-node", type=int, default=None)
     demo.add_argument("--checkpoint", type=Path, default=None, help="Meta's sam2.1_hiera_tiny.pt, if you have it")
     demo.set_defaults(func=_demo)

@@ -10,12 +10,11 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from pydantic import ValidationError
-
 from kubetune_operator.specs import FineTuneJob
 from kubetune_trainer.config import TrainConfig
 from kubetune_trainer.errors import ConfigError
 from kubetune_trainer.main import describe_validation_error
+from pydantic import ValidationError
 
 
 def load_spec(path: Path) -> FineTuneJob:
@@ -42,11 +41,23 @@ def default_nproc() -> int:
 
 def torchrun_command(config_path: Path, nproc: int) -> list[str]:
     return [
-        sys.executable, "-m", "kubetune_trainer.launch",
-        "--nnodes", "1", "--nproc-per-node", str(nproc),
-        "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0",
-        "--max-restarts", "0",
-        "-m", "kubetune_trainer", "--config", str(config_path),
+        sys.executable,
+        "-m",
+        "kubetune_trainer.launch",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(nproc),
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        "127.0.0.1:0",
+        "--max-restarts",
+        "0",
+        "-m",
+        "kubetune_trainer",
+        "--config",
+        str(config_path),
     ]
 
 

@@ -58,7 +58,7 @@ def download_prefix(endpoint: str, bucket: str, prefix: str, dest: Path) -> list
     out = []
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
-            path = dest / obj["Key"][len(prefix):]
+            path = dest / obj["Key"][len(prefix) :]
             path.parent.mkdir(parents=True, exist_ok=True)
             s3.download_file(bucket, obj["Key"], str(path))
             out.append(path)

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
-
 from kubetune_trainer.config import JobIdentity, Section, TrainConfig, TrainParameters
+from pydantic import Field
 
 GROUP = "kubetune.dev"
 VERSION = "v1alpha1"

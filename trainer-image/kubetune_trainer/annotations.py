@@ -84,8 +84,13 @@ class SplitReport:
 
 
 def read_split(fmt: str, root: Path, split: str) -> SplitReport:
-    readers = {"coco": _read_coco, "via": _read_via, "mask-folder": _read_mask_folder,
-               "labpics": _read_labpics, "voc": _read_voc}
+    readers = {
+        "coco": _read_coco,
+        "via": _read_via,
+        "mask-folder": _read_mask_folder,
+        "labpics": _read_labpics,
+        "voc": _read_voc,
+    }
     report = SplitReport()
     readers[fmt](root, split, report)
     return report
@@ -110,7 +115,11 @@ def _resolve_image(base: Path, name: str) -> Path | None:
 def _read_coco(root: Path, split: str, report: SplitReport) -> None:
     path = root / split
     data = _load_json(path)
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(data.get("annotations"), list):
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("images"), list)
+        or not isinstance(data.get("annotations"), list)
+    ):
         raise DataError(f"{path} is not a COCO file: it needs 'images' and 'annotations' lists")
     by_image: dict[int, list] = {}
     for ann in data["annotations"]:
@@ -220,7 +229,6 @@ def usable_samples(fmt: str, root: Path, split: str) -> list[Sample]:
         log.warning("skipped broken samples", split=split, usable=len(usable), **dict(report.skipped))
     if not usable:
         raise DataError(
-            f"no usable sample in {fmt} split {split!r} under {root} "
-            f"(skipped: {dict(report.skipped) or 'none found'})"
+            f"no usable sample in {fmt} split {split!r} under {root} (skipped: {dict(report.skipped) or 'none found'})"
         )
     return usable

@@ -72,8 +72,7 @@ class ModelSpec(Section):
         if self.family == "sam2":
             if self.variant not in SAM2_VARIANTS:
                 raise ValueError(
-                    f"model.variant {self.variant!r} is not a SAM2 variant; "
-                    f"choose one of {', '.join(SAM2_VARIANTS)}"
+                    f"model.variant {self.variant!r} is not a SAM2 variant; choose one of {', '.join(SAM2_VARIANTS)}"
                 )
             if self.image_size % 32:
                 raise ValueError(f"model.imageSize must be a multiple of 32 for SAM2, got {self.image_size}")
@@ -251,4 +250,3 @@ class TrainConfig(TrainParameters):
 
     job: JobIdentity = JobIdentity()
     """Identity used in metric labels and logs."""
-

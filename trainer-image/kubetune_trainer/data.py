@@ -35,7 +35,12 @@ class Batch:
 
     def to(self, device: torch.device) -> Batch:
         nb = device.type == "cuda"
-        return Batch(*(t.to(device, non_blocking=nb) for t in (self.images, self.masks, self.coords, self.labels, self.image_index)))
+        return Batch(
+            *(
+                t.to(device, non_blocking=nb)
+                for t in (self.images, self.masks, self.coords, self.labels, self.image_index)
+            )
+        )
 
     @property
     def num_images(self) -> int:
@@ -61,7 +66,9 @@ class PromptedMasks(Dataset):
         sample = self.samples[index]
         image = torch.from_numpy(load_image(sample.image)).permute(2, 0, 1)
         masks = torch.from_numpy(sample.masks(image.shape[1], image.shape[2]))
-        image = F.interpolate(image[None].float(), size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)[0]
+        image = F.interpolate(
+            image[None].float(), size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False
+        )[0]
         masks = F.interpolate(masks[None].float(), size=(self.size, self.size), mode="nearest")[0] > 0.5
         masks = masks[masks.flatten(1).any(dim=1)]  # objects too small to survive the resize
         if self.train and rng.random() < 0.5:
@@ -91,7 +98,9 @@ class ResumableSampler(Sampler[tuple[int, int]]):
     """
 
     def __init__(self, size: int, rank: int, world: int, seed: int) -> None:
-        self.inner = DistributedSampler(range(size), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.inner = DistributedSampler(
+            range(size), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
         self.epoch = 0
         self.start = 0
 

@@ -53,7 +53,9 @@ def init(timeout_s: int = 1800) -> DistContext:
         device = torch.device("cpu")
         backend = "gloo"
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), device_id=device if backend == "nccl" else None)
+        dist.init_process_group(
+            backend, timeout=timedelta(seconds=timeout_s), device_id=device if backend == "nccl" else None
+        )
     return DistContext(rank, local_rank, world, local_world, device)
 
 

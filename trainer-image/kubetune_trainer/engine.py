@@ -149,7 +149,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return skipped
 
-    def _record(self, loss: torch.Tensor, parts: dict[str, torch.Tensor], images: int, skipped: bool, seconds: float, waited: float) -> None:
+    def _record(
+        self,
+        loss: torch.Tensor,
+        parts: dict[str, torch.Tensor],
+        images: int,
+        skipped: bool,
+        seconds: float,
+        waited: float,
+    ) -> None:
         keys = sorted(parts)
         packed = torch.stack([loss, *(parts[k] for k in keys)]).float()
         distributed.all_reduce(packed)
@@ -158,9 +166,13 @@ class Trainer:
         s = self.storage
         s.step = self.state.step
         s.put(loss=values[0], **dict(zip(keys, values[1:], strict=True)))
-        s.put(step=self.state.step, total_steps=self.total_steps, epoch=self.state.epoch,
-              lr=self.optimizer.param_groups[0]["lr"],
-              images_per_second=images * self.ctx.world_size / seconds)
+        s.put(
+            step=self.state.step,
+            total_steps=self.total_steps,
+            epoch=self.state.epoch,
+            lr=self.optimizer.param_groups[0]["lr"],
+            images_per_second=images * self.ctx.world_size / seconds,
+        )
         if self.scaler.is_enabled():
             s.put(**{"amp/grad_scale": self.scaler.get_scale()})
         s.put_prefixed("gpu_memory", distributed.gpu_memory(self.ctx.device))
@@ -204,7 +216,12 @@ class Trainer:
             # A different world shards data differently: restart the epoch rather than skip wrongly.
             log.warning("world size changed since the checkpoint; restarting its epoch", was=state["world_size"])
             pos = {**pos, "batches_in_epoch": 0}
-        self.state.step, self.state.epoch, self.state.batches_in_epoch = pos["step"], pos["epoch"], pos["batches_in_epoch"]
+        self.state.step, self.state.epoch, self.state.batches_in_epoch = (
+            pos["step"],
+            pos["epoch"],
+            pos["batches_in_epoch"],
+        )
+        self.storage.step = self.state.step
         self.state.best = state["early_stopping"]["best"]
         self.state.evals_without_improvement = state["early_stopping"]["evals_without_improvement"]
         torch.set_rng_state(state["rng"]["torch"])

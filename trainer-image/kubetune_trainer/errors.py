@@ -8,6 +8,7 @@ Exit codes (the operator's podFailurePolicy relies on them):
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -46,7 +47,5 @@ def write_termination_reason(reason: str) -> None:
     if not path.parent.is_dir() or (path == Path(DEFAULT_TERMINATION_LOG) and not path.exists()):
         return
     line = " ".join(reason.split())[:4000]  # kubelet keeps at most 4096 bytes
-    try:
+    with contextlib.suppress(OSError):  # failing to explain must not hide the failure
         path.write_text(line + "\n")
-    except OSError:
-        pass

@@ -19,7 +19,9 @@ from .losses import compute_loss
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, ctx: DistContext, precision: str, multimask: bool, loss: str) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, loader: DataLoader, ctx: DistContext, precision: str, multimask: bool, loss: str
+) -> dict[str, float]:
     was_training = model.training
     model.eval()
     # iou_sum, dice_sum, objects, tp, fp, fn, loss_sum, batches

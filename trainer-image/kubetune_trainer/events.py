@@ -64,9 +64,15 @@ class JsonlWriter:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._fh = path.open("a")
+        self._written: dict[str, float] = {}
 
     def write(self, snap: Snapshot) -> None:
-        self._fh.write(json.dumps({"step": snap.step, "time": time.time(), **snap.scalars}) + "\n")
+        """A row with the values that changed since the last row (an evaluation appears once)."""
+        changed = {k: v for k, v in snap.scalars.items() if self._written.get(k) != v}
+        if not changed:
+            return
+        self._written.update(changed)
+        self._fh.write(json.dumps({"step": snap.step, "time": time.time(), **changed}) + "\n")
         self._fh.flush()
 
     def close(self) -> None:
@@ -91,10 +97,20 @@ class TerminalWriter:
             return
         if self.bar is not None:
             self.bar.update(snap.step - self._last)
-            self.bar.set_postfix(loss=f"{s.get('loss', float('nan')):.4f}", lr=f"{s.get('lr', 0):.2e}", img_s=f"{s.get('images_per_second', 0):.1f}")
+            self.bar.set_postfix(
+                loss=f"{s.get('loss', float('nan')):.4f}",
+                lr=f"{s.get('lr', 0):.2e}",
+                img_s=f"{s.get('images_per_second', 0):.1f}",
+            )
         elif snap.step % self.period == 0 or snap.step == self._last + 1:
-            log.info("train", step=snap.step, epoch=int(s.get("epoch", 0)), loss=round(s.get("loss", float("nan")), 5),
-                     lr=s.get("lr"), images_per_second=round(s.get("images_per_second", 0), 2))
+            log.info(
+                "train",
+                step=snap.step,
+                epoch=int(s.get("epoch", 0)),
+                loss=round(s.get("loss", float("nan")), 5),
+                lr=s.get("lr"),
+                images_per_second=round(s.get("images_per_second", 0), 2),
+            )
         self._last = snap.step
 
     def close(self) -> None:

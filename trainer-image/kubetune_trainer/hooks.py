@@ -17,7 +17,9 @@ log = structlog.get_logger(__name__)
 class EvalHook(Hook):
     """Evaluate before training, every `every` steps and at the end; track the best value."""
 
-    def __init__(self, every: int | None, evaluate: Callable[[], dict[str, float]], early: EarlyStoppingSpec | None) -> None:
+    def __init__(
+        self, every: int | None, evaluate: Callable[[], dict[str, float]], early: EarlyStoppingSpec | None
+    ) -> None:
         self.every = every
         self.evaluate = evaluate
         self.early = early
@@ -70,8 +72,11 @@ class EvalHook(Hook):
 class CheckpointHook(Hook):
     """Rank 0 writes a checkpoint every `every` steps and at the end of training."""
 
-    def __init__(self, checkpointer: Checkpointer, every: int | None, is_writer: bool) -> None:
+    def __init__(
+        self, checkpointer: Checkpointer, every: int | None, is_writer: bool, on_saved: Callable[[], None] | None = None
+    ) -> None:
         self.checkpointer = checkpointer
+        self.on_saved = on_saved
         self.every = every
         self.is_writer = is_writer
         self.last_saved: int | None = None
@@ -82,16 +87,19 @@ class CheckpointHook(Hook):
         if step == self.last_saved:
             return
         self.last_saved = step
-        if not self.is_writer:
-            return
-        saved = self.checkpointer.save(step, trainer.state_dict())
-        self.last_uri = saved.uri
-        trainer.storage.put(**{"checkpoint/last_step": step})
-        trainer.storage.observe("checkpoint_seconds", saved.seconds)
-        trainer.storage.inc("s3_bytes/upload", saved.bytes)
+        if self.is_writer:
+            saved = self.checkpointer.save(step, trainer.state_dict())
+            self.last_uri = saved.uri
+            trainer.storage.observe("checkpoint_seconds", saved.seconds)
+            trainer.storage.inc("s3_bytes/upload", saved.bytes)
+            if self.on_saved:
+                self.on_saved()
+        trainer.storage.put(**{"checkpoint/last_step": step})  # every rank reports it
 
     def before_train(self, trainer: Trainer) -> None:
         self.last_saved = trainer.state.step  # the checkpoint we resumed from, if any
+        if trainer.state.step:
+            trainer.storage.put(**{"checkpoint/last_step": trainer.state.step})
 
     def after_step(self, trainer: Trainer) -> None:
         if self.every and trainer.state.step % self.every == 0:

@@ -1,6 +1,6 @@
 """Trainer entry point (what torchrun runs): parse config -> build -> train -> clean up.
 
-    torchrun --nproc-per-node 2 -m kubetune_trainer --config train.json
+torchrun --nproc-per-node 2 -m kubetune_trainer --config train.json
 """
 
 from __future__ import annotations

@@ -46,7 +46,9 @@ def _sample_points(region: torch.Tensor, fallback: torch.Tensor, count: int, rng
     return yx[pick].flip(1).float() + 0.5
 
 
-def make_prompts(masks: torch.Tensor, spec: PromptSpec, rng: np.random.Generator, perturb: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def make_prompts(
+    masks: torch.Tensor, spec: PromptSpec, rng: np.random.Generator, perturb: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt coordinates [K,P,2] and labels [K,P] for K masks; P is the same for every mask."""
     size_y, size_x = masks.shape[1:]
     coords: list[torch.Tensor] = []
@@ -54,7 +56,10 @@ def make_prompts(masks: torch.Tensor, spec: PromptSpec, rng: np.random.Generator
     if spec.type in ("box", "box+points"):
         boxes = boxes_from_masks(masks)
         if perturb and spec.perturbation:
-            boxes = boxes + torch.from_numpy(rng.integers(-spec.perturbation, spec.perturbation + 1, size=boxes.shape)).float()
+            boxes = (
+                boxes
+                + torch.from_numpy(rng.integers(-spec.perturbation, spec.perturbation + 1, size=boxes.shape)).float()
+            )
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, size_x)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, size_y)
         coords.append(boxes.view(-1, 2, 2))
@@ -67,6 +72,8 @@ def make_prompts(masks: torch.Tensor, spec: PromptSpec, rng: np.random.Generator
             (spec.negative_points, 0, outside, ~masks),
         ):
             if count:
-                coords.append(torch.stack([_sample_points(r, f, count, rng) for r, f in zip(region, fallback, strict=True)]))
+                coords.append(
+                    torch.stack([_sample_points(r, f, count, rng) for r, f in zip(region, fallback, strict=True)])
+                )
                 labels.append(torch.full((len(masks), count), label))
     return torch.cat(coords, dim=1), torch.cat(labels, dim=1).int()

@@ -75,18 +75,26 @@ def build_loader(samples: list[Sample], config: TrainConfig, ctx: DistContext) -
     batches = BatchSampler(sampler, config.training.batch_size, drop_last=True)
     steps = len(batches) // config.training.grad_accumulation
     if steps == 0:
+        t = config.training
         raise DataError(
-            f"the train split has {len(samples)} usable samples: too few for batchSize "
-            f"{config.training.batch_size} × gradAccumulation {config.training.grad_accumulation} × {ctx.world_size} processes"
+            f"the train split has {len(samples)} usable samples: too few for batchSize {t.batch_size} "
+            f"× gradAccumulation {t.grad_accumulation} × {ctx.world_size} processes"
         )
-    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=config.data.num_workers,
-                      pin_memory=ctx.device.type == "cuda")
+    return DataLoader(
+        dataset,
+        batch_sampler=batches,
+        collate_fn=collate,
+        num_workers=config.data.num_workers,
+        pin_memory=ctx.device.type == "cuda",
+    )
 
 
 def build_eval_loader(samples: list[Sample], config: TrainConfig, ctx: DistContext) -> DataLoader:
     dataset = PromptedMasks(samples, config.model.image_size, config.data.prompts, config.training.seed, train=False)
     keys = shard(len(samples), ctx.rank, ctx.world_size)
-    return DataLoader(keys, batch_size=config.training.batch_size, collate_fn=lambda ks: collate([dataset[k] for k in ks]))
+    return DataLoader(
+        keys, batch_size=config.training.batch_size, collate_fn=lambda ks: collate([dataset[k] for k in ks])
+    )
 
 
 def build_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
@@ -119,8 +127,16 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dic
     optimizer = build_optimizer([p for p in module.parameters() if p.requires_grad], config)
     from .schedules import build_scheduler
 
-    trainer = Trainer(model, optimizer, build_scheduler(optimizer, training.schedule, total), loader,
-                      training, total, ctx, config.model.multimask)
+    trainer = Trainer(
+        model,
+        optimizer,
+        build_scheduler(optimizer, training.schedule, total),
+        loader,
+        training,
+        total,
+        ctx,
+        config.model.multimask,
+    )
     trainer.storage.inc("s3_bytes/download", inputs.downloaded_bytes)
     workdir = Path(tempfile.mkdtemp(prefix="kubetune-run-"))
     if latest is not None:
@@ -133,19 +149,37 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dic
     eval_hook = None
     if inputs.validation and training.eval_every:
         eval_loader = build_eval_loader(inputs.validation, config, ctx)
-        eval_hook = EvalHook(training.eval_every, lambda: evaluate(module, eval_loader, ctx, training.precision,
-                                                                    config.model.multimask, training.loss),
-                             training.early_stopping)
+        eval_hook = EvalHook(
+            training.eval_every,
+            lambda: evaluate(module, eval_loader, ctx, training.precision, config.model.multimask, training.loss),
+            training.early_stopping,
+        )
         trainer.hooks.append(eval_hook)
-    ckpt_hook = CheckpointHook(checkpointer, config.output.checkpoint_every, ctx.is_main)
+    metrics_log = workdir / METRICS_FILE
+    # The metric log travels with each checkpoint, so a resumed run continues one history.
+    ckpt_hook = CheckpointHook(
+        checkpointer,
+        config.output.checkpoint_every,
+        ctx.is_main,
+        on_saved=lambda: output.upload(metrics_log, METRICS_FILE),
+    )
     trainer.hooks.append(ckpt_hook)
     writers = [metrics]
     if ctx.is_main:
-        writers += [JsonlWriter(workdir / METRICS_FILE), TerminalWriter(total, trainer.state.step)]
+        writers += [JsonlWriter(metrics_log), TerminalWriter(total, trainer.state.step)]
     trainer.hooks.append(WriterHook(writers))
-    log.info("training", family=config.model.family, variant=config.model.variant, samples=len(inputs.train),
-             steps_per_epoch=per_epoch, total_steps=total, start_step=trainer.state.step,
-             precision=training.precision, world_size=ctx.world_size, device=str(ctx.device))
+    log.info(
+        "training",
+        family=config.model.family,
+        variant=config.model.variant,
+        samples=len(inputs.train),
+        steps_per_epoch=per_epoch,
+        total_steps=total,
+        start_step=trainer.state.step,
+        precision=training.precision,
+        world_size=ctx.world_size,
+        device=str(ctx.device),
+    )
     trainer.train()
     report = {
         "job": config.job.name,

@@ -167,7 +167,7 @@ class S3Store:
             )
             for page in pages:
                 for obj in page.get("Contents", []):
-                    key = obj["Key"][len(self.prefix):]
+                    key = obj["Key"][len(self.prefix) :]
                     if key and not key.endswith("/"):
                         out.append(ObjectInfo(key, obj["Size"], obj["ETag"].strip('"')))
         return out

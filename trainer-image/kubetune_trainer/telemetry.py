@@ -34,19 +34,44 @@ class PrometheusWriter:
             "checkpoint/last_step": gauge("kubetune_checkpoint_last_step", "Step of the newest complete checkpoint"),
         }
         self.eval_metric = gauge("kubetune_eval_metric", "Validation metric of the last evaluation", ("metric",))
-        self.best_metric = gauge("kubetune_eval_best_metric", "Best validation value of the early-stopping metric so far", ("metric",))
+        self.best_metric = gauge(
+            "kubetune_eval_best_metric", "Best validation value of the early-stopping metric so far", ("metric",)
+        )
         self.loss_component = gauge("kubetune_train_loss_component", "One term of the training loss", ("component",))
         self.gpu_memory = gauge("kubetune_gpu_memory_bytes", "GPU memory held by this rank", ("kind",))
         self.histograms = {
-            "step_seconds": Histogram("kubetune_train_step_seconds", "Wall time of one optimizer step", LABELS, buckets=STEP_BUCKETS, registry=r),
-            "data_wait_seconds": Histogram("kubetune_data_wait_seconds", "Time the step waited for its batch", LABELS, buckets=STEP_BUCKETS, registry=r),
-            "checkpoint_seconds": Histogram("kubetune_checkpoint_seconds", "Time to write one checkpoint", LABELS, buckets=CKPT_BUCKETS, registry=r),
+            "step_seconds": Histogram(
+                "kubetune_train_step_seconds",
+                "Wall time of one optimizer step",
+                LABELS,
+                buckets=STEP_BUCKETS,
+                registry=r,
+            ),
+            "data_wait_seconds": Histogram(
+                "kubetune_data_wait_seconds",
+                "Time the step waited for its batch",
+                LABELS,
+                buckets=STEP_BUCKETS,
+                registry=r,
+            ),
+            "checkpoint_seconds": Histogram(
+                "kubetune_checkpoint_seconds", "Time to write one checkpoint", LABELS, buckets=CKPT_BUCKETS, registry=r
+            ),
         }
         self.counters = {
-            "images": Counter("kubetune_train_images_total", "Training images processed by this rank", LABELS, registry=r),
-            "amp/skipped_steps": Counter("kubetune_amp_skipped_steps_total", "Steps skipped by the GradScaler (inf/NaN gradients)", LABELS, registry=r),
+            "images": Counter(
+                "kubetune_train_images_total", "Training images processed by this rank", LABELS, registry=r
+            ),
+            "amp/skipped_steps": Counter(
+                "kubetune_amp_skipped_steps_total",
+                "Steps skipped by the GradScaler (inf/NaN gradients)",
+                LABELS,
+                registry=r,
+            ),
         }
-        self.s3_bytes = Counter("kubetune_s3_bytes_total", "Bytes moved to/from object storage", LABELS + ("direction",), registry=r)
+        self.s3_bytes = Counter(
+            "kubetune_s3_bytes_total", "Bytes moved to/from object storage", LABELS + ("direction",), registry=r
+        )
         for direction in ("download", "upload"):
             self.s3_bytes.labels(**self.labels, direction=direction)
         for name, metric in {**self.counters, **self.histograms}.items():

@@ -1,0 +1,78 @@
+"""fp16 with a GradScaler on a real SAM2 tiny: an injected inf gradient is skipped and counted."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from kubetune_trainer.annotations import usable_samples
+from kubetune_trainer.config import TrainConfig
+from kubetune_trainer.distributed import init
+from kubetune_trainer.engine import Trainer
+from kubetune_trainer.recipe import build_loader, build_optimizer
+from kubetune_trainer.sam2_segmenter import Sam2Segmenter
+from kubetune_trainer.schedules import build_scheduler
+from kubetune_trainer.telemetry import PrometheusWriter
+from prometheus_client import generate_latest
+
+
+def tiny_config(root: Path, precision: str) -> TrainConfig:
+    return TrainConfig.model_validate(
+        {
+            "model": {"family": "sam2", "variant": "sam2.1_hiera_tiny", "imageSize": 64},
+            "data": {"source": f"file://{root}/", "format": "coco", "train": "train/annotations.json", "numWorkers": 0},
+            "training": {"maxSteps": 3, "batchSize": 2, "precision": precision, "optimizer": {"lr": 1e-3}},
+            "output": {"uri": "file:///unused/"},
+        }
+    )
+
+
+@pytest.fixture
+def trainer(tiny_coco: Path) -> Trainer:
+    config = tiny_config(tiny_coco, "fp16")
+    ctx = init()
+    torch.manual_seed(0)
+    model = Sam2Segmenter().build(config.model, None)
+    loader = build_loader(usable_samples("coco", tiny_coco, "train/annotations.json"), config, ctx)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], config)
+    return Trainer(
+        model,
+        optimizer,
+        build_scheduler(optimizer, config.training.schedule, 3),
+        loader,
+        config.training,
+        3,
+        ctx,
+        multimask=True,
+    )
+
+
+def skipped_count(writer: PrometheusWriter) -> float:
+    for line in generate_latest(writer.registry).decode().splitlines():
+        if line.startswith("kubetune_amp_skipped_steps_total{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("kubetune_amp_skipped_steps_total not exported")
+
+
+def test_inf_gradient_is_skipped_and_counted(trainer: Trainer) -> None:
+    writer = PrometheusWriter("amp-test", "test", 0, "sam2")
+    probe = trainer.unwrapped.sam.sam_mask_decoder.iou_prediction_head.layers[0].weight
+    before = {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters() if p.requires_grad}
+    handle = probe.register_hook(lambda grad: torch.full_like(grad, math.inf))
+    scale = trainer.scaler.get_scale()
+    trainer.run_step()
+    handle.remove()
+    writer.write(trainer.storage.drain())
+    assert skipped_count(writer) == 1.0
+    assert trainer.scaler.get_scale() == scale / 2  # backed off
+    for name, param in trainer.unwrapped.named_parameters():
+        if param.requires_grad:
+            assert torch.equal(param, before[name]), f"{name} changed on a skipped step"
+    trainer.run_step()  # a healthy step updates the weights and is not counted
+    writer.write(trainer.storage.drain())
+    assert skipped_count(writer) == 1.0
+    assert not torch.equal(probe, before["sam.sam_mask_decoder.iou_prediction_head.layers.0.weight"])
+    exposition = generate_latest(writer.registry).decode()
+    assert 'kubetune_amp_grad_scale{family="sam2",job="amp-test",namespace="test",rank="0"} 32768.0' in exposition
