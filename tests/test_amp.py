@@ -18,35 +18,37 @@ from kubetune_trainer.telemetry import PrometheusWriter
 from prometheus_client import generate_latest
 
 
-def tiny_config(root: Path, precision: str) -> TrainConfig:
+def tiny_config(root: Path, precision: str, accumulation: int = 1) -> TrainConfig:
     return TrainConfig.model_validate(
         {
             "model": {"family": "sam2", "variant": "sam2.1_hiera_tiny", "imageSize": 64},
             "data": {"source": f"file://{root}/", "format": "coco", "train": "train/annotations.json", "numWorkers": 0},
-            "training": {"maxSteps": 3, "batchSize": 2, "precision": precision, "optimizer": {"lr": 1e-3}},
+            "training": {
+                "maxSteps": 3,
+                "batchSize": 2,
+                "precision": precision,
+                "optimizer": {"lr": 1e-3},
+                "gradAccumulation": accumulation,
+            },
             "output": {"uri": "file:///unused/"},
         }
     )
 
 
-@pytest.fixture
-def trainer(tiny_coco: Path) -> Trainer:
-    config = tiny_config(tiny_coco, "fp16")
+def make_trainer(root: Path, precision: str, accumulation: int = 1) -> Trainer:
+    config = tiny_config(root, precision, accumulation)
     ctx = init()
     torch.manual_seed(0)
     model = Sam2Segmenter().build(config.model, None)
-    loader = build_loader(usable_samples("coco", tiny_coco, "train/annotations.json"), config, ctx)
+    loader = build_loader(usable_samples("coco", root, "train/annotations.json"), config, ctx)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], config)
-    return Trainer(
-        model,
-        optimizer,
-        build_scheduler(optimizer, config.training.schedule, 3),
-        loader,
-        config.training,
-        3,
-        ctx,
-        multimask=True,
-    )
+    scheduler = build_scheduler(optimizer, config.training.schedule, 3)
+    return Trainer(model, optimizer, scheduler, loader, config.training, 3, ctx, multimask=True)
+
+
+@pytest.fixture
+def trainer(tiny_coco: Path) -> Trainer:
+    return make_trainer(tiny_coco, "fp16")
 
 
 def skipped_count(writer: PrometheusWriter) -> float:
@@ -76,3 +78,12 @@ def test_inf_gradient_is_skipped_and_counted(trainer: Trainer) -> None:
     assert not torch.equal(probe, before["sam.sam_mask_decoder.iou_prediction_head.layers.0.weight"])
     exposition = generate_latest(writer.registry).decode()
     assert 'kubetune_amp_grad_scale{family="sam2",job="amp-test",namespace="test",rank="0"} 32768.0' in exposition
+
+
+def test_gradient_accumulation_consumes_micro_batches(tiny_coco: Path) -> None:
+    trainer = make_trainer(tiny_coco, "bf16", accumulation=2)
+    trainer.run_step()
+    snap = trainer.storage.drain()
+    assert trainer.state.step == 1 and trainer.state.batches_in_epoch == 2
+    assert snap.increments["images"] == 4 and math.isfinite(snap.scalars["loss"])
+    assert not trainer.scaler.is_enabled()  # bf16 needs no scaler

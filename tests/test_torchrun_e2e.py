@@ -47,7 +47,10 @@ def objects(s3, bucket: str, prefix: str) -> list[str]:
 
 def test_two_process_run_on_s3(start_run, s3, s3_endpoint: str, tiny_coco_s3: str, bucket: str, tmp_path: Path) -> None:
     port = free_port()
+    base = make_base_weights(tmp_path / "base.pt")
+    s3.upload_file(str(tmp_path / "base.pt"), bucket, "models/base.pt")
     spec = tiny_spec(tiny_coco_s3, f"s3://{bucket}/out/", s3_endpoint, maxSteps=8, evalEvery=4)
+    spec["spec"]["model"]["checkpoint"] = f"s3://{bucket}/models/base.pt"
     spec["spec"]["output"]["checkpointEvery"] = 2
     proc, log = start_run(spec, nproc=2, env={"KUBETUNE_METRICS_PORT": str(port)})
     seen: dict[int, str] = {}
@@ -94,7 +97,22 @@ def test_two_process_run_on_s3(start_run, s3, s3_endpoint: str, tiny_coco_s3: st
     s3.download_file(bucket, "out/checkpoints/step-00000008/state.pt", str(state_path))
     trained = torch.load(state_path, weights_only=True)["model"]
     key = "sam.sam_mask_decoder.iou_prediction_head.layers.0.weight"
-    assert torch.equal(sam.state_dict()[key.removeprefix("sam.")], trained[key])
+    final = sam.state_dict()
+    assert torch.equal(final[key.removeprefix("sam.")], trained[key])
+    assert not torch.equal(final[key.removeprefix("sam.")], base[key.removeprefix("sam.")])  # it trained
+    frozen = [k for k in base if k.startswith("image_encoder.")]
+    assert frozen and all(torch.equal(final[k], base[k]) for k in frozen)  # base weights came from S3
+
+
+def make_base_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A Meta-format checkpoint unlike the trainer's own seeded init (seed 123, not 0)."""
+    from kubetune_trainer.config import ModelSpec
+    from kubetune_trainer.sam2_segmenter import Sam2Segmenter
+
+    torch.manual_seed(123)
+    model = Sam2Segmenter().build(ModelSpec(family="sam2", variant="sam2.1_hiera_tiny", imageSize=64), None)
+    Sam2Segmenter().save_native(model, path)
+    return model.sam.state_dict()
 
 
 def complete_steps(s3, bucket: str) -> list[int]:

@@ -69,8 +69,7 @@ class PromptedMasks(Dataset):
         image = F.interpolate(
             image[None].float(), size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False
         )[0]
-        masks = F.interpolate(masks[None].float(), size=(self.size, self.size), mode="nearest")[0] > 0.5
-        masks = masks[masks.flatten(1).any(dim=1)]  # objects too small to survive the resize
+        masks = resize_masks(masks, self.size)
         if self.train and rng.random() < 0.5:
             image, masks = image.flip(-1), masks.flip(-1)
         if self.train and len(masks) > self.prompts.max_objects:
@@ -78,6 +77,16 @@ class PromptedMasks(Dataset):
         coords, labels = make_prompts(masks, self.prompts, rng, perturb=self.train)
         image = (image / 255.0 - PIXEL_MEAN) / PIXEL_STD
         return {"image": image, "masks": masks, "coords": coords, "labels": labels}
+
+
+def resize_masks(masks: torch.Tensor, size: int) -> torch.Tensor:
+    """[K,H,W] bool -> [K,size,size] bool by area; an object thinner than a pixel keeps the pixels
+    it touches, so no non-empty mask becomes empty (an object without pixels has no prompt)."""
+    coverage = F.interpolate(masks[None].float(), size=(size, size), mode="area")[0]
+    majority = coverage > 0.5
+    vanished = ~majority.flatten(1).any(dim=1)
+    majority[vanished] = coverage[vanished] > 0
+    return majority
 
 
 def collate(items: list[dict[str, torch.Tensor]]) -> Batch:

@@ -31,6 +31,7 @@ from .errors import DataError
 from .evaluation import evaluate
 from .events import JsonlWriter, TerminalWriter
 from .hooks import CheckpointHook, EvalHook, WriterHook
+from .schedules import build_scheduler
 from .segmenter import segmenter_for
 from .staging import fetch_object, stage
 from .storage import ObjectStore, open_store, split_object_uri
@@ -125,8 +126,6 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dic
     per_epoch = len(loader) // training.grad_accumulation
     total = training.max_steps or training.epochs * per_epoch
     optimizer = build_optimizer([p for p in module.parameters() if p.requires_grad], config)
-    from .schedules import build_scheduler
-
     trainer = Trainer(
         model,
         optimizer,

@@ -1,0 +1,39 @@
+"""Evaluation bookkeeping and early stopping, driven by a scripted sequence of metric values."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from kubetune_trainer.config import EarlyStoppingSpec
+from kubetune_trainer.engine import TrainState
+from kubetune_trainer.events import EventStorage
+from kubetune_trainer.hooks import EvalHook
+
+
+def drive(values: list[float], early: EarlyStoppingSpec | None, every: int = 10) -> tuple[EvalHook, SimpleNamespace]:
+    results = iter(values)
+    hook = EvalHook(every, lambda: {"miou": next(results), "loss": 1.0, "dice": 0.0, "f1": 0.0, "objects": 3}, early)
+    trainer = SimpleNamespace(state=TrainState(), storage=EventStorage())
+    hook.before_train(trainer)
+    while not trainer.state.stopped_early and trainer.state.step < every * (len(values) - 1):
+        trainer.state.step += 1
+        hook.after_step(trainer)
+    return hook, trainer
+
+
+def test_best_value_and_early_stop_after_patience() -> None:
+    hook, trainer = drive([0.1, 0.3, 0.5, 0.45, 0.5, 0.49, 0.9], EarlyStoppingSpec(metric="miou", patience=3))
+    assert [h["step"] for h in hook.history] == [0, 10, 20, 30, 40, 50]
+    assert trainer.state.best == 0.5 and trainer.state.stopped_early
+    assert trainer.storage.scalars["best/miou"] == 0.5 and trainer.storage.scalars["eval/miou"] == 0.49
+
+
+def test_min_delta_and_recovery_reset_the_count() -> None:
+    spec = EarlyStoppingSpec(metric="miou", patience=2, min_delta=0.05)
+    _, trainer = drive([0.1, 0.12, 0.3, 0.31, 0.5], spec)
+    assert not trainer.state.stopped_early and trainer.state.best == 0.5
+
+
+def test_without_early_stopping_training_runs_on() -> None:
+    hook, trainer = drive([0.5, 0.4, 0.3, 0.2], None)
+    assert not trainer.state.stopped_early and len(hook.history) == 4 and trainer.state.best == 0.5
