@@ -33,6 +33,43 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _render(args: argparse.Namespace) -> int:
+    import yaml
+    from kubetune_operator.rendering import render_all
+    from kubetune_operator.settings import OperatorSettings
+
+    from .local import load_spec
+
+    job = load_spec(args.spec)
+    if job.metadata.namespace is None:
+        job = job.model_copy(update={"metadata": job.metadata.model_copy(update={"namespace": args.namespace})})
+
+    class BlockDumper(yaml.SafeDumper):
+        """Multi-line strings (the trainer config JSON) as readable literal blocks."""
+
+    def text(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+    BlockDumper.add_representer(str, text)
+    print(yaml.dump_all(render_all(job, OperatorSettings()), Dumper=BlockDumper, sort_keys=False), end="")
+    return 0
+
+
+def _crd(args: argparse.Namespace) -> int:
+    from kubetune_operator.crd import crd_yaml
+
+    print(crd_yaml(), end="")
+    return 0
+
+
+def _operator(args: argparse.Namespace) -> int:
+    from kubetune_operator.handlers import run
+    from kubetune_operator.settings import OperatorSettings
+
+    run(OperatorSettings())
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -52,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="validate a spec and print the trainer config it becomes")
     val.add_argument("spec", type=Path)
     val.set_defaults(func=_validate)
+    render = sub.add_parser("render", help="print the ConfigMap, Service and Job the operator would create")
+    render.add_argument("spec", type=Path)
+    render.add_argument("--namespace", default="default", help="namespace when the spec names none")
+    render.set_defaults(func=_render)
+    sub.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition").set_defaults(func=_crd)
+    sub.add_parser("operator", help="run the operator (settings from KUBETUNE_* variables)").set_defaults(
+        func=_operator
+    )
     demo = sub.add_parser("demo", help="fine-tune SAM2 tiny on a synthetic dataset served from a local S3")
     demo.add_argument("--out", type=Path, default=Path("kubetune-demo"), help="where results are copied")
     demo.add_argument("--steps", type=int, default=120)

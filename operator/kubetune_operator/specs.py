@@ -84,10 +84,76 @@ class FineTuneJob(Section):
     kind: Literal["FineTuneJob"]
     metadata: ObjectMeta
     spec: FineTuneJobSpec
-    status: dict[str, Any] | None = None
+    status: dict[str, Any] | None = None  # read with FineTuneJobStatus where needed; never validated on input
 
     def train_config(self, default_namespace: str = "default") -> TrainConfig:
         """The trainer's config: the spec's trainer sections plus the job's identity."""
         params = self.spec.model_dump(by_alias=True, include=set(TrainParameters.model_fields))
         identity = JobIdentity(name=self.metadata.name, namespace=self.metadata.namespace or default_namespace)
         return TrainConfig.model_validate({**params, "job": identity.model_dump(by_alias=True)})
+
+
+Phase = Literal["Pending", "Staging", "Running", "Succeeded", "Failed", "Suspended"]
+TERMINAL_PHASES = ("Succeeded", "Failed")
+
+
+class Condition(Section):
+    type: str
+    """Created, Running, Suspended, Succeeded, Failed or SpecRejected."""
+    status: Literal["True", "False", "Unknown"]
+    """Whether the condition holds."""
+    reason: str
+    """CamelCase reason code."""
+    message: str = ""
+    """Person-readable detail."""
+    last_transition_time: str
+    """When status last changed (RFC 3339)."""
+
+
+class Progress(Section):
+    epoch: int | None = None
+    """Current epoch (0-based)."""
+    step: int | None = None
+    """Optimizer steps done."""
+    total_steps: int | None = None
+    """Optimizer steps the run will take."""
+    percent: float | None = None
+    """step / totalSteps, in percent."""
+    loss: float | None = None
+    """Training loss of the last step."""
+    learning_rate: float | None = None
+    """Learning rate of the last step."""
+    images_per_second: float | None = None
+    """Training throughput over all ranks."""
+    eta: str | None = None
+    """Estimated time left, e.g. 1h02m."""
+
+
+class BestMetric(Section):
+    metric: str
+    """Validation metric tracked (miou, dice, f1 or loss)."""
+    value: float
+    """Best value so far."""
+
+
+class FineTuneJobStatus(Section):
+    phase: Phase | None = None
+    """Pending, Staging, Running, Succeeded, Failed or Suspended."""
+    conditions: list[Condition] = Field(default_factory=list)
+    """Conditions with reasons (Kubernetes conventions)."""
+    progress: Progress | None = None
+    """Live training progress scraped from rank 0."""
+    best_metric: BestMetric | None = None
+    """Best validation value so far."""
+    last_checkpoint: str | None = None
+    """URI of the newest complete checkpoint."""
+    start_time: str | None = None
+    """When the Job started."""
+    completion_time: str | None = None
+    """When the Job finished."""
+    restarts: int = 0
+    """Pods that failed and were replaced."""
+    observed_generation: int | None = None
+    """metadata.generation this status describes."""
+    message: str | None = None
+    """Person-readable reason; on failure the trainer's one-line reason."""

@@ -1,0 +1,96 @@
+"""kopf handlers, kept thin: parse, call `reconciling`, hand the status patch to kopf.
+
+Handlers are registered by `register` with the settings bound in, so nothing is configured at
+import time. `kubetune operator` (the chart's Deployment) calls `run`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import kopf
+
+from . import reconciling
+from .kube import KubeClient
+from .settings import OperatorSettings
+from .specs import GROUP, PLURAL, VERSION
+from .telemetry import OperatorMetrics
+
+RESOURCE = (GROUP, VERSION, PLURAL)
+
+
+def _apply(outcome: reconciling.Outcome, body: Any, patch: kopf.Patch, metrics: OperatorMetrics) -> None:
+    patch.status.update(outcome.status)
+    metrics.set_phase(body["metadata"]["uid"], outcome.status.get("phase"))
+    if outcome.event:
+        kind, reason, message = outcome.event
+        kopf.event(body, type=kind, reason=reason, message=message or reason)
+
+
+def register(registry: kopf.OperatorRegistry, ops: OperatorSettings, metrics: OperatorMetrics) -> None:
+    kube: KubeClient | None = None
+
+    def client() -> KubeClient:
+        nonlocal kube
+        kube = kube or KubeClient()
+        return kube
+
+    def timed(handler: str, work: Callable[[], reconciling.Outcome], body: Any, patch: kopf.Patch) -> None:
+        start = time.perf_counter()
+        try:
+            _apply(work(), body, patch, metrics)
+        except reconciling.InvalidSpec as exc:
+            _apply(reconciling.invalid_status(dict(body), str(exc)), body, patch, metrics)
+        except Exception:
+            metrics.errors.labels(handler=handler).inc()
+            raise
+        finally:
+            metrics.reconcile_seconds.labels(handler=handler).observe(time.perf_counter() - start)
+
+    @kopf.on.startup(registry=registry)
+    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.posting.level = logging.WARNING  # our own transition events say what matters
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+        metrics.serve(ops.metrics_port)
+
+    @kopf.on.resume(*RESOURCE, registry=registry)
+    @kopf.on.create(*RESOURCE, registry=registry)
+    @kopf.on.update(*RESOURCE, registry=registry)
+    def reconcile(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+        timed("reconcile", lambda: reconciling.reconcile(dict(body), client(), ops), body, patch)
+
+    @kopf.timer(*RESOURCE, interval=ops.status_interval_s, registry=registry)
+    def observe(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+        if (body.get("status") or {}).get("phase") in ("Succeeded", "Failed") and _settled(body):
+            return
+        timed("observe", lambda: reconciling.observe(dict(body), client(), ops), body, patch)
+
+    @kopf.on.event(*RESOURCE, registry=registry)
+    def forget(event: dict[str, Any], body: kopf.Body, **_: Any) -> None:
+        if event.get("type") == "DELETED":
+            metrics.set_phase(body["metadata"]["uid"], None)
+
+
+def _settled(body: Any) -> bool:
+    """A finished job whose status describes its current generation needs no more polling."""
+    status = body.get("status") or {}
+    return status.get("observedGeneration") == body.get("metadata", {}).get("generation")
+
+
+def run(settings: OperatorSettings) -> None:
+    """Run the operator in this process until it is stopped (SIGTERM/SIGINT)."""
+    registry = kopf.OperatorRegistry()
+    register(registry, settings, OperatorMetrics())
+    kopf.configure(verbose=False)
+    kopf.run(
+        registry=registry,
+        standalone=settings.peering is None,
+        peering_name=settings.peering,
+        namespaces=settings.namespaces,
+        clusterwide=not settings.namespaces,
+        liveness_endpoint=f"http://0.0.0.0:{settings.liveness_port}/healthz" if settings.liveness_port else None,
+    )

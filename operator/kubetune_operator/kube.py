@@ -1,0 +1,101 @@
+"""The one module that talks to the Kubernetes API (and to trainer pods' metrics endpoints).
+
+Errors are classified once: 404/409/429/5xx are temporary (kopf retries after a delay), other
+4xx are permanent (recorded in the FineTuneJob's status). The library's exception is the cause.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import urllib.request
+from typing import Any
+
+import kopf
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+TEMPORARY = {404, 409, 429}
+
+
+def _raise(exc: ApiException, what: str) -> None:
+    reason = exc.reason or ""
+    with contextlib.suppress(ValueError, AttributeError):  # the body is not always Status JSON
+        reason = json.loads(exc.body or "{}").get("message", reason)
+    message = f"{what}: {exc.status} {reason}".strip()
+    if exc.status in TEMPORARY or (exc.status or 0) >= 500:
+        raise kopf.TemporaryError(message, delay=10) from exc
+    raise kopf.PermanentError(message) from exc
+
+
+class KubeClient:
+    """Namespaced reads and writes of the objects a FineTuneJob owns, as plain dicts."""
+
+    def __init__(self) -> None:
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config()
+        self.api = client.ApiClient()
+        self.core = client.CoreV1Api(self.api)
+        self.batch = client.BatchV1Api(self.api)
+
+    @staticmethod
+    def _json(response: Any) -> dict[str, Any]:
+        return json.loads(response.data)
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        read = {
+            "Job": self.batch.read_namespaced_job,
+            "ConfigMap": self.core.read_namespaced_config_map,
+            "Service": self.core.read_namespaced_service,
+        }[kind]
+        try:
+            return self._json(read(name, namespace, _preload_content=False))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            _raise(exc, f"reading {kind} {namespace}/{name}")
+        return None
+
+    def create(self, obj: dict[str, Any]) -> bool:
+        """Create `obj`; False when it already exists (never a second copy)."""
+        kind, meta = obj["kind"], obj["metadata"]
+        create = {
+            "Job": self.batch.create_namespaced_job,
+            "ConfigMap": self.core.create_namespaced_config_map,
+            "Service": self.core.create_namespaced_service,
+        }[kind]
+        try:
+            create(meta["namespace"], obj, _preload_content=False)
+            return True
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            _raise(exc, f"creating {kind} {meta['namespace']}/{meta['name']}")
+        return False
+
+    def patch(self, kind: str, namespace: str, name: str, body: dict[str, Any]) -> None:
+        patch = {"Job": self.batch.patch_namespaced_job, "ConfigMap": self.core.patch_namespaced_config_map}[kind]
+        try:
+            patch(name, namespace, body, _preload_content=False)
+        except ApiException as exc:
+            _raise(exc, f"patching {kind} {namespace}/{name}")
+
+    def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        try:
+            return self._json(
+                self.core.list_namespaced_pod(namespace, label_selector=selector, _preload_content=False)
+            )["items"]
+        except ApiException as exc:
+            _raise(exc, f"listing pods {selector} in {namespace}")
+        return []
+
+
+def scrape_metrics(host: str, port: int, timeout: float = 3.0) -> str | None:
+    """The exposition text of a trainer rank, or None while it is not serving yet."""
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=timeout) as resp:
+            return resp.read().decode()
+    except OSError:
+        return None

@@ -1,0 +1,211 @@
+"""Status from what is observed: the Job, its pods and rank 0's metrics. Pure functions.
+
+Phases:
+  Pending    no Job yet, Kueue has not admitted it, or pods are not scheduled
+  Staging    pods run but training has not started (downloading data and weights, rendezvous)
+  Running    rank 0 reports optimizer steps
+  Succeeded  the Job completed
+  Failed     the Job failed; `message` carries the trainer's one-line reason
+  Suspended  runPolicy.suspend is set (the Job's pods are gone; training resumes from checkpoints)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from .specs import BestMetric, Condition, FineTuneJob, FineTuneJobStatus, Progress
+
+
+@dataclass(frozen=True)
+class Scrape:
+    """Rank 0's training metrics, as read from its /metrics endpoint."""
+
+    step: int | None = None
+    total_steps: int | None = None
+    epoch: int | None = None
+    loss: float | None = None
+    learning_rate: float | None = None
+    images_per_second: float | None = None
+    mean_step_seconds: float | None = None
+    checkpoint_step: int | None = None
+    best: tuple[str, float] | None = None
+
+
+def parse_metrics(text: str) -> Scrape:
+    """Read the rank-0 series of the trainer's exposition text (names from shared/DESIGN.md)."""
+    values: dict[str, float] = {}
+    best = None
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.labels.get("rank", "0") != "0":
+                continue
+            if sample.name == "kubetune_eval_best_metric":
+                best = (sample.labels.get("metric", "miou"), sample.value)
+            else:
+                values[sample.name] = sample.value
+    count = values.get("kubetune_train_step_seconds_count")
+    mean = values["kubetune_train_step_seconds_sum"] / count if count else None
+
+    def as_int(name: str) -> int | None:
+        return int(values[name]) if name in values else None
+
+    return Scrape(
+        step=as_int("kubetune_train_step"),
+        total_steps=as_int("kubetune_train_total_steps"),
+        epoch=as_int("kubetune_train_epoch"),
+        loss=values.get("kubetune_train_loss"),
+        learning_rate=values.get("kubetune_train_learning_rate"),
+        images_per_second=values.get("kubetune_train_images_per_second"),
+        mean_step_seconds=mean,
+        checkpoint_step=as_int("kubetune_checkpoint_last_step"),
+        best=best,
+    )
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def progress_from(scrape: Scrape) -> Progress:
+    percent = eta = None
+    if scrape.step is not None and scrape.total_steps:
+        percent = round(100.0 * scrape.step / scrape.total_steps, 1)
+        if scrape.mean_step_seconds:
+            eta = format_duration((scrape.total_steps - scrape.step) * scrape.mean_step_seconds)
+    return Progress(
+        epoch=scrape.epoch,
+        step=scrape.step,
+        total_steps=scrape.total_steps,
+        percent=percent,
+        loss=scrape.loss,
+        learning_rate=scrape.learning_rate,
+        images_per_second=scrape.images_per_second,
+        eta=eta,
+    )
+
+
+def _job_condition(job: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    for cond in job.get("status", {}).get("conditions") or []:
+        if cond.get("type") == kind and cond.get("status") == "True":
+            return cond
+    return None
+
+
+def failure_reason(job: dict[str, Any], pods: list[dict[str, Any]]) -> str:
+    """The trainer's one-line reason from the newest failed pod, else the Job's own condition."""
+    messages = []
+    for pod in pods:
+        for cs in pod.get("status", {}).get("containerStatuses") or []:
+            term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
+            if term and term.get("exitCode", 0) != 0:
+                text = (term.get("message") or "").strip().splitlines()
+                reason = text[-1] if text else term.get("reason", "Error")
+                messages.append((term.get("finishedAt") or "", f"{reason} (exit code {term['exitCode']})"))
+    if messages:
+        return sorted(messages)[-1][1]
+    cond = _job_condition(job, "Failed") or {}
+    return cond.get("message") or cond.get("reason") or "the Job failed"
+
+
+def derive_phase(
+    ftj: FineTuneJob, job: dict[str, Any] | None, pods: list[dict[str, Any]], scrape: Scrape | None
+) -> tuple[str, str, str]:
+    """(phase, reason, message) for the observed state."""
+    if job is None:
+        return "Pending", "Creating", "creating the training Job"
+    if _job_condition(job, "Complete") or _job_condition(job, "SuccessCriteriaMet"):
+        return "Succeeded", "Completed", "training finished"
+    if _job_condition(job, "Failed") or _job_condition(job, "FailureTarget"):
+        return (
+            "Failed",
+            (_job_condition(job, "Failed") or _job_condition(job, "FailureTarget") or {}).get("reason", "JobFailed"),
+            failure_reason(job, pods),
+        )
+    suspended = job.get("spec", {}).get("suspend", False)
+    if ftj.spec.run_policy.suspend:
+        return (
+            "Suspended",
+            "Suspended",
+            "runPolicy.suspend is set; pods stopped, training resumes from the newest checkpoint",
+        )
+    if suspended:
+        if ftj.spec.queue_name:
+            return "Pending", "WaitingForAdmission", f"waiting for Kueue to admit the job (queue {ftj.spec.queue_name})"
+        return "Suspended", "JobSuspended", "the Job is suspended"
+    running = [p for p in pods if p.get("status", {}).get("phase") == "Running"]
+    if scrape is not None and scrape.step is not None:
+        return (
+            "Running",
+            "Training",
+            f"step {scrape.step}" + (f" of {scrape.total_steps}" if scrape.total_steps else ""),
+        )
+    if running:
+        return (
+            "Staging",
+            "Starting",
+            f"{len(running)} of {ftj.spec.resources.nodes} pods running; staging data and joining the rendezvous",
+        )
+    return "Pending", "PodsPending", "waiting for pods to be scheduled and started"
+
+
+def set_condition(
+    conditions: list[Condition], kind: str, status: str, reason: str, message: str, now: str
+) -> list[Condition]:
+    """Kubernetes semantics: lastTransitionTime changes only when status changes."""
+    out = [c for c in conditions if c.type != kind]
+    old = next((c for c in conditions if c.type == kind), None)
+    since = old.last_transition_time if old is not None and old.status == status else now
+    out.append(Condition(type=kind, status=status, reason=reason, message=message, last_transition_time=since))
+    return sorted(out, key=lambda c: c.type)
+
+
+def derive_status(
+    ftj: FineTuneJob,
+    previous: FineTuneJobStatus,
+    job: dict[str, Any] | None,
+    pods: list[dict[str, Any]],
+    scrape: Scrape | None,
+    now: str,
+) -> FineTuneJobStatus:
+    phase, reason, message = derive_phase(ftj, job, pods, scrape)
+    if previous.phase in ("Succeeded", "Failed") and phase != previous.phase and job is not None:
+        phase, reason, message = previous.phase, "Finished", previous.message or ""  # terminal phases stay
+    conditions = list(previous.conditions)
+    conditions = set_condition(
+        conditions, "Created", "True" if job else "False", "JobCreated" if job else "Creating", "", now
+    )
+    conditions = set_condition(conditions, "Running", "True" if phase == "Running" else "False", reason, message, now)
+    conditions = set_condition(conditions, "Suspended", "True" if phase == "Suspended" else "False", reason, "", now)
+    if phase in ("Succeeded", "Failed"):
+        conditions = set_condition(conditions, phase, "True", reason, message, now)
+    job_status = (job or {}).get("status", {})
+    progress = progress_from(scrape) if scrape is not None and scrape.step is not None else previous.progress
+    if phase == "Succeeded" and progress is not None and progress.total_steps:
+        progress = progress.model_copy(update={"step": progress.total_steps, "percent": 100.0, "eta": "0s"})
+    best = BestMetric(metric=scrape.best[0], value=scrape.best[1]) if scrape and scrape.best else previous.best_metric
+    checkpoint = previous.last_checkpoint
+    if scrape is not None and scrape.checkpoint_step:
+        checkpoint = f"{ftj.spec.output.uri.rstrip('/')}/checkpoints/step-{scrape.checkpoint_step:08d}/"
+    completion = job_status.get("completionTime")
+    if phase == "Failed" and not completion:
+        completion = (_job_condition(job or {}, "Failed") or {}).get("lastTransitionTime")
+    return FineTuneJobStatus(
+        phase=phase,
+        conditions=conditions,
+        progress=progress,
+        best_metric=best,
+        last_checkpoint=checkpoint,
+        start_time=job_status.get("startTime") or previous.start_time,
+        completion_time=completion or previous.completion_time,
+        restarts=int(job_status.get("failed", 0) or 0),
+        observed_generation=(ftj.metadata.model_extra or {}).get("generation"),
+        message=message,
+    )

@@ -1,0 +1,161 @@
+"""What the handlers do, between the pure core (rendering, observing) and the API (kube).
+
+`reconcile` makes the cluster hold the desired objects; `observe` turns what is there into the
+FineTuneJob's status. Both return the status patch; the handlers hand it to kopf.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from kubetune_trainer.main import describe_validation_error
+from pydantic import ValidationError
+
+from .kube import KubeClient, scrape_metrics
+from .observing import Scrape, derive_status, parse_metrics, set_condition
+from .rendering import IMMUTABLE_ANNOTATION, JOB_LABEL, Names, immutable_view, render_all
+from .settings import OperatorSettings
+from .specs import FineTuneJob, FineTuneJobStatus
+
+
+class InvalidSpec(Exception):
+    """The resource does not validate; the message names the fields."""
+
+
+@dataclass
+class Outcome:
+    status: dict[str, Any]
+    event: tuple[str, str, str] | None  # (type, reason, message) when the phase changed
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse(body: dict[str, Any]) -> FineTuneJob:
+    """Parse once at the edge; handlers work with the model from here on."""
+    raw = {k: body.get(k) for k in ("apiVersion", "kind", "metadata", "spec")}
+    raw["metadata"] = {k: v for k, v in dict(body.get("metadata") or {}).items()}
+    try:
+        return FineTuneJob.model_validate(raw)
+    except ValidationError as exc:
+        raise InvalidSpec(describe_validation_error(exc).replace("invalid config: ", "invalid FineTuneJob: ")) from exc
+
+
+def invalid_status(body: dict[str, Any], message: str) -> Outcome:
+    previous = FineTuneJobStatus.model_validate(body.get("status") or {}) if _status_ok(body) else FineTuneJobStatus()
+    conditions = set_condition(previous.conditions, "SpecRejected", "True", "InvalidSpec", message, now())
+    status = previous.model_copy(update={"phase": "Failed", "message": message, "conditions": conditions})
+    return _outcome(previous, status, "Warning", "InvalidSpec")
+
+
+def _status_ok(body: dict[str, Any]) -> bool:
+    try:
+        FineTuneJobStatus.model_validate(body.get("status") or {})
+        return True
+    except ValidationError:
+        return False
+
+
+def _previous(body: dict[str, Any]) -> FineTuneJobStatus:
+    return FineTuneJobStatus.model_validate(body.get("status") or {}) if _status_ok(body) else FineTuneJobStatus()
+
+
+def reconcile(body: dict[str, Any], kube: KubeClient, settings: OperatorSettings) -> Outcome:
+    ftj = parse(body)
+    names = Names.of(ftj)
+    namespace = ftj.metadata.namespace
+    desired = render_all(ftj, settings)
+    job = kube.get("Job", namespace, names.job)
+    if job is not None:
+        accepted = json.loads(job["metadata"].get("annotations", {}).get(IMMUTABLE_ANNOTATION, "{}"))
+        changed = _changed_fields(accepted, immutable_view(ftj))
+        if changed:
+            return rejected(body, changed)
+    for obj in desired:
+        if kube.create(obj) or obj["kind"] == "Service":
+            continue
+        if obj["kind"] == "ConfigMap":  # mutable settings reach the trainer on its next pod start
+            current = kube.get("ConfigMap", namespace, names.config_map) or {}
+            if current.get("data") != obj["data"]:
+                kube.patch("ConfigMap", namespace, names.config_map, {"data": obj["data"]})
+        elif obj["kind"] == "Job":
+            _sync_suspend(kube, ftj, job or kube.get("Job", namespace, names.job) or {})
+    return observe(body, kube, settings, ftj)
+
+
+def _changed_fields(accepted: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    changed = []
+    for section in sorted(set(accepted) | set(current)):
+        old, new = accepted.get(section), current.get(section)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += [f"spec.{section}.{k}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        elif old != new:
+            changed.append(f"spec.{section}")
+    return changed
+
+
+def rejected(body: dict[str, Any], fields: list[str]) -> Outcome:
+    previous = _previous(body)
+    message = (
+        f"{', '.join(fields)} cannot change while the job exists; revert the change, or delete and "
+        "re-create the FineTuneJob (training resumes from output.uri's checkpoints)"
+    )
+    conditions = set_condition(previous.conditions, "SpecRejected", "True", "ImmutableFieldChanged", message, now())
+    status = previous.model_copy(update={"message": message, "conditions": conditions})
+    return Outcome(status.model_dump(by_alias=True, mode="json"), ("Warning", "SpecRejected", message))
+
+
+def _sync_suspend(kube: KubeClient, ftj: FineTuneJob, job: dict[str, Any]) -> None:
+    """runPolicy.suspend drives Job.spec.suspend; with a Kueue queue, unsuspending is Kueue's call."""
+    want = ftj.spec.run_policy.suspend
+    have = bool(job.get("spec", {}).get("suspend", False))
+    if want and not have:
+        kube.patch("Job", ftj.metadata.namespace, Names.of(ftj).job, {"spec": {"suspend": True}})
+    elif not want and have and not ftj.spec.queue_name:
+        kube.patch("Job", ftj.metadata.namespace, Names.of(ftj).job, {"spec": {"suspend": False}})
+
+
+def rank0_scrape(pods: list[dict[str, Any]], port: int) -> Scrape | None:
+    for pod in pods:
+        annotations = pod.get("metadata", {}).get("annotations", {}) or {}
+        labels = pod.get("metadata", {}).get("labels", {}) or {}
+        index = labels.get(
+            "batch.kubernetes.io/job-completion-index", annotations.get("batch.kubernetes.io/job-completion-index")
+        )
+        ip = pod.get("status", {}).get("podIP")
+        if index == "0" and ip and pod.get("status", {}).get("phase") == "Running":
+            text = scrape_metrics(ip, port)
+            return parse_metrics(text) if text is not None else None
+    return None
+
+
+def observe(
+    body: dict[str, Any], kube: KubeClient, settings: OperatorSettings, ftj: FineTuneJob | None = None
+) -> Outcome:
+    ftj = ftj or parse(body)
+    previous = _previous(body)
+    names = Names.of(ftj)
+    job = kube.get("Job", ftj.metadata.namespace, names.job)
+    pods = kube.list_pods(ftj.metadata.namespace, f"{JOB_LABEL}={ftj.metadata.name}") if job else []
+    scrape = rank0_scrape(pods, settings.trainer.metrics_port) if job else None
+    status = derive_status(ftj, previous, job, pods, scrape, now())
+    if any(c.type == "SpecRejected" and c.status == "True" for c in previous.conditions):
+        accepted = json.loads(
+            ((job or {}).get("metadata", {}).get("annotations") or {}).get(IMMUTABLE_ANNOTATION, "{}")
+        )
+        if job is not None and _changed_fields(accepted, immutable_view(ftj)):
+            status = status.model_copy(update={"message": previous.message})  # still rejected
+        else:
+            cond = set_condition(status.conditions, "SpecRejected", "False", "SpecAccepted", "", now())
+            status = status.model_copy(update={"conditions": cond})
+    kind = "Warning" if status.phase == "Failed" else "Normal"
+    return _outcome(previous, status, kind, status.phase or "")
+
+
+def _outcome(previous: FineTuneJobStatus, status: FineTuneJobStatus, kind: str, reason: str) -> Outcome:
+    event = (kind, reason, status.message or "") if status.phase != previous.phase else None
+    return Outcome(status.model_dump(by_alias=True, mode="json"), event)

@@ -1,0 +1,287 @@
+"""Desired objects for one FineTuneJob: pure functions of the spec and the operator settings.
+
+ConfigMap (the trainer's config JSON), a headless Service (stable DNS for the rendezvous) and an
+Indexed batch/v1 Job (one pod per node, each running torchrun). Nothing here talks to the API.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from kubetune_trainer.errors import EXIT_BAD_INPUT
+
+from .settings import OperatorSettings
+from .specs import GROUP, KIND, VERSION, FineTuneJob
+
+CONFIG_DIR = "/etc/kubetune"
+CACHE_DIR = "/var/cache/kubetune"
+CONTAINER = "trainer"
+JOB_LABEL = f"{GROUP}/finetunejob"
+IMMUTABLE_ANNOTATION = f"{GROUP}/immutable-spec"
+# Fields whose change would make a running job a different job (new data, model or world shape).
+# Everything else (length of training, evaluation and checkpoint cadence, suspension) may change.
+IMMUTABLE_FIELDS = {
+    "model": None,
+    "data": {"source", "format", "train", "validation"},
+    "training": {"batchSize", "gradAccumulation", "precision", "optimizer", "loss", "seed"},
+    "resources": {"nodes", "gpusPerNode"},
+    "output": {"uri"},
+    "queueName": None,
+}
+
+
+@dataclass(frozen=True)
+class Names:
+    job: str
+    service: str
+    config_map: str
+
+    @classmethod
+    def of(cls, ftj: FineTuneJob) -> Names:
+        name = ftj.metadata.name
+        return cls(job=name, service=name, config_map=f"{name}-config")
+
+
+def labels(ftj: FineTuneJob) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "kubetune-trainer",
+        "app.kubernetes.io/instance": ftj.metadata.name,
+        "app.kubernetes.io/component": "trainer",
+        "app.kubernetes.io/part-of": "kubetune",
+        "app.kubernetes.io/managed-by": "kubetune-operator",
+        JOB_LABEL: ftj.metadata.name,
+    }
+
+
+def _meta(ftj: FineTuneJob, name: str) -> dict[str, Any]:
+    extra = ftj.metadata.model_extra or {}
+    meta: dict[str, Any] = {"name": name, "namespace": ftj.metadata.namespace, "labels": labels(ftj)}
+    if extra.get("uid"):
+        meta["ownerReferences"] = [
+            {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": KIND,
+                "name": ftj.metadata.name,
+                "uid": extra["uid"],
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
+    return meta
+
+
+def train_config_json(ftj: FineTuneJob, settings: OperatorSettings) -> str:
+    config = ftj.train_config()
+    if config.storage.endpoint is None and settings.trainer.s3_endpoint:
+        config = config.model_copy(
+            update={"storage": config.storage.model_copy(update={"endpoint": settings.trainer.s3_endpoint})}
+        )
+    return config.model_dump_json(by_alias=True, indent=1)
+
+
+def render_config_map(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(ftj, Names.of(ftj).config_map),
+        "data": {"train.json": train_config_json(ftj, settings)},
+    }
+
+
+def render_service(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
+    trainer = settings.trainer
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(ftj, Names.of(ftj).service),
+        "spec": {
+            "clusterIP": "None",
+            # Workers resolve <job>-0.<service> before pod 0 is ready (or even started).
+            "publishNotReadyAddresses": True,
+            "selector": {JOB_LABEL: ftj.metadata.name},
+            "ports": [
+                {"name": "rendezvous", "port": trainer.rendezvous_port, "targetPort": trainer.rendezvous_port},
+                {"name": "metrics", "port": trainer.metrics_port, "targetPort": trainer.metrics_port},
+            ],
+        },
+    }
+
+
+def torchrun_args(ftj: FineTuneJob, settings: OperatorSettings) -> list[str]:
+    names = Names.of(ftj)
+    res = ftj.spec.resources
+    trainer = settings.trainer
+    uid = (ftj.metadata.model_extra or {}).get("uid") or ftj.metadata.name
+    return [
+        "--nnodes",
+        str(res.nodes),
+        "--nproc-per-node",
+        str(max(res.gpus_per_node, 1)),
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"{names.job}-0.{names.service}:{trainer.rendezvous_port}",
+        "--rdzv-id",
+        uid,
+        "--rdzv-conf",
+        f"join_timeout={trainer.rendezvous_timeout_s}",
+        "--max-restarts",
+        "0",  # the Job replaces failed pods; the trainer resumes from checkpoints
+        "-m",
+        "kubetune_trainer",
+        "--config",
+        f"{CONFIG_DIR}/train.json",
+    ]
+
+
+def _resources(ftj: FineTuneJob) -> dict[str, Any]:
+    res = ftj.spec.resources
+    amounts: dict[str, str] = {}
+    if res.cpu:
+        amounts["cpu"] = res.cpu
+    if res.memory:
+        amounts["memory"] = res.memory
+    if res.gpus_per_node:
+        amounts["nvidia.com/gpu"] = str(res.gpus_per_node)
+    return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
+
+
+def _env(ftj: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "KUBETUNE_CACHE_DIR", "value": CACHE_DIR},
+        {"name": "KUBETUNE_METRICS_PORT", "value": str(settings.trainer.metrics_port)},
+        {"name": "KUBETUNE_LOG_FORMAT", "value": "json"},
+        {"name": "HOME", "value": "/tmp"},  # read-only root: libraries that write to ~ use /tmp
+        {"name": "TMPDIR", "value": "/tmp"},
+    ]
+    secret = ftj.spec.storage.credentials_secret or settings.trainer.credentials_secret
+    if secret:
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+            ref = {"name": secret, "key": key}
+            if key == "AWS_SESSION_TOKEN":
+                ref["optional"] = True
+            env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
+    return env
+
+
+def _volumes(ftj: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
+    trainer = settings.trainer
+    cache: dict[str, Any]
+    if trainer.cache_host_path:
+        cache = {"hostPath": {"path": trainer.cache_host_path, "type": "DirectoryOrCreate"}}
+    else:
+        cache = {"emptyDir": {"sizeLimit": trainer.cache_size_limit}}
+    return [
+        {"name": "config", "configMap": {"name": Names.of(ftj).config_map}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": ftj.spec.resources.shm_size}},
+        {"name": "cache", **cache},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+
+
+def immutable_view(ftj: FineTuneJob) -> dict[str, Any]:
+    """The spec fields that may not change while the Job exists, in a canonical form."""
+    spec = ftj.spec.model_dump(by_alias=True, mode="json")
+    view: dict[str, Any] = {}
+    for section, fields in IMMUTABLE_FIELDS.items():
+        value = spec.get(section)
+        view[section] = (
+            value if fields is None or not isinstance(value, dict) else {k: value.get(k) for k in sorted(fields)}
+        )
+    return view
+
+
+def immutable_digest(ftj: FineTuneJob) -> str:
+    return hashlib.sha256(json.dumps(immutable_view(ftj), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def render_job(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
+    names = Names.of(ftj)
+    spec = ftj.spec
+    policy = spec.run_policy
+    trainer = settings.trainer
+    meta = _meta(ftj, names.job)
+    meta["annotations"] = {IMMUTABLE_ANNOTATION: json.dumps(immutable_view(ftj), sort_keys=True)}
+    if spec.queue_name:
+        meta["labels"]["kueue.x-k8s.io/queue-name"] = spec.queue_name
+    pod_spec: dict[str, Any] = {
+        "subdomain": names.service,
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 1000,
+            "runAsGroup": 1000,
+            "fsGroup": 1000,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [
+            {
+                "name": CONTAINER,
+                "image": spec.image or trainer.image,
+                "command": ["python", "-m", "kubetune_trainer.launch"],
+                "args": torchrun_args(ftj, settings),
+                "env": _env(ftj, settings),
+                "ports": [
+                    {"name": "metrics", "containerPort": trainer.metrics_port},
+                    {"name": "rendezvous", "containerPort": trainer.rendezvous_port},
+                ],
+                "resources": _resources(ftj),
+                "volumeMounts": [
+                    {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+                    {"name": "dshm", "mountPath": "/dev/shm"},
+                    {"name": "cache", "mountPath": CACHE_DIR},
+                    {"name": "tmp", "mountPath": "/tmp"},
+                ],
+                "securityContext": {
+                    "allowPrivilegeEscalation": False,
+                    "readOnlyRootFilesystem": True,
+                    "runAsNonRoot": True,
+                    "capabilities": {"drop": ["ALL"]},
+                },
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+            }
+        ],
+        "volumes": _volumes(ftj, settings),
+    }
+    res = spec.resources
+    if res.node_selector:
+        pod_spec["nodeSelector"] = dict(res.node_selector)
+    if res.tolerations:
+        pod_spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in res.tolerations]
+    if res.priority_class_name:
+        pod_spec["priorityClassName"] = res.priority_class_name
+    job_spec: dict[str, Any] = {
+        "completionMode": "Indexed",
+        "completions": res.nodes,
+        "parallelism": res.nodes,
+        "backoffLimit": policy.backoff_limit,
+        # With a Kueue queue the Job starts suspended and Kueue admits it (all pods as one gang).
+        "suspend": policy.suspend or bool(spec.queue_name),
+        "podFailurePolicy": {
+            "rules": [
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_BAD_INPUT]},
+                },
+                # Preemption, eviction, node drain: retry without spending the backoff budget.
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            ]
+        },
+        "podReplacementPolicy": "Failed",  # a new pod only once the old one is gone (one rank per index)
+        "template": {"metadata": {"labels": labels(ftj)}, "spec": pod_spec},
+    }
+    if policy.active_deadline_seconds:
+        job_spec["activeDeadlineSeconds"] = policy.active_deadline_seconds
+    if policy.ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = policy.ttl_seconds_after_finished
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
+
+
+def render_all(ftj: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
+    """Everything the operator creates for one FineTuneJob, in creation order."""
+    return [render_config_map(ftj, settings), render_service(ftj, settings), render_job(ftj, settings)]

@@ -1,0 +1,45 @@
+"""Operator settings from the environment (the chart sets them from its values): one object,
+built in `main` and passed down, never read at import time."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class TrainerDefaults(BaseModel):
+    image: str = "ghcr.io/kubetune/trainer:0.1.0"
+    """Trainer image for FineTuneJobs that do not set spec.image."""
+    s3_endpoint: str | None = None
+    """S3 endpoint for FineTuneJobs that do not set spec.storage.endpoint."""
+    credentials_secret: str | None = None
+    """Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY when spec.storage.credentialsSecret is unset."""
+    metrics_port: int = 9400
+    """Port of the trainer's Prometheus endpoint (local rank 0; rank r serves port + r)."""
+    rendezvous_port: int = 29400
+    """torchrun c10d rendezvous port on pod index 0."""
+    rendezvous_timeout_s: int = 900
+    """How long workers wait for the others (and for index 0's DNS name) before failing."""
+    cache_host_path: str | None = None
+    """Node folder for the dataset cache (kept across pod restarts); unset: an emptyDir per pod."""
+    cache_size_limit: str = "200Gi"
+    """Size limit of the emptyDir cache."""
+
+
+class OperatorSettings(BaseSettings):
+    """KUBETUNE_* variables, nested with `__`, e.g. KUBETUNE_TRAINER__IMAGE."""
+
+    model_config = SettingsConfigDict(env_prefix="KUBETUNE_", env_nested_delimiter="__", extra="ignore")
+
+    namespaces: list[str] = Field(default_factory=list)
+    """Namespaces watched; empty: the whole cluster."""
+    trainer: TrainerDefaults = TrainerDefaults()
+    """Defaults applied to every FineTuneJob."""
+    metrics_port: int = 8080
+    """Port of the operator's own Prometheus endpoint (0 disables it)."""
+    liveness_port: int = 8081
+    """Port of kopf's liveness endpoint (/healthz)."""
+    peering: str | None = None
+    """kopf peering object name for several replicas (one active); unset: standalone."""
+    status_interval_s: float = 15.0
+    """How often running jobs are observed and rank 0's metrics scraped."""

@@ -1,0 +1,44 @@
+"""The operator's own Prometheus metrics (names in shared/DESIGN.md)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from .specs import Phase
+
+PHASES: tuple[str, ...] = Phase.__args__  # type: ignore[attr-defined]
+
+
+class OperatorMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.reconcile_seconds = Histogram(
+            "kubetune_operator_reconcile_seconds",
+            "Time to reconcile or observe one FineTuneJob",
+            ["handler"],
+            registry=self.registry,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.jobs = Gauge("kubetune_operator_jobs", "FineTuneJobs by phase", ["phase"], registry=self.registry)
+        self.errors = Counter(
+            "kubetune_operator_reconcile_errors_total",
+            "Failed reconciles and observations",
+            ["handler"],
+            registry=self.registry,
+        )
+        self._phases: dict[str, str] = {}
+        for phase in PHASES:
+            self.jobs.labels(phase=phase).set(0)
+
+    def set_phase(self, uid: str, phase: str | None) -> None:
+        """Track one FineTuneJob's phase (None: it is gone) and refresh the per-phase counts."""
+        if phase is None:
+            self._phases.pop(uid, None)
+        else:
+            self._phases[uid] = phase
+        for name in PHASES:
+            self.jobs.labels(phase=name).set(sum(1 for p in self._phases.values() if p == name))
+
+    def serve(self, port: int) -> None:
+        if port:
+            start_http_server(port, registry=self.registry)

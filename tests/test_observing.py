@@ -1,0 +1,204 @@
+"""Status from recorded Job/pod states: every phase, failure kinds, conditions, progress."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from kubetune_operator.observing import Scrape, derive_status, failure_reason, format_duration, parse_metrics
+from kubetune_operator.specs import FineTuneJob, FineTuneJobStatus
+
+ROOT = Path(__file__).resolve().parents[1]
+T0, T1 = "2026-11-22T10:00:00Z", "2026-11-22T10:05:00Z"
+
+
+def ftj(**spec) -> FineTuneJob:
+    raw = yaml.safe_load((ROOT / "examples" / "finetunejob.yaml").read_text())
+    raw["metadata"].update(namespace="ml", generation=3)
+    raw["spec"].update(spec)
+    return FineTuneJob.model_validate(raw)
+
+
+def job(suspend: bool = False, **status) -> dict:
+    return {"metadata": {"name": "labpics-sam2"}, "spec": {"suspend": suspend}, "status": status}
+
+
+def cond(kind: str, reason: str = "", message: str = "") -> dict:
+    return {"type": kind, "status": "True", "reason": reason, "message": message, "lastTransitionTime": T1}
+
+
+def pod(phase: str, index: int = 0, terminated: dict | None = None) -> dict:
+    status: dict = {"phase": phase, "podIP": f"10.0.0.{index + 1}"}
+    if terminated:
+        status["containerStatuses"] = [{"name": "trainer", "state": {"terminated": terminated}}]
+    return {"metadata": {"labels": {"batch.kubernetes.io/job-completion-index": str(index)}}, "status": status}
+
+
+BAD_INPUT = {
+    "exitCode": 2,
+    "message": "bucket 'datasets' does not exist (s3://datasets/labpics/ at http://minio:9000)\n",
+    "finishedAt": T1,
+    "reason": "Error",
+}
+RUNNING = Scrape(
+    step=500,
+    total_steps=2000,
+    epoch=1,
+    loss=0.25,
+    learning_rate=1e-5,
+    images_per_second=64.0,
+    mean_step_seconds=0.5,
+    checkpoint_step=500,
+    best=("miou", 0.81),
+)
+
+CASES = [
+    ("no job yet", ftj(), None, [], None, "Pending", "Creating"),
+    (
+        "pods unscheduled",
+        ftj(),
+        job(active=2, startTime=T0),
+        [pod("Pending"), pod("Pending", 1)],
+        None,
+        "Pending",
+        "PodsPending",
+    ),
+    (
+        "staging",
+        ftj(),
+        job(active=2, startTime=T0),
+        [pod("Running"), pod("Running", 1)],
+        Scrape(),
+        "Staging",
+        "Starting",
+    ),
+    (
+        "running",
+        ftj(),
+        job(active=2, startTime=T0),
+        [pod("Running"), pod("Running", 1)],
+        RUNNING,
+        "Running",
+        "Training",
+    ),
+    (
+        "succeeded",
+        ftj(),
+        job(succeeded=2, completionTime=T1, conditions=[cond("Complete")]),
+        [],
+        None,
+        "Succeeded",
+        "Completed",
+    ),
+    (
+        "bad input",
+        ftj(),
+        job(
+            failed=1,
+            conditions=[cond("Failed", "PodFailurePolicy", "Container trainer for pod x failed with exit code 2")],
+        ),
+        [pod("Failed", terminated=BAD_INPUT)],
+        None,
+        "Failed",
+        "PodFailurePolicy",
+    ),
+    (
+        "backoff exhausted",
+        ftj(),
+        job(
+            failed=4, conditions=[cond("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")]
+        ),
+        [],
+        None,
+        "Failed",
+        "BackoffLimitExceeded",
+    ),
+    (
+        "deadline",
+        ftj(),
+        job(failed=0, conditions=[cond("Failed", "DeadlineExceeded", "Job was active longer than specified deadline")]),
+        [],
+        None,
+        "Failed",
+        "DeadlineExceeded",
+    ),
+    ("suspended", ftj(runPolicy={"suspend": True}), job(suspend=True), [], None, "Suspended", "Suspended"),
+    ("kueue waits", ftj(queueName="team-a"), job(suspend=True), [], None, "Pending", "WaitingForAdmission"),
+    ("kueue admitted", ftj(queueName="team-a"), job(active=2), [pod("Running")], RUNNING, "Running", "Training"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "resource", "observed", "pods", "scrape", "phase", "reason"), CASES, ids=[c[0] for c in CASES]
+)
+def test_phase_table(name, resource, observed, pods, scrape, phase, reason) -> None:
+    status = derive_status(resource, FineTuneJobStatus(), observed, pods, scrape, T1)
+    assert status.phase == phase
+    current = {c.type: c for c in status.conditions}
+    assert current["Created"].status == ("True" if observed else "False")
+    if phase in ("Succeeded", "Failed"):
+        assert current[phase].status == "True" and current[phase].reason == reason
+    else:
+        assert current["Running"].reason == reason
+    assert status.observed_generation == 3
+
+
+def test_failure_message_is_the_trainers_reason() -> None:
+    _, resource, observed, pods, scrape, *_ = CASES[5]
+    status = derive_status(resource, FineTuneJobStatus(), observed, pods, scrape, T1)
+    assert (
+        status.message == "bucket 'datasets' does not exist (s3://datasets/labpics/ at http://minio:9000) (exit code 2)"
+    )
+    assert status.restarts == 1 and status.completion_time == T1
+    assert failure_reason(CASES[6][2], []) == "Job has reached the specified backoff limit"
+
+
+def test_running_status_carries_progress() -> None:
+    status = derive_status(ftj(), FineTuneJobStatus(), CASES[3][2], CASES[3][3], RUNNING, T1)
+    p = status.progress
+    assert (p.step, p.total_steps, p.percent, p.epoch, p.loss) == (500, 2000, 25.0, 1, 0.25)
+    assert p.eta == "12m30s" and p.images_per_second == 64.0
+    assert status.best_metric.metric == "miou" and status.best_metric.value == 0.81
+    assert status.last_checkpoint == "s3://runs/labpics-sam2/checkpoints/step-00000500/"
+    assert status.start_time == T0
+
+
+def test_conditions_keep_their_transition_time() -> None:
+    first = derive_status(ftj(), FineTuneJobStatus(), CASES[3][2], CASES[3][3], RUNNING, T0)
+    later = derive_status(ftj(), first, CASES[3][2], CASES[3][3], RUNNING, T1)
+    running = next(c for c in later.conditions if c.type == "Running")
+    assert running.status == "True" and running.last_transition_time == T0
+
+
+def test_terminal_phase_sticks_and_progress_completes() -> None:
+    running = derive_status(ftj(), FineTuneJobStatus(), CASES[3][2], CASES[3][3], RUNNING, T0)
+    done = derive_status(ftj(), running, CASES[4][2], [], None, T1)
+    assert done.phase == "Succeeded" and done.progress.percent == 100.0 and done.progress.step == 2000
+    assert done.best_metric.value == 0.81  # kept from the last scrape
+
+
+def test_parse_metrics_reads_rank_zero_only() -> None:
+    text = (
+        "\n".join(
+            [
+                "# TYPE kubetune_train_step gauge",
+                'kubetune_train_step{family="sam2",job="j",namespace="n",rank="0"} 40.0',
+                'kubetune_train_step{family="sam2",job="j",namespace="n",rank="1"} 39.0',
+                "# TYPE kubetune_train_total_steps gauge",
+                'kubetune_train_total_steps{family="sam2",job="j",namespace="n",rank="0"} 100.0',
+                "# TYPE kubetune_train_step_seconds histogram",
+                'kubetune_train_step_seconds_sum{family="sam2",job="j",namespace="n",rank="0"} 20.0',
+                'kubetune_train_step_seconds_count{family="sam2",job="j",namespace="n",rank="0"} 40.0',
+                "# TYPE kubetune_eval_best_metric gauge",
+                'kubetune_eval_best_metric{family="sam2",job="j",metric="dice",namespace="n",rank="0"} 0.7',
+            ]
+        )
+        + "\n"
+    )
+    scrape = parse_metrics(text)
+    assert (scrape.step, scrape.total_steps, scrape.mean_step_seconds, scrape.best) == (40, 100, 0.5, ("dice", 0.7))
+
+
+def test_format_duration() -> None:
+    assert [format_duration(s) for s in (5, 65, 3725)] == ["5s", "1m05s", "1h02m"]

@@ -1,0 +1,161 @@
+"""Desired objects from specs: table-driven, and every object valid for a current Kubernetes."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from kubetune_operator.rendering import IMMUTABLE_ANNOTATION, immutable_view, render_all
+from kubetune_operator.settings import OperatorSettings
+from kubetune_operator.specs import FineTuneJob
+from kubetune_trainer.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S_VERSION = "1.33"
+
+
+def example(**changes) -> FineTuneJob:
+    raw = yaml.safe_load((ROOT / "examples" / "finetunejob.yaml").read_text())
+    raw["metadata"].update(namespace="ml", uid="0f6e4c1a-aaaa-bbbb-cccc-123456789012", generation=1)
+    for path, value in changes.items():
+        target = raw["spec"]
+        keys = path.split("__")
+        for key in keys[:-1]:
+            target = target.setdefault(key, {})
+        target[keys[-1]] = value
+    return FineTuneJob.model_validate(raw)
+
+
+CASES = {
+    "two nodes x 8 GPUs": example(),
+    "one node, one GPU": example(resources={"nodes": 1, "gpusPerNode": 1}),
+    "CPU only": example(resources={"nodes": 1, "gpusPerNode": 0, "cpu": "4", "memory": "8Gi"}),
+    "kueue": example(queueName="team-a"),
+    "suspended": example(runPolicy={"suspend": True}),
+    "scheduling": example(
+        resources={
+            "nodes": 3,
+            "gpusPerNode": 4,
+            "nodeSelector": {"gpu": "h200"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "priorityClassName": "training",
+        }
+    ),
+    "deadline": example(runPolicy={"backoffLimit": 0, "activeDeadlineSeconds": 3600}),
+}
+
+
+def objects(ftj: FineTuneJob, **settings) -> dict[str, dict]:
+    return {o["kind"]: o for o in render_all(ftj, OperatorSettings(**settings))}
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_every_object_is_valid_kubernetes(case: str) -> None:
+    for obj in render_all(CASES[case], OperatorSettings()):
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize(
+    ("case", "nodes", "gpus", "suspend"),
+    [
+        ("two nodes x 8 GPUs", 2, 8, False),
+        ("one node, one GPU", 1, 1, False),
+        ("CPU only", 1, 0, False),
+        ("kueue", 2, 8, True),
+        ("suspended", 2, 8, True),
+    ],
+)
+def test_job_shape(case: str, nodes: int, gpus: int, suspend: bool) -> None:
+    job = objects(CASES[case])["Job"]
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == nodes
+    assert spec["suspend"] is suspend
+    container = spec["template"]["spec"]["containers"][0]
+    args = container["args"]
+    assert args[args.index("--nnodes") + 1] == str(nodes)
+    assert args[args.index("--nproc-per-node") + 1] == str(max(gpus, 1))
+    assert args[args.index("--rdzv-endpoint") + 1] == "labpics-sam2-0.labpics-sam2:29400"
+    assert args[args.index("--rdzv-id") + 1] == "0f6e4c1a-aaaa-bbbb-cccc-123456789012"
+    assert args[-4:] == ["-m", "kubetune_trainer", "--config", "/etc/kubetune/train.json"]
+    limits = container["resources"].get("limits", {})
+    assert limits.get("nvidia.com/gpu") == (str(gpus) if gpus else None)
+
+
+def test_pod_hardening_and_volumes() -> None:
+    job = objects(CASES["two nodes x 8 GPUs"])["Job"]
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert pod["automountServiceAccountToken"] is False and pod["subdomain"] == "labpics-sam2"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    sc = container["securityContext"]
+    assert sc == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
+    assert {m["mountPath"] for m in container["volumeMounts"]} == {
+        "/etc/kubetune",
+        "/dev/shm",
+        "/var/cache/kubetune",
+        "/tmp",
+    }
+    env = {e["name"]: e for e in container["env"]}
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {
+        "name": "s3-credentials",
+        "key": "AWS_ACCESS_KEY_ID",
+    }
+    host = objects(CASES["CPU only"], trainer={"cache_host_path": "/mnt/kubetune"})["Job"]
+    cache = next(v for v in host["spec"]["template"]["spec"]["volumes"] if v["name"] == "cache")
+    assert cache["hostPath"]["path"] == "/mnt/kubetune"
+
+
+def test_failure_policy_retries_infrastructure_and_fails_bad_input() -> None:
+    spec = objects(CASES["deadline"])["Job"]["spec"]
+    rules = spec["podFailurePolicy"]["rules"]
+    assert rules[0] == {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2]},
+    }
+    assert rules[1]["action"] == "Ignore" and rules[1]["onPodConditions"][0]["type"] == "DisruptionTarget"
+    assert spec["backoffLimit"] == 0 and spec["activeDeadlineSeconds"] == 3600
+    assert objects(CASES["two nodes x 8 GPUs"])["Job"]["spec"]["ttlSecondsAfterFinished"] == 86400
+
+
+def test_owner_labels_and_kueue() -> None:
+    objs = objects(CASES["kueue"])
+    for obj in objs.values():
+        owner = obj["metadata"]["ownerReferences"][0]
+        assert owner["kind"] == "FineTuneJob" and owner["controller"] is True
+        assert obj["metadata"]["labels"]["app.kubernetes.io/instance"] == "labpics-sam2"
+    assert objs["Job"]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    service = objs["Service"]["spec"]
+    assert service["clusterIP"] == "None" and service["publishNotReadyAddresses"] is True
+
+
+def test_config_map_holds_the_trainer_config_and_default_endpoint() -> None:
+    ftj = example(storage={"region": "eu-west-1"})
+    cm = objects(ftj, trainer={"s3_endpoint": "http://minio.kubetune:9000"})["ConfigMap"]
+    config = TrainConfig.model_validate_json(cm["data"]["train.json"])
+    assert config.storage.endpoint == "http://minio.kubetune:9000" and config.job.namespace == "ml"
+    assert config.training.max_steps == 2000
+
+
+def test_immutable_view_ignores_mutable_fields() -> None:
+    base = immutable_view(example())
+    assert immutable_view(example(training={"maxSteps": 2000, "batchSize": 8})) != base
+    same = copy.deepcopy(yaml.safe_load((ROOT / "examples" / "finetunejob.yaml").read_text()))
+    same["spec"]["training"]["maxSteps"] = 9000
+    same["spec"]["output"]["checkpointEvery"] = 100
+    same["spec"]["runPolicy"]["suspend"] = True
+    same["metadata"]["namespace"] = "ml"
+    assert immutable_view(FineTuneJob.model_validate(same)) == base
+    changed = copy.deepcopy(same)
+    changed["spec"]["model"]["variant"] = "sam2.1_hiera_large"
+    assert immutable_view(FineTuneJob.model_validate(changed)) != base
+    assert IMMUTABLE_ANNOTATION in objects(example())["Job"]["metadata"]["annotations"]
