@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from kubetune.s3server import free_port
+from kubetune_operator.observing import parse_metrics, progress_from
 from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import kill_tree, tiny_spec
@@ -67,6 +68,10 @@ def test_two_process_run_on_s3(start_run, s3, s3_endpoint: str, tiny_coco_s3: st
         samples = [s for fam in text_string_to_metric_families(text) for s in fam.samples]
         for name in DOCUMENTED:
             assert any(s.name == name and expected.items() <= s.labels.items() for s in samples), (rank, name)
+    # What the operator's status timer makes of a real rank-0 scrape.
+    progress = progress_from(parse_metrics(seen[0]))
+    assert progress.total_steps == 8 and 1 <= progress.step <= 8 and progress.loss > 0
+    assert progress.percent == round(100 * progress.step / 8, 1) and progress.eta and progress.images_per_second > 0
     keys = objects(s3, bucket, "out/")
     assert keys == [
         "checkpoints/step-00000006/manifest.json",
