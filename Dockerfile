@@ -1,4 +1,4 @@
-# kubetune operator image: the torch-free core (specs, kopf operator, CLI).
+# kubetune operator image: the torch-free core (specs, kopf operator, CLI), no torch.
 FROM python:3.11-slim-bookworm
 
 ENV PYTHONUNBUFFERED=1 \
@@ -12,8 +12,9 @@ COPY pyproject.toml uv.lock README.md ./
 COPY cli/kubetune cli/kubetune
 COPY operator/kubetune_operator operator/kubetune_operator
 COPY trainer-image/kubetune_trainer trainer-image/kubetune_trainer
-RUN uv sync --frozen --no-editable && rm -rf /root/.cache
+RUN uv sync --frozen --no-editable --extra operator && rm -rf /root/.cache
 
 RUN useradd --uid 1000 --create-home kubetune
 USER 1000
 ENTRYPOINT ["kubetune"]
+CMD ["operator"]

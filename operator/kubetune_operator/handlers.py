@@ -50,6 +50,11 @@ def register(registry: kopf.OperatorRegistry, ops: OperatorSettings, metrics: Op
         finally:
             metrics.reconcile_seconds.labels(handler=handler).observe(time.perf_counter() - start)
 
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        """In-cluster service account or the current kubeconfig, as the kubernetes client sees them."""
+        return kopf.login_via_client(**kwargs)
+
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.posting.level = logging.WARNING  # our own transition events say what matters
