@@ -62,6 +62,16 @@ def _crd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _monitoring(args: argparse.Namespace) -> int:
+    from kubetune_operator.monitoring import alerts_yaml, dashboard_json
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "dashboard.json").write_text(dashboard_json())
+    (args.out / "alerts.yaml").write_text(alerts_yaml())
+    print(f"wrote {args.out / 'dashboard.json'} and {args.out / 'alerts.yaml'}")
+    return 0
+
+
 def _operator(args: argparse.Namespace) -> int:
     from kubetune_operator.handlers import run
     from kubetune_operator.settings import OperatorSettings
@@ -94,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--namespace", default="default", help="namespace when the spec names none")
     render.set_defaults(func=_render)
     sub.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition").set_defaults(func=_crd)
+    mon = sub.add_parser("monitoring", help="write the Grafana dashboard and Prometheus alerts for the chart")
+    mon.add_argument("--out", type=Path, default=Path("charts/kubetune/files"))
+    mon.set_defaults(func=_monitoring)
     sub.add_parser("operator", help="run the operator (settings from KUBETUNE_* variables)").set_defaults(
         func=_operator
     )
