@@ -7,7 +7,15 @@ PYTHON ?= python3
 UV := $(PYTHON) -m uv
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint lock
+.PHONY: setup system-deps demo test test-fast lint lock
+
+# Debian's prometheus (2.42) for the monitoring tests; installed when missing and we are root
+# (CI, fresh machines). Without it those tests are skipped and say so.
+system-deps:
+	@command -v prometheus >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else echo "note: prometheus is not installed; the Prometheus tests will be skipped"; fi; }
 
 setup:
 	@$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet "uv>=0.8"
@@ -16,7 +24,7 @@ setup:
 demo: setup
 	$(UV) run --frozen kubetune demo
 
-test: setup
+test: setup system-deps
 	$(UV) run --frozen pytest $(PYTEST_ARGS)
 
 test-fast: setup

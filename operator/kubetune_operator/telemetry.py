@@ -26,6 +26,9 @@ class OperatorMetrics:
             ["handler"],
             registry=self.registry,
         )
+        for handler in ("reconcile", "observe"):  # zero-valued series: dashboards show 0, not "no data"
+            self.errors.labels(handler=handler)
+            self.reconcile_seconds.labels(handler=handler)
         self._phases: dict[str, str] = {}
         for phase in PHASES:
             self.jobs.labels(phase=phase).set(0)
