@@ -11,6 +11,8 @@ import pytest
 from kubetune.s3server import client, local_s3, upload_tree
 from kubetune.synthetic import write_coco_dataset
 
+from .kube_emulator import kube_api  # noqa: F401 - a fixture, shared by the operator tests
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -18,7 +18,7 @@ from kubetune_trainer.events import Snapshot
 from kubetune_trainer.telemetry import PrometheusWriter
 from prometheus_client.parser import text_string_to_metric_families
 
-from .kube_emulator import kube_api, start_kopf, stop_kopf, wait_for  # noqa: F401 - kube_api is a fixture
+from .kube_emulator import start_kopf, stop_kopf, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 NS = "ml"
@@ -60,7 +60,7 @@ def rank0_port() -> int:
 
 
 @pytest.fixture
-def operator(kube_api, rank0_port: int):  # noqa: F811 - pytest fixture injection
+def operator(kube_api, rank0_port: int):
     kube_api.create_namespace(NS)
     env = {
         "KUBETUNE_NAMESPACES": json.dumps([NS]),
@@ -117,7 +117,7 @@ def pod(name: str, index: int, phase: str, terminated: dict | None = None) -> di
     }
 
 
-def test_lifecycle_apply_to_succeeded(kube_api, operator) -> None:  # noqa: F811
+def test_lifecycle_apply_to_succeeded(kube_api, operator) -> None:
     proc = operator()
     ftj = kube_api.create(manifest("labpics-sam2"))
     job = wait_for(lambda: kube_api.get(*JOBS, NS, "labpics-sam2"), proc=proc)
@@ -196,7 +196,7 @@ def test_lifecycle_apply_to_succeeded(kube_api, operator) -> None:  # noqa: F811
         assert resp.status == 200
 
 
-def test_failure_carries_the_trainers_reason(kube_api, operator) -> None:  # noqa: F811
+def test_failure_carries_the_trainers_reason(kube_api, operator) -> None:
     proc = operator()
     kube_api.create(manifest("bad-data"))
     wait_for(lambda: kube_api.get(*JOBS, NS, "bad-data"), proc=proc)
@@ -236,7 +236,7 @@ def test_failure_carries_the_trainers_reason(kube_api, operator) -> None:  # noq
     assert reason in warnings[0]["message"]
 
 
-def test_suspend_and_refused_changes(kube_api, operator) -> None:  # noqa: F811
+def test_suspend_and_refused_changes(kube_api, operator) -> None:
     proc = operator()
     kube_api.create(manifest("tune"))
     wait_for(lambda: kube_api.get(*JOBS, NS, "tune"), proc=proc)
@@ -259,7 +259,7 @@ def test_suspend_and_refused_changes(kube_api, operator) -> None:  # noqa: F811
     assert '"variant": "sam2.1_hiera_small"' in job["metadata"]["annotations"]["kubetune.dev/immutable-spec"]
 
 
-def test_invalid_resource_fails_with_the_field_named(kube_api, operator) -> None:  # noqa: F811
+def test_invalid_resource_fails_with_the_field_named(kube_api, operator) -> None:
     proc = operator()
     bad = manifest("typo")
     bad["spec"]["training"]["batchsize"] = 8

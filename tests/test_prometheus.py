@@ -21,7 +21,7 @@ from kubetune_operator.telemetry import OperatorMetrics
 from kubetune_trainer.telemetry import PrometheusWriter
 
 from .conftest import tiny_spec
-from .kube_emulator import kube_api, start_kopf, stop_kopf, wait_for  # noqa: F401 - kube_api is a fixture
+from .kube_emulator import start_kopf, stop_kopf, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 ALERTS_FILE = ROOT / "charts" / "kubetune" / "files" / "alerts.yaml"
@@ -77,7 +77,7 @@ def test_dashboard_queries_return_series_for_a_real_run(
     s3_endpoint: str,
     tiny_coco_s3: str,
     bucket: str,
-    tmp_path: Path,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     trainer_port, operator_port, prom_port = free_port(), free_port(), free_port()
     kube_api.create_namespace("ml")

@@ -70,11 +70,8 @@ def reconcile(body: dict[str, Any], kube: KubeClient, settings: OperatorSettings
     namespace = ftj.metadata.namespace
     desired = render_all(ftj, settings)
     job = kube.get("Job", namespace, names.job)
-    if job is not None:
-        accepted = json.loads(job["metadata"].get("annotations", {}).get(IMMUTABLE_ANNOTATION, "{}"))
-        changed = _changed_fields(accepted, immutable_view(ftj))
-        if changed:
-            return rejected(body, changed)
+    if job is not None and refused_fields(job, ftj):
+        return observe(body, kube, settings, ftj)  # the status says what was refused; nothing is applied
     for obj in desired:
         if kube.create(obj) or obj["kind"] == "Service":
             continue
@@ -98,15 +95,17 @@ def _changed_fields(accepted: dict[str, Any], current: dict[str, Any]) -> list[s
     return changed
 
 
-def rejected(body: dict[str, Any], fields: list[str]) -> Outcome:
-    previous = _previous(body)
-    message = (
+def refused_fields(job: dict[str, Any], ftj: FineTuneJob) -> list[str]:
+    """Fields changed since the Job was created that may not change while it exists."""
+    accepted = json.loads(((job.get("metadata") or {}).get("annotations") or {}).get(IMMUTABLE_ANNOTATION, "{}"))
+    return _changed_fields(accepted, immutable_view(ftj)) if accepted else []
+
+
+def refusal_message(fields: list[str]) -> str:
+    return (
         f"{', '.join(fields)} cannot change while the job exists; revert the change, or delete and "
         "re-create the FineTuneJob (training resumes from output.uri's checkpoints)"
     )
-    conditions = set_condition(previous.conditions, "SpecRejected", "True", "ImmutableFieldChanged", message, now())
-    status = previous.model_copy(update={"message": message, "conditions": conditions})
-    return Outcome(status.model_dump(by_alias=True, mode="json"), ("Warning", "SpecRejected", message))
 
 
 def _sync_suspend(kube: KubeClient, ftj: FineTuneJob, job: dict[str, Any]) -> None:
@@ -143,17 +142,20 @@ def observe(
     pods = kube.list_pods(ftj.metadata.namespace, f"{JOB_LABEL}={ftj.metadata.name}") if job else []
     scrape = rank0_scrape(pods, settings.trainer.metrics_port) if job else None
     status = derive_status(ftj, previous, job, pods, scrape, now())
-    if any(c.type == "SpecRejected" and c.status == "True" for c in previous.conditions):
-        accepted = json.loads(
-            ((job or {}).get("metadata", {}).get("annotations") or {}).get(IMMUTABLE_ANNOTATION, "{}")
-        )
-        if job is not None and _changed_fields(accepted, immutable_view(ftj)):
-            status = status.model_copy(update={"message": previous.message})  # still rejected
-        else:
-            cond = set_condition(status.conditions, "SpecRejected", "False", "SpecAccepted", "", now())
-            status = status.model_copy(update={"conditions": cond})
+    # Derived from the Job and the spec every time, so no concurrent status write can lose it.
+    refused = refused_fields(job, ftj) if job is not None else []
+    if refused:
+        message = refusal_message(refused)
+        conditions = set_condition(status.conditions, "SpecRejected", "True", "ImmutableFieldChanged", message, now())
+        status = status.model_copy(update={"message": message, "conditions": conditions})
+    elif any(c.type == "SpecRejected" for c in status.conditions):
+        conditions = set_condition(status.conditions, "SpecRejected", "False", "SpecAccepted", "", now())
+        status = status.model_copy(update={"conditions": conditions})
     kind = "Warning" if status.phase == "Failed" else "Normal"
-    return _outcome(previous, status, kind, status.phase or "")
+    outcome = _outcome(previous, status, kind, status.phase or "")
+    if refused and previous.message != status.message:
+        outcome.event = ("Warning", "SpecRejected", status.message or "")
+    return outcome
 
 
 def _outcome(previous: FineTuneJobStatus, status: FineTuneJobStatus, kind: str, reason: str) -> Outcome:
