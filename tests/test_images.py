@@ -98,6 +98,7 @@ def test_operator_entrypoint_needs_only_declared_modules_and_no_torch(tmp_path: 
 
 
 def test_trainer_entrypoint_needs_only_declared_modules(tmp_path: Path) -> None:
-    code = "import kubetune_trainer.launch, kubetune_trainer.main, kubetune_trainer.recipe, kubetune_trainer.sam2_segmenter"
+    code = "import kubetune_trainer.launch, kubetune_trainer.main, kubetune_trainer.recipe\n"
+    code += "import kubetune_trainer.sam2_segmenter"
     modules = import_with_only({"trainer"}, code + "\nimport sam2.build_sam", tmp_path)
     assert {"torch", "sam2", "boto3", "prometheus_client"} <= modules
