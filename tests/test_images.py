@@ -3,6 +3,7 @@ declared (no Docker engine here, so the images are checked by what they are buil
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -35,36 +36,30 @@ def test_images_run_as_non_root_with_the_launchers() -> None:
     assert re.search(r"ARG DETECTRON2_COMMIT=[0-9a-f]{40}\b", trainer)  # a pinned commit, not a branch
 
 
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def declared_closure(extras: set[str]) -> set[str]:
-    """Distributions that installing kubetune[extras] brings in (following dependencies)."""
+    """Distributions that installing kubetune[extras] brings in, dependencies followed."""
+    own = [Requirement(r) for r in metadata.requires("kubetune") or []]
 
-    def norm(name: str) -> str:
-        return re.sub(r"[-_.]+", "-", name).lower()
+    def wanted(req: Requirement, active: set[str]) -> bool:
+        return req.marker is None or any(req.marker.evaluate({"extra": e}) for e in active | {""})
 
-    todo = [Requirement(r) for r in metadata.requires("kubetune") or []]
-    todo = [r for r in todo if r.marker is None or any(r.marker.evaluate({"extra": e}) for e in extras | {""})]
+    active = set(extras)
+    for req in own:  # an extra may name others (dev = kubetune[trainer,demo,operator])
+        if _norm(req.name) == "kubetune" and wanted(req, active):
+            active |= set(req.extras)
+    todo = [r for r in own if _norm(r.name) != "kubetune" and wanted(r, active)]
     seen: set[str] = set()
     while todo:
         req = todo.pop()
-        name = norm(req.name)
-        if name == "kubetune" or name in seen:
-            if name == "kubetune":
-                extras = extras | set(req.extras)
-                todo += [
-                    Requirement(r)
-                    for r in metadata.requires("kubetune") or []
-                    if Requirement(r).marker is not None
-                    and any(Requirement(r).marker.evaluate({"extra": e}) for e in req.extras)
-                ]
+        if _norm(req.name) in seen:
             continue
-        seen.add(name)
-        try:
-            for raw in metadata.requires(req.name) or []:
-                dep = Requirement(raw)
-                if dep.marker is None or dep.marker.evaluate({"extra": ""}):
-                    todo.append(dep)
-        except metadata.PackageNotFoundError:
-            pass
+        seen.add(_norm(req.name))
+        with contextlib.suppress(metadata.PackageNotFoundError):  # marker-excluded on this platform
+            todo += [d for d in map(Requirement, metadata.requires(req.name) or []) if wanted(d, set(req.extras))]
     return seen
 
 
