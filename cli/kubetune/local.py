@@ -9,25 +9,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-import yaml
 from kubetune_operator.specs import FineTuneJob
 from kubetune_trainer.config import TrainConfig
-from kubetune_trainer.errors import ConfigError
-from kubetune_trainer.main import describe_validation_error
-from pydantic import ValidationError
+from kubetune_trainer.main import load_validated
 
 
 def load_spec(path: Path) -> FineTuneJob:
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{path} does not exist") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-    try:
-        return FineTuneJob.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(f"{path}: " + describe_validation_error(exc).removeprefix("invalid config: ")) from exc
+    return load_validated(path, FineTuneJob)
 
 
 def default_nproc() -> int:

@@ -15,6 +15,11 @@ import yaml
 SEL = 'namespace=~"$namespace", job=~"$job"'
 
 
+def quantile(q: float, histogram: str, window: str) -> str:
+    """The q-quantile of a trainer histogram per job, over all ranks."""
+    return f"histogram_quantile({q}, sum by (job, le) (rate({histogram}_bucket{{{SEL}}}[{window}])))"
+
+
 @dataclass(frozen=True)
 class Panel:
     title: str
@@ -67,14 +72,8 @@ PANELS: list[Panel] = [
     Panel(
         "Step time p50 / p95",
         [
-            (
-                f"histogram_quantile(0.5, sum by (job, le) (rate(kubetune_train_step_seconds_bucket{{{SEL}}}[5m])))",
-                "{{job}} p50",
-            ),
-            (
-                f"histogram_quantile(0.95, sum by (job, le) (rate(kubetune_train_step_seconds_bucket{{{SEL}}}[5m])))",
-                "{{job}} p95",
-            ),
+            (quantile(0.5, "kubetune_train_step_seconds", "5m"), "{{job}} p50"),
+            (quantile(0.95, "kubetune_train_step_seconds", "5m"), "{{job}} p95"),
         ],
         unit="s",
     ),
@@ -86,12 +85,7 @@ PANELS: list[Panel] = [
     Panel("Evaluation metrics", [(f'kubetune_eval_metric{{{SEL}, rank="0"}}', "{{job}} {{metric}}")], unit="none"),
     Panel(
         "Checkpoint duration p95",
-        [
-            (
-                f"histogram_quantile(0.95, sum by (job, le) (rate(kubetune_checkpoint_seconds_bucket{{{SEL}}}[1h])))",
-                "{{job}}",
-            )
-        ],
+        [(quantile(0.95, "kubetune_checkpoint_seconds", "1h"), "{{job}}")],
         unit="s",
     ),
     Panel("Last checkpointed step", [(f'kubetune_checkpoint_last_step{{{SEL}, rank="0"}}', "{{job}}")], kind="stat"),

@@ -42,7 +42,7 @@ def parse(body: dict[str, Any]) -> FineTuneJob:
     try:
         return FineTuneJob.model_validate(raw)
     except ValidationError as exc:
-        raise InvalidSpec(describe_validation_error(exc).replace("invalid config: ", "invalid FineTuneJob: ")) from exc
+        raise InvalidSpec(f"invalid FineTuneJob: {describe_validation_error(exc)}") from exc
 
 
 def invalid_status(body: dict[str, Any], message: str) -> Outcome:

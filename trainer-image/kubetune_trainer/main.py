@@ -6,13 +6,14 @@ torchrun --nproc-per-node 2 -m kubetune_trainer --config train.json
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
+from typing import TypeVar
 
 import structlog
-from pydantic import ValidationError
+import yaml
+from pydantic import BaseModel, ValidationError
 
 from . import logs
 from .config import TrainConfig
@@ -20,19 +21,21 @@ from .errors import EXIT_OK, EXIT_RETRYABLE, ConfigError, KubetuneError, write_t
 
 log = structlog.get_logger("kubetune_trainer")
 METRICS_PORT_ENV = "KUBETUNE_METRICS_PORT"
+M = TypeVar("M", bound=BaseModel)
 
 
-def load_config(path: Path) -> TrainConfig:
+def load_validated(path: Path, model: type[M]) -> M:
+    """Read a YAML or JSON document (YAML is a superset of JSON) and validate it with `model`."""
     try:
-        raw = json.loads(path.read_text())
+        raw = yaml.safe_load(path.read_text())
     except FileNotFoundError as exc:
-        raise ConfigError(f"config file {path} does not exist") from exc
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid JSON: {exc}") from exc
+        raise ConfigError(f"{path} does not exist") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML or JSON: {exc}") from exc
     try:
-        return TrainConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc)) from exc
+        raise ConfigError(f"{path}: {describe_validation_error(exc)}") from exc
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -41,7 +44,7 @@ def describe_validation_error(exc: ValidationError) -> str:
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
         parts.append(f"{where}: {err['msg']}" if where else err["msg"])
-    return "invalid config: " + "; ".join(parts)
+    return "; ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(rank)
     ctx = None
     try:
-        config = load_config(args.config)
+        config = load_validated(args.config, TrainConfig)
         structlog.contextvars.bind_contextvars(job=config.job.name)
         from . import distributed, recipe
         from .telemetry import PrometheusWriter
