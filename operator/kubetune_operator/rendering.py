@@ -6,7 +6,6 @@ Indexed batch/v1 Job (one pod per node, each running torchrun). Nothing here tal
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -192,10 +191,6 @@ def immutable_view(ftj: FineTuneJob) -> dict[str, Any]:
             value if fields is None or not isinstance(value, dict) else {k: value.get(k) for k in sorted(fields)}
         )
     return view
-
-
-def immutable_digest(ftj: FineTuneJob) -> str:
-    return hashlib.sha256(json.dumps(immutable_view(ftj), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def render_job(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:

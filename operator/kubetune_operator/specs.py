@@ -94,7 +94,6 @@ class FineTuneJob(Section):
 
 
 Phase = Literal["Pending", "Staging", "Running", "Succeeded", "Failed", "Suspended"]
-TERMINAL_PHASES = ("Succeeded", "Failed")
 
 
 class Condition(Section):

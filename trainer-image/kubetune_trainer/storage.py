@@ -54,10 +54,6 @@ class Location:
             return cls("file", "", parsed.path)
         raise ConfigError(f"{uri!r}: only s3:// and file:// URIs are supported")
 
-    def child(self, key: str) -> str:
-        base = self.prefix if not self.prefix or self.prefix.endswith("/") else self.prefix + "/"
-        return base + key
-
 
 class ObjectStore(Protocol):
     uri: str
