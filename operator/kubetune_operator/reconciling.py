@@ -46,22 +46,18 @@ def parse(body: dict[str, Any]) -> FineTuneJob:
 
 
 def invalid_status(body: dict[str, Any], message: str) -> Outcome:
-    previous = FineTuneJobStatus.model_validate(body.get("status") or {}) if _status_ok(body) else FineTuneJobStatus()
+    previous = _previous(body)
     conditions = set_condition(previous.conditions, "SpecRejected", "True", "InvalidSpec", message, now())
     status = previous.model_copy(update={"phase": "Failed", "message": message, "conditions": conditions})
     return _outcome(previous, status, "Warning", "InvalidSpec")
 
 
-def _status_ok(body: dict[str, Any]) -> bool:
-    try:
-        FineTuneJobStatus.model_validate(body.get("status") or {})
-        return True
-    except ValidationError:
-        return False
-
-
 def _previous(body: dict[str, Any]) -> FineTuneJobStatus:
-    return FineTuneJobStatus.model_validate(body.get("status") or {}) if _status_ok(body) else FineTuneJobStatus()
+    """The status as last written, or an empty one when it does not parse (hand-edited, older)."""
+    try:
+        return FineTuneJobStatus.model_validate(body.get("status") or {})
+    except ValidationError:
+        return FineTuneJobStatus()
 
 
 def reconcile(body: dict[str, Any], kube: KubeClient, settings: OperatorSettings) -> Outcome:
