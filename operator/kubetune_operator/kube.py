@@ -16,6 +16,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 TEMPORARY = {404, 409, 429}
+SNAKE_KINDS = {"Job": "job", "ConfigMap": "config_map", "Service": "service"}
 
 
 def _raise(exc: ApiException, what: str) -> None:
@@ -44,14 +45,14 @@ class KubeClient:
     def _json(response: Any) -> dict[str, Any]:
         return json.loads(response.data)
 
+    def _call(self, verb: str, kind: str) -> Any:
+        """The client method for `verb` on `kind`, e.g. read_namespaced_config_map."""
+        api = self.batch if kind == "Job" else self.core
+        return getattr(api, f"{verb}_namespaced_{SNAKE_KINDS[kind]}")
+
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
-        read = {
-            "Job": self.batch.read_namespaced_job,
-            "ConfigMap": self.core.read_namespaced_config_map,
-            "Service": self.core.read_namespaced_service,
-        }[kind]
         try:
-            return self._json(read(name, namespace, _preload_content=False))
+            return self._json(self._call("read", kind)(name, namespace, _preload_content=False))
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -61,13 +62,8 @@ class KubeClient:
     def create(self, obj: dict[str, Any]) -> bool:
         """Create `obj`; False when it already exists (never a second copy)."""
         kind, meta = obj["kind"], obj["metadata"]
-        create = {
-            "Job": self.batch.create_namespaced_job,
-            "ConfigMap": self.core.create_namespaced_config_map,
-            "Service": self.core.create_namespaced_service,
-        }[kind]
         try:
-            create(meta["namespace"], obj, _preload_content=False)
+            self._call("create", kind)(meta["namespace"], obj, _preload_content=False)
             return True
         except ApiException as exc:
             if exc.status == 409:
@@ -76,9 +72,8 @@ class KubeClient:
         return False
 
     def patch(self, kind: str, namespace: str, name: str, body: dict[str, Any]) -> None:
-        patch = {"Job": self.batch.patch_namespaced_job, "ConfigMap": self.core.patch_namespaced_config_map}[kind]
         try:
-            patch(name, namespace, body, _preload_content=False)
+            self._call("patch", kind)(name, namespace, body, _preload_content=False)
         except ApiException as exc:
             _raise(exc, f"patching {kind} {namespace}/{name}")
 

@@ -138,12 +138,13 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dic
     )
     trainer.storage.inc("s3_bytes/download", inputs.downloaded_bytes)
     workdir = Path(tempfile.mkdtemp(prefix="kubetune-run-"))
+    metrics_log = workdir / METRICS_FILE
     if latest is not None:
         state = distributed.leader_first(ctx, lambda: checkpointer.load(latest))
         trainer.load_state_dict(state)
         log.info("resumed", step=latest, epoch=trainer.state.epoch, uri=f"{output.uri}checkpoints/step-{latest:08d}/")
         if ctx.is_main:
-            _restore_metrics_log(output, workdir / METRICS_FILE, latest)
+            _restore_metrics_log(output, metrics_log, latest)
 
     eval_hook = None
     if inputs.validation and training.eval_every:
@@ -154,7 +155,6 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dic
             training.early_stopping,
         )
         trainer.hooks.append(eval_hook)
-    metrics_log = workdir / METRICS_FILE
     # The metric log travels with each checkpoint, so a resumed run continues one history.
     ckpt_hook = CheckpointHook(
         checkpointer,
