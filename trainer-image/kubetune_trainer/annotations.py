@@ -96,7 +96,7 @@ def read_split(fmt: str, root: Path, split: str) -> SplitReport:
     return report
 
 
-def _load_json(path: Path) -> object:
+def load_json(path: Path) -> object:
     if not path.is_file():
         raise DataError(f"annotation file {path} does not exist")
     try:
@@ -105,7 +105,7 @@ def _load_json(path: Path) -> object:
         raise DataError(f"annotation file {path} is not valid JSON: {exc}") from exc
 
 
-def _resolve_image(base: Path, name: str) -> Path | None:
+def resolve_image(base: Path, name: str) -> Path | None:
     for candidate in (base / name, base / "images" / name):
         if candidate.is_file():
             return candidate
@@ -114,7 +114,7 @@ def _resolve_image(base: Path, name: str) -> Path | None:
 
 def _read_coco(root: Path, split: str, report: SplitReport) -> None:
     path = root / split
-    data = _load_json(path)
+    data = load_json(path)
     if (
         not isinstance(data, dict)
         or not isinstance(data.get("images"), list)
@@ -129,7 +129,7 @@ def _read_coco(root: Path, split: str, report: SplitReport) -> None:
             continue
         by_image.setdefault(ann["image_id"], []).append(seg)
     for img in data["images"]:
-        image = _resolve_image(path.parent, str(img.get("file_name", "")))
+        image = resolve_image(path.parent, str(img.get("file_name", "")))
         if image is None:
             report.skipped["missing image file"] += 1
         elif img.get("id") not in by_image:
@@ -140,7 +140,7 @@ def _read_coco(root: Path, split: str, report: SplitReport) -> None:
 
 def _read_via(root: Path, split: str, report: SplitReport) -> None:
     path = root / split
-    data = _load_json(path)
+    data = load_json(path)
     entries = data.get("_via_img_metadata", data) if isinstance(data, dict) else None
     if not isinstance(entries, dict):
         raise DataError(f"{path} is not a VIA project/export (expected an object of images)")
@@ -149,9 +149,9 @@ def _read_via(root: Path, split: str, report: SplitReport) -> None:
             raise DataError(f"{path}: VIA entries need a 'filename'")
         regions = entry.get("regions") or []
         regions = list(regions.values()) if isinstance(regions, dict) else regions
-        polygons = [p for p in (_via_polygon(r.get("shape_attributes", {})) for r in regions) if p]
+        polygons = [p for p in (via_polygon(r.get("shape_attributes", {})) for r in regions) if p]
         report.skipped["unsupported VIA shape"] += len(regions) - len(polygons)
-        image = _resolve_image(path.parent, entry["filename"])
+        image = resolve_image(path.parent, entry["filename"])
         if image is None:
             report.skipped["missing image file"] += 1
         elif not polygons:
@@ -160,7 +160,7 @@ def _read_via(root: Path, split: str, report: SplitReport) -> None:
             report.samples.append(Sample(image, PolygonMasks(tuple([p] for p in polygons))))
 
 
-def _via_polygon(shape: dict) -> list[float] | None:
+def via_polygon(shape: dict) -> list[float] | None:
     if shape.get("name") in ("polygon", "polyline") and len(shape.get("all_points_x", [])) >= 3:
         xs, ys = shape["all_points_x"], shape["all_points_y"]
         return [float(v) + 0.5 for xy in zip(xs, ys, strict=False) for v in xy]

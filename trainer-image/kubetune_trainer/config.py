@@ -6,6 +6,7 @@ to write the exact JSON the trainer reads back with the same model.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -23,6 +24,25 @@ SAM2_VARIANTS: dict[str, str] = {
 }
 SAM_VARIANTS = ("vit-base", "vit-large", "vit-huge")
 URI_SCHEMES = ("s3://", "file://")
+DETECTRON2_FORMATS = ("coco", "via", "voc")
+DETECTRON2_METRICS = ("bbox_ap", "segm_ap")
+
+
+@dataclass(frozen=True)
+class FamilyDefaults:
+    """What an unset (null) training field means for a model family."""
+
+    optimizer: str
+    lr: float
+    weight_decay: float
+    schedule: str
+    warmup_steps: int
+    grad_clip: float
+    metric: str
+
+
+# SAM and SAM2 recipes. Detectron2 takes its defaults from the model-zoo config instead.
+SEGMENTER_DEFAULTS = FamilyDefaults("adamw", 1.0e-5, 4.0e-5, "cosine", 0, 1.0, "miou")
 
 
 class Section(BaseModel):
@@ -64,11 +84,17 @@ class ModelSpec(Section):
     overrides: dict[str, Any] = Field(
         default_factory=dict, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
     )
-    """Detectron2 config overrides (e.g. SOLVER.BASE_LR); only for family detectron2."""
+    """Detectron2 config keys as in its docs (e.g. SOLVER.BASE_LR, MODEL.ROI_HEADS.NUM_CLASSES),
+    applied last; only for family detectron2."""
 
     @model_validator(mode="after")
     def _check_family(self) -> ModelSpec:
         _check_uri(self.checkpoint, "model.checkpoint")
+        if self.family == "detectron2":
+            from . import d2_schema
+
+            d2_schema.check_variant(self.variant)
+            d2_schema.check_overrides(self.overrides)
         if self.family == "sam2":
             if self.variant not in SAM2_VARIANTS:
                 raise ValueError(
@@ -128,23 +154,34 @@ class DataSpec(Section):
 
 
 class OptimizerSpec(Section):
-    name: Literal["adamw", "sgd"] = "adamw"
-    """Optimizer."""
-    lr: float = Field(1.0e-5, gt=0)
-    """Peak learning rate."""
-    weight_decay: float = Field(4.0e-5, ge=0)
-    """Decoupled weight decay (AdamW) or L2 (SGD)."""
+    name: Literal["adamw", "sgd"] | None = None
+    """Optimizer (null: adamw for SAM/SAM2, SGD as in the model-zoo config for Detectron2)."""
+    lr: float | None = Field(None, gt=0)
+    """Peak learning rate (null: 1e-5 for SAM/SAM2, the zoo config's SOLVER.BASE_LR for Detectron2)."""
+    weight_decay: float | None = Field(None, ge=0)
+    """Decoupled weight decay (AdamW) or L2 (SGD) (null: 4e-5, or the zoo's SOLVER.WEIGHT_DECAY)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
     momentum: float = Field(0.9, ge=0)
     """SGD momentum."""
+    lr_scaling: Literal["none", "linear"] = "none"
+    """linear: multiply lr by (batchSize × gradAccumulation × processes) / referenceBatch."""
+    reference_batch: int | None = Field(None, ge=1)
+    """Total batch the lr was chosen for (null with Detectron2: the zoo's SOLVER.IMS_PER_BATCH)."""
+
+    def scaled_lr(self, lr: float, total_batch: int, reference_batch: int | None = None) -> float:
+        """The linear-scaling rule (Goyal et al.): lr grows with the total batch."""
+        if self.lr_scaling == "none":
+            return lr
+        return lr * total_batch / (self.reference_batch or reference_batch or total_batch)
 
 
 class ScheduleSpec(Section):
-    type: Literal["cosine", "multistep", "constant"] = "cosine"
-    """LR decay after warmup."""
-    warmup_steps: int = Field(0, ge=0)
-    """Linear warmup from warmupFactor·lr to lr over this many steps."""
+    type: Literal["cosine", "multistep", "constant"] | None = None
+    """LR decay after warmup (null: cosine for SAM/SAM2, the zoo config's scheduler for Detectron2)."""
+    warmup_steps: int | None = Field(None, ge=0)
+    """Linear warmup from warmupFactor·lr to lr over this many steps (null: 0, or the zoo's
+    SOLVER.WARMUP_ITERS capped at a tenth of the run)."""
     warmup_factor: float = Field(0.001, gt=0, le=1)
     """Starting fraction of lr for warmup."""
     milestones: list[int] = Field(default_factory=list)
@@ -156,8 +193,9 @@ class ScheduleSpec(Section):
 
 
 class EarlyStoppingSpec(Section):
-    metric: Literal["miou", "dice", "f1", "loss"] = "miou"
-    """Validation metric watched (loss: lower is better; others: higher)."""
+    metric: Literal["miou", "dice", "f1", "loss", "bbox_ap", "segm_ap"] | None = None
+    """Validation metric watched (loss: lower is better; others: higher). Null: miou for
+    SAM/SAM2; segm_ap (masks) or bbox_ap (boxes only) for Detectron2, which has only those two."""
     patience: int = Field(5, ge=1)
     """Evaluations without improvement before training stops."""
     min_delta: float = Field(0.0, ge=0)
@@ -182,8 +220,9 @@ class TrainingSpec(Section):
     loss: Literal["sam2", "simple"] = "sam2"
     """sam2: focal×20 + dice×1 + IoU-L1×1 + object-score BCE×1 (SAM2's recipe);
     simple: BCE + 0.05·|predicted IoU − IoU|."""
-    grad_clip: float | None = Field(1.0, gt=0)
-    """Clip the global gradient norm to this value (null: no clipping)."""
+    grad_clip: float | None = Field(None, ge=0)
+    """Clip the global gradient norm to this value; 0 turns clipping off (null: 1.0 for
+    SAM/SAM2, the zoo config's SOLVER.CLIP_GRADIENTS for Detectron2)."""
     eval_every: int | None = Field(None, ge=1)
     """Evaluate on the validation split every N steps (and at the start and the end)."""
     early_stopping: EarlyStoppingSpec | None = None
@@ -198,6 +237,30 @@ class TrainingSpec(Section):
         if self.early_stopping is not None and self.eval_every is None:
             raise ValueError("training.earlyStopping needs training.evalEvery")
         return self
+
+    def resolved(self, d: FamilyDefaults) -> TrainingSpec:
+        """This spec with every null that means "the family's default" filled in."""
+        opt, sched, early = self.optimizer, self.schedule, self.early_stopping
+
+        def pick(value: Any, default: Any) -> Any:
+            return default if value is None else value
+
+        update: dict[str, Any] = {
+            "optimizer": opt.model_copy(
+                update={
+                    "name": pick(opt.name, d.optimizer),
+                    "lr": pick(opt.lr, d.lr),
+                    "weight_decay": pick(opt.weight_decay, d.weight_decay),
+                }
+            ),
+            "schedule": sched.model_copy(
+                update={"type": pick(sched.type, d.schedule), "warmup_steps": pick(sched.warmup_steps, d.warmup_steps)}
+            ),
+            "grad_clip": pick(self.grad_clip, d.grad_clip) or None,
+        }
+        if early is not None:
+            update["early_stopping"] = early.model_copy(update={"metric": pick(early.metric, d.metric)})
+        return self.model_copy(update=update)
 
 
 class StorageSpec(Section):
@@ -244,9 +307,39 @@ class TrainParameters(Section):
     output: OutputSpec
     """Where results go."""
 
+    @model_validator(mode="after")
+    def _check_combination(self) -> TrainParameters:
+        """Rules that span sections, so one message names every field involved."""
+        training, family = self.training, self.model.family
+        opt = training.optimizer
+        if opt.lr_scaling == "linear" and opt.reference_batch is None and family != "detectron2":
+            raise ValueError("training.optimizer.lrScaling linear needs training.optimizer.referenceBatch")
+        metric = training.early_stopping.metric if training.early_stopping else None
+        if family == "detectron2":
+            if self.data.format not in DETECTRON2_FORMATS:
+                raise ValueError(
+                    f"data.format {self.data.format!r} has no class labels for detectron2; "
+                    f"use one of {', '.join(DETECTRON2_FORMATS)}"
+                )
+            if training.grad_accumulation != 1:
+                raise ValueError(
+                    "training.gradAccumulation is not supported for detectron2 (its trainers step every "
+                    "batch); raise training.batchSize or the number of GPUs instead"
+                )
+            if metric is not None and metric not in DETECTRON2_METRICS:
+                raise ValueError(
+                    f"training.earlyStopping.metric for detectron2 must be bbox_ap or segm_ap, got {metric!r}"
+                )
+        elif metric in DETECTRON2_METRICS:
+            raise ValueError(f"training.earlyStopping.metric {metric!r} is for detectron2; use miou, dice, f1 or loss")
+        return self
+
 
 class TrainConfig(TrainParameters):
     """What the trainer reads from --config: the parameters plus the job's identity."""
 
     job: JobIdentity = JobIdentity()
     """Identity used in metric labels and logs."""
+
+    def with_defaults(self, defaults: FamilyDefaults) -> TrainConfig:
+        return self.model_copy(update={"training": self.training.resolved(defaults)})

@@ -129,3 +129,23 @@ class ResumableSampler(Sampler[tuple[int, int]]):
 def shard(size: int, rank: int, world: int) -> list[tuple[int, int]]:
     """Evaluation keys for one rank: every sample exactly once over all ranks (no padding)."""
     return [(EVAL_EPOCH, i) for i in range(rank, size, world)]
+
+
+class ResumableStream(Sampler[int]):
+    """An endless stream of dataset indices for one rank, like Detectron2's TrainingSampler
+    (a fresh permutation each epoch, sharded by rank), that can start at any position.
+
+    A run resumed after `n` images continues with image n + 1 of the same stream.
+    """
+
+    def __init__(self, size: int, rank: int, world: int, seed: int, start: int = 0) -> None:
+        self.size, self.rank, self.world, self.seed, self.start = size, rank, world, seed, start
+        self.per_epoch = len(range(rank, size, world))
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, offset = divmod(self.start, self.per_epoch)
+        while True:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            mine = torch.randperm(self.size, generator=generator)[self.rank :: self.world].tolist()
+            yield from mine[offset:]
+            epoch, offset = epoch + 1, 0

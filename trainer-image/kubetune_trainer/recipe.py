@@ -11,6 +11,7 @@ import os
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from torch.utils.data import BatchSampler, DataLoader
 from . import distributed
 from .annotations import Sample, usable_samples
 from .checkpointing import Checkpointer
-from .config import TrainConfig
+from .config import SEGMENTER_DEFAULTS, TrainConfig
 from .data import PromptedMasks, ResumableSampler, collate, shard
 from .distributed import DistContext
 from .engine import Trainer
@@ -53,8 +54,15 @@ def cache_root() -> Path:
     return Path(os.environ.get("KUBETUNE_CACHE_DIR", "~/.cache/kubetune")).expanduser()
 
 
-def stage_inputs(config: TrainConfig, ctx: DistContext) -> Inputs:
-    """Dataset and base weights on local disk, read and checked; node leaders download."""
+@dataclass
+class StagedFiles:
+    root: Path
+    weights: Path | None
+    downloaded_bytes: int
+
+
+def stage_files(config: TrainConfig, ctx: DistContext) -> StagedFiles:
+    """Dataset and base weights on local disk; node leaders download, the others wait."""
     root = cache_root()
     data_store = open_store(config.data.source, config.storage)
     report = distributed.leader_first(ctx, lambda: stage(data_store, root))
@@ -63,11 +71,16 @@ def stage_inputs(config: TrainConfig, ctx: DistContext) -> Inputs:
         folder, key = split_object_uri(config.model.checkpoint)
         weights_store = open_store(folder, config.storage)
         weights = distributed.leader_first(ctx, lambda: fetch_object(weights_store, key, root / "weights"))
+    return StagedFiles(report.root, weights, report.bytes_downloaded if ctx.is_local_leader else 0)
+
+
+def stage_inputs(config: TrainConfig, ctx: DistContext) -> Inputs:
+    """Staged files, with the dataset read and checked."""
+    files = stage_files(config, ctx)
     data = config.data
-    train = usable_samples(data.format, report.root, data.train)
-    val = usable_samples(data.format, report.root, data.validation) if data.validation else []
-    downloaded = report.bytes_downloaded if ctx.is_local_leader else 0
-    return Inputs(train, val, weights, downloaded)
+    train = usable_samples(data.format, files.root, data.train)
+    val = usable_samples(data.format, files.root, data.validation) if data.validation else []
+    return Inputs(train, val, files.weights, files.downloaded_bytes)
 
 
 def build_loader(samples: list[Sample], config: TrainConfig, ctx: DistContext) -> DataLoader:
@@ -98,15 +111,26 @@ def build_eval_loader(samples: list[Sample], config: TrainConfig, ctx: DistConte
     )
 
 
-def build_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
-    opt = config.training.optimizer
+def build_optimizer(params: list[torch.nn.Parameter], config: TrainConfig, world_size: int) -> torch.optim.Optimizer:
+    training = config.training
+    opt = training.optimizer
+    lr = opt.scaled_lr(opt.lr, training.batch_size * training.grad_accumulation * world_size)
     if opt.name == "adamw":
-        return torch.optim.AdamW(params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
-    return torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, betas=opt.betas, weight_decay=opt.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
 
 
 def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dict[str, Any]:
+    """Train a promptable segmenter (SAM2); Detectron2 models go through `d2_recipe`."""
+    if config.model.family == "detectron2":
+        from .d2_runtime import require_detectron2
+
+        require_detectron2()
+        from . import d2_recipe
+
+        return d2_recipe.run(config, ctx, metrics)
     started = time.time()
+    config = config.with_defaults(SEGMENTER_DEFAULTS)
     segmenter = segmenter_for(config.model)
     distributed.check_precision(config.training.precision, ctx.device)
     inputs = stage_inputs(config, ctx)
@@ -125,7 +149,7 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dic
     training = config.training
     per_epoch = len(loader) // training.grad_accumulation
     total = training.max_steps or training.epochs * per_epoch
-    optimizer = build_optimizer([p for p in module.parameters() if p.requires_grad], config)
+    optimizer = build_optimizer([p for p in module.parameters() if p.requires_grad], config, ctx.world_size)
     trainer = Trainer(
         model,
         optimizer,
@@ -144,7 +168,7 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dic
         trainer.load_state_dict(state)
         log.info("resumed", step=latest, epoch=trainer.state.epoch, uri=f"{output.uri}checkpoints/step-{latest:08d}/")
         if ctx.is_main:
-            _restore_metrics_log(output, metrics_log, latest)
+            restore_metrics_log(output, metrics_log, lambda row: row["step"] <= latest)
 
     eval_hook = None
     if inputs.validation and training.eval_every:
@@ -200,12 +224,12 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dic
     return report
 
 
-def _restore_metrics_log(output: ObjectStore, path: Path, step: int) -> None:
-    """Continue the previous run's metrics.jsonl up to the resumed step."""
-    if not output.list(METRICS_FILE):
+def restore_metrics_log(output: ObjectStore, path: Path, keep: Callable[[dict], bool]) -> None:
+    """Continue the previous run's metric log (one JSON object a line) with the rows `keep` accepts."""
+    if not output.list(path.name):
         return
-    lines = output.get_bytes(METRICS_FILE).decode().splitlines()
-    path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= step))
+    lines = output.get_bytes(path.name).decode().splitlines()
+    path.write_text("".join(line + "\n" for line in lines if line.strip() and keep(json.loads(line))))
 
 
 def _publish(output: ObjectStore, segmenter, module, config: TrainConfig, report: dict, workdir: Path) -> None:

@@ -10,13 +10,14 @@ from .config import ScheduleSpec
 
 
 def lr_factor(spec: ScheduleSpec, total_steps: int, step: int) -> float:
-    """Multiplier of the peak lr at optimizer step `step` (0-based)."""
-    if step < spec.warmup_steps:
-        alpha = step / spec.warmup_steps
+    """Multiplier of the peak lr at optimizer step `step` (0-based); an unset type is cosine."""
+    warmup = spec.warmup_steps or 0
+    if step < warmup:
+        alpha = step / warmup
         return spec.warmup_factor * (1 - alpha) + alpha
-    if spec.type == "cosine":
-        span = max(total_steps - spec.warmup_steps, 1)
-        progress = min((step - spec.warmup_steps) / span, 1.0)
+    if spec.type in ("cosine", None):
+        span = max(total_steps - warmup, 1)
+        progress = min((step - warmup) / span, 1.0)
         return spec.min_lr_ratio + (1 - spec.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     if spec.type == "multistep":
         return spec.gamma ** sum(step >= m for m in spec.milestones)
