@@ -64,17 +64,21 @@ class Checkpointer:
         steps = self.complete_steps()
         return steps[-1] if steps else None
 
-    def save(self, step: int, state: dict[str, Any]) -> SavedCheckpoint:
-        """Upload state.pt, then the manifest (with the state's size and sha256), then prune."""
+    def save(self, step: int, state: dict[str, Any], extras: dict[str, Path] | None = None) -> SavedCheckpoint:
+        """Upload state.pt and `extras` (files that must match this state, e.g. the metric log so
+        far), then the manifest (sizes and sha256), then prune."""
         start = time.perf_counter()
         folder = _folder(step)
+        files = {}
         with tempfile.TemporaryDirectory(prefix="kubetune-ckpt-") as tmp:
             path = Path(tmp) / STATE
             torch.save(state, path)
-            size = path.stat().st_size
-            digest = _sha256(path)
-            self.store.upload(path, folder + STATE)
-        manifest = {"step": step, "created": time.time(), "files": {STATE: {"bytes": size, "sha256": digest}}}
+            for name, source in {STATE: path, **(extras or {})}.items():
+                if source.exists():
+                    files[name] = {"bytes": source.stat().st_size, "sha256": _sha256(source)}
+                    self.store.upload(source, folder + name)
+        size = sum(f["bytes"] for f in files.values())
+        manifest = {"step": step, "created": time.time(), "files": files}
         self.store.put_bytes(json.dumps(manifest, indent=1).encode(), folder + MANIFEST)
         self.prune()
         saved = SavedCheckpoint(step, self.store.uri + folder, size, time.perf_counter() - start)
@@ -89,6 +93,14 @@ class Checkpointer:
         if local.stat().st_size != expected["bytes"] or _sha256(local) != expected["sha256"]:
             raise KubetuneError(f"checkpoint {self.store.uri}{folder} does not match its manifest")
         return torch.load(local, map_location="cpu", weights_only=True)
+
+    def fetch_extra(self, step: int, name: str, dest: Path) -> bool:
+        """Copy a file saved with checkpoint `step` to `dest`; False if that checkpoint has none."""
+        manifest = json.loads(self.store.get_bytes(_folder(step) + MANIFEST))
+        if name not in manifest["files"]:
+            return False
+        dest.write_bytes(self.store.get_bytes(_folder(step) + name))
+        return True
 
     def prune(self) -> None:
         """Keep the newest `keep_last` complete checkpoints; drop older ones and stale partials.

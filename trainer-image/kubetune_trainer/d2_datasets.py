@@ -52,7 +52,8 @@ def _image_size(path: Path) -> tuple[int, int]:
 def finish_split(records: list[dict], classes: list[str], skipped: Counter, where: str, train: bool) -> Split:
     if train:
         empty = [r for r in records if not r["annotations"]]
-        skipped["image without annotations"] += len(empty)
+        if empty:
+            skipped["image without annotations"] += len(empty)
         records = [r for r in records if r["annotations"]]
     if skipped:
         log.warning("skipped broken samples", split=where, usable=len(records), **dict(skipped))

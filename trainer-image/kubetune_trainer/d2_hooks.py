@@ -53,12 +53,14 @@ class CheckpointHook(HookBase):
         checkpointer: Checkpointer,
         period: int,
         state: Callable[[int], dict[str, Any]],
+        extras: dict[str, Path],
         is_writer: bool,
         on_saved: Callable[[int], None],
         events: EventStorage,
     ) -> None:
         self.progress, self.checkpointer, self.period = progress, checkpointer, period
-        self.state, self.is_writer, self.on_saved, self.events = state, is_writer, on_saved, events
+        self.state, self.extras, self.is_writer = state, extras, is_writer
+        self.on_saved, self.events = on_saved, events
         self.last_saved = -1
         self.last_uri: str | None = None
 
@@ -73,7 +75,7 @@ class CheckpointHook(HookBase):
             return
         self.last_saved = step
         if self.is_writer:
-            saved = self.checkpointer.save(step, self.state(step))
+            saved = self.checkpointer.save(step, self.state(step), self.extras)
             self.last_uri = saved.uri
             self.events.observe("checkpoint_seconds", saved.seconds)
             self.events.inc("s3_bytes/upload", saved.bytes)

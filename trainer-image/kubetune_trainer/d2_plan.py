@@ -49,8 +49,20 @@ def plan(
 ) -> Detectron2Plan:
     """The config keys for this job; `zoo` holds ZOO_KEYS as the merged zoo config has them."""
     training, opt, sched = params.training, params.training.optimizer, params.training.schedule
-    total_batch = training.batch_size * world_size
-    max_iter = training.max_steps or math.ceil(training.epochs * data.train_images / total_batch)
+    try:
+        overrides = d2_schema.check_overrides(params.model.overrides)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    # An overridden batch or length is what the derived values (iterations per epoch, scaled lr,
+    # warmup cap, checkpoint period) must follow.
+    total_batch = int(overrides.get("SOLVER.IMS_PER_BATCH", training.batch_size * world_size))
+    if total_batch % world_size:
+        raise ConfigError(
+            f"model.overrides SOLVER.IMS_PER_BATCH={total_batch} is not divisible by the "
+            f"{world_size} processes of this job"
+        )
+    epochs_iter = math.ceil((training.epochs or 0) * data.train_images / total_batch)
+    max_iter = int(overrides.get("SOLVER.MAX_ITER", training.max_steps or epochs_iter))
     base_lr = opt.lr if opt.lr is not None else float(zoo["SOLVER.BASE_LR"])
     s: dict[str, Any] = {
         "MODEL.WEIGHTS": weights,
@@ -86,13 +98,5 @@ def plan(
             s["SOLVER.CLIP_GRADIENTS.CLIP_VALUE"] = training.grad_clip
     if data.has_rle:  # RLE masks (COCO RLE, VOC PNGs) cannot be polygons
         s["INPUT.MASK_FORMAT"] = "bitmask"
-    try:
-        s.update(d2_schema.check_overrides(params.model.overrides))
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
-    if s["SOLVER.IMS_PER_BATCH"] % world_size:
-        raise ConfigError(
-            f"model.overrides SOLVER.IMS_PER_BATCH={s['SOLVER.IMS_PER_BATCH']} is not divisible by the "
-            f"{world_size} processes of this job"
-        )
-    return Detectron2Plan(s, int(s["SOLVER.MAX_ITER"]), int(s["SOLVER.IMS_PER_BATCH"]), opt.name or "sgd")
+    s.update(overrides)
+    return Detectron2Plan(s, max_iter, total_batch, opt.name or "sgd")

@@ -38,7 +38,7 @@ from .d2_runtime import TRAIN, VALIDATION, build_cfg, build_optimizer, build_tra
 from .data import ResumableStream
 from .distributed import DistContext
 from .events import EventStorage, JsonlWriter
-from .recipe import METRICS_FILE, cache_root, restore_metrics_log, stage_files
+from .recipe import METRICS_FILE, cache_root, stage_files
 from .storage import ObjectStore, open_store
 from .telemetry import PrometheusWriter
 
@@ -91,12 +91,11 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dic
 
     def on_saved(step: int) -> None:
         upload_visualizations(output, step, cfg, module, vis_records, vis_metadata)
-        for path in (metrics_log, d2_log):
-            if path.exists():
-                output.upload(path, path.name)
 
+    # The metric logs travel inside each checkpoint, so a resumed run continues one history.
+    logs = {METRICS_FILE: metrics_log, D2_METRICS_FILE: d2_log}
     ckpt_hook = CheckpointHook(
-        progress, checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, state, ctx.is_main, on_saved, events
+        progress, checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, state, logs, ctx.is_main, on_saved, events
     )
     shape = RunShape(job_plan.total_batch, ctx.world_size, len(train.records), job_plan.max_iter)
     writers: list = [metrics] + ([JsonlWriter(metrics_log)] if ctx.is_main else [])
@@ -104,14 +103,14 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dic
         progress,
         d2_hooks.IterationTimer(),
         d2_hooks.LRScheduler(optimizer, build_lr_scheduler(cfg, optimizer)),
-        ckpt_hook,
     ]
     eval_hook = None
     if val is not None and cfg.TEST.EVAL_PERIOD:
         evaluate = lambda: _evaluate(cfg, module, masks, workdir, trainer)  # noqa: E731
         eval_hook = EvalHook(progress, cfg.TEST.EVAL_PERIOD, evaluate, metric, config.training.early_stopping)
         hook_list.append(eval_hook)
-    hook_list.append(BridgeHook(progress, shape, writers, ctx.device, events))
+    # Metrics are written before the checkpoint, so its copy of the log includes its own step.
+    hook_list += [BridgeHook(progress, shape, writers, ctx.device, events), ckpt_hook]
     if ctx.is_main:
         printers = [CommonMetricPrinter(job_plan.max_iter), JSONWriter(str(d2_log))]
         hook_list.append(d2_hooks.PeriodicWriter(printers, period=20))
@@ -123,8 +122,8 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dic
         trainer.load_state_dict(saved["trainer"])
         log.info("resumed", step=latest, uri=f"{output.uri}checkpoints/step-{latest:08d}/")
         if ctx.is_main:
-            restore_metrics_log(output, metrics_log, lambda row: row["step"] <= latest)
-            restore_metrics_log(output, d2_log, lambda row: row.get("iteration", -1) < latest)
+            for path in logs.values():
+                checkpointer.fetch_extra(latest, path.name, path)
     log.info(
         "training",
         family="detectron2",

@@ -4,7 +4,6 @@ registration, the merged config, the model and Detectron2's own trainer for the 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -32,8 +31,10 @@ TRAIN, VALIDATION = "kubetune_train", "kubetune_validation"
 
 
 def require_detectron2() -> None:
-    if importlib.util.find_spec("detectron2") is None:
-        raise ConfigError(INSTALL_HINT)
+    try:
+        import detectron2  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(INSTALL_HINT) from exc
 
 
 def read_splits(config: TrainConfig, root: Path) -> tuple[Split, Split | None]:

@@ -132,20 +132,23 @@ def shard(size: int, rank: int, world: int) -> list[tuple[int, int]]:
 
 
 class ResumableStream(Sampler[int]):
-    """An endless stream of dataset indices for one rank, like Detectron2's TrainingSampler
-    (a fresh permutation each epoch, sharded by rank), that can start at any position.
+    """Detectron2's TrainingSampler order (one endless stream of per-epoch permutations, position
+    i going to rank i mod world), able to start at any position of this rank's share.
 
-    A run resumed after `n` images continues with image n + 1 of the same stream.
+    A run resumed after each rank took `n` images continues with image n + 1 of the same stream.
     """
 
     def __init__(self, size: int, rank: int, world: int, seed: int, start: int = 0) -> None:
+        if size < 1:
+            raise ValueError("ResumableStream needs a non-empty dataset")
         self.size, self.rank, self.world, self.seed, self.start = size, rank, world, seed, start
-        self.per_epoch = len(range(rank, size, world))
 
     def __iter__(self) -> Iterator[int]:
-        epoch, offset = divmod(self.start, self.per_epoch)
+        epoch, offset = divmod(self.start * self.world + self.rank, self.size)
         while True:
             generator = torch.Generator().manual_seed(self.seed + epoch)
-            mine = torch.randperm(self.size, generator=generator)[self.rank :: self.world].tolist()
-            yield from mine[offset:]
-            epoch, offset = epoch + 1, 0
+            order = torch.randperm(self.size, generator=generator).tolist()
+            while offset < self.size:
+                yield order[offset]
+                offset += self.world
+            epoch, offset = epoch + 1, offset - self.size

@@ -1,0 +1,400 @@
+"""The detectron2-free side of the Detectron2 family: schema checks, spec rules, the config mapping,
+VIA/VOC readers, the metrics bridge and the resumable stream. Nothing here imports detectron2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from dataclasses import replace
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pytest
+from kubetune_trainer.config import SEGMENTER_DEFAULTS, OptimizerSpec, TrainParameters
+from kubetune_trainer.d2_bridge import RunShape, bridge
+from kubetune_trainer.d2_datasets import read_via, read_voc, via_class, voc_instances
+from kubetune_trainer.d2_plan import DatasetFacts, plan
+from kubetune_trainer.d2_schema import check_overrides, check_variant
+from kubetune_trainer.data import ResumableStream
+from kubetune_trainer.errors import ConfigError, DataError
+from kubetune_trainer.main import describe_validation_error
+from PIL import Image
+from pycocotools import mask as mask_utils
+from pydantic import ValidationError
+
+VARIANT = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
+ZOO = {"SOLVER.BASE_LR": 0.02, "SOLVER.IMS_PER_BATCH": 16, "SOLVER.WARMUP_ITERS": 1000, "SOLVER.STEPS": (21000, 25000)}
+FACTS = DatasetFacts(train_images=50, num_classes=3, has_rle=False, has_validation=False)
+
+
+def d2_params(model: dict | None = None, data: dict | None = None, **training) -> dict:
+    return {
+        "model": {"family": "detectron2", "variant": VARIANT, **(model or {})},
+        "data": {"source": "file:///data/", "format": "via", "train": "train/via.json", **(data or {})},
+        "training": training or {"epochs": 3, "batchSize": 2},
+        "output": {"uri": "file:///out/"},
+    }
+
+
+def refusal(spec: dict) -> str:
+    with pytest.raises(ValidationError) as info:
+        TrainParameters.model_validate(spec)
+    return describe_validation_error(info.value)
+
+
+def test_variant_check_suggests_close_names() -> None:
+    check_variant(VARIANT)
+    with pytest.raises(ValueError, match=r"did you mean .*mask_rcnn_R_50_FPN_3x\.yaml"):
+        check_variant("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3X.yml")
+    with pytest.raises(ValueError, match=r"'nothing-like-it' is not a Detectron2 model-zoo config; e\.g\. "):
+        check_variant("nothing-like-it")
+
+
+def test_overrides_are_flattened_and_coerced() -> None:
+    given = {"SOLVER": {"BASE_LR": 1, "WEIGHT_DECAY": "1e-4"}, "SOLVER.IMS_PER_BATCH": 8, "INPUT.CROP.SIZE": (0.9, 0.9)}
+    out = check_overrides(given)
+    assert out == {
+        "SOLVER.BASE_LR": 1.0,
+        "SOLVER.WEIGHT_DECAY": 1e-4,
+        "SOLVER.IMS_PER_BATCH": 8,
+        "INPUT.CROP.SIZE": [0.9, 0.9],
+    }
+    assert type(out["SOLVER.BASE_LR"]) is float and type(out["SOLVER.IMS_PER_BATCH"]) is int
+    assert check_overrides({}) == {}
+
+
+def test_overrides_report_every_problem_at_once() -> None:
+    with pytest.raises(ValueError) as info:
+        check_overrides({"SOLVER.BASE_LRR": 0.1, "SOLVER.IMS_PER_BATCH": True, "SOLVER.GAMMA": "half", "ZZZ": 1})
+    msg = str(info.value)
+    assert msg.startswith("model.overrides: ")
+    assert "SOLVER.BASE_LRR is not a Detectron2 config key (did you mean SOLVER.BASE_LR?)" in msg
+    assert "SOLVER.IMS_PER_BATCH: expected int, got bool True" in msg
+    assert "SOLVER.GAMMA: expected float, got str 'half'" in msg
+    assert "ZZZ is not a Detectron2 config key" in msg and "ZZZ is not a Detectron2 config key (" not in msg
+    with pytest.raises(ValueError, match="expected int, got float 8.0"):
+        check_overrides({"SOLVER": {"IMS_PER_BATCH": 8.0}})
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        (d2_params({"variant": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1X.yaml"}), "did you mean"),
+        (d2_params({"overrides": {"SOLVER.BASE_LRR": 0.1}}), "did you mean SOLVER.BASE_LR?"),
+        (d2_params(data={"format": "mask-folder"}), "data.format 'mask-folder' has no class labels"),
+        (d2_params(epochs=1, gradAccumulation=2), "training.gradAccumulation is not supported for detectron2"),
+        (d2_params(epochs=1, evalEvery=5, earlyStopping={"metric": "miou"}), "must be bbox_ap or segm_ap, got 'miou'"),
+    ],
+)
+def test_detectron2_spec_refusals_name_the_field(spec: dict, expected: str) -> None:
+    assert expected in refusal(spec)
+
+
+def test_rules_for_other_families() -> None:
+    sam2 = d2_params({"family": "sam2", "variant": "sam2.1_hiera_tiny"}, {"format": "coco"}, epochs=1)
+    TrainParameters.model_validate(sam2)
+    sam2["training"].update(evalEvery=5, earlyStopping={"metric": "bbox_ap"})
+    assert "training.earlyStopping.metric 'bbox_ap' is for detectron2" in refusal(sam2)
+    sam2["training"] = {"epochs": 1, "optimizer": {"lrScaling": "linear"}}
+    assert "lrScaling linear needs training.optimizer.referenceBatch" in refusal(sam2)
+    sam2["training"] = {"epochs": 1}
+    sam2["model"]["overrides"] = {"SOLVER.BASE_LR": 0.1}
+    assert "model.overrides applies to family detectron2 only" in refusal(sam2)
+    # Detectron2 takes the reference batch from the zoo config.
+    TrainParameters.model_validate(d2_params(epochs=1, optimizer={"lrScaling": "linear"}))
+
+
+def test_scaled_lr() -> None:
+    assert OptimizerSpec().scaled_lr(0.1, 64, 16) == 0.1
+    linear = OptimizerSpec(lr_scaling="linear")
+    assert linear.scaled_lr(0.1, 8, 16) == pytest.approx(0.05)
+    assert linear.scaled_lr(0.1, 8) == pytest.approx(0.1)
+    assert OptimizerSpec(lr_scaling="linear", reference_batch=4).scaled_lr(0.1, 8, 16) == pytest.approx(0.2)
+
+
+def test_resolved_fills_only_nulls() -> None:
+    spec = TrainParameters.model_validate(d2_params(epochs=1, evalEvery=2, earlyStopping={})).training
+    done = spec.resolved(SEGMENTER_DEFAULTS)
+    assert (done.optimizer.name, done.optimizer.lr, done.optimizer.weight_decay) == ("adamw", 1e-5, 4e-5)
+    assert (done.schedule.type, done.schedule.warmup_steps, done.grad_clip) == ("cosine", 0, 1.0)
+    assert done.early_stopping.metric == "miou"
+    spec = TrainParameters.model_validate(
+        d2_params(epochs=1, gradClip=0, optimizer={"name": "sgd", "lr": 0.5}, schedule={"type": "constant"})
+    ).training
+    done = spec.resolved(SEGMENTER_DEFAULTS)
+    assert (done.optimizer.name, done.optimizer.lr, done.schedule.type) == ("sgd", 0.5, "constant")
+    assert done.grad_clip is None  # 0 turns clipping off
+    assert spec.optimizer.lr == 0.5 and spec.optimizer.weight_decay is None  # the original is untouched
+
+
+def make_plan(spec: dict, facts: DatasetFacts = FACTS, world: int = 2, zoo: dict = ZOO):
+    return plan(TrainParameters.model_validate(spec), zoo, facts, world, "file:///w.pkl")
+
+
+def test_plan_keeps_zoo_values_for_unset_fields() -> None:
+    p = make_plan(d2_params())
+    assert (p.total_batch, p.max_iter, p.optimizer) == (4, 38, "sgd")  # ceil(3 * 50 / 4)
+    s = p.settings
+    assert s["MODEL.WEIGHTS"] == "file:///w.pkl"
+    assert s["MODEL.ROI_HEADS.NUM_CLASSES"] == s["MODEL.RETINANET.NUM_CLASSES"] == 3
+    assert (s["SOLVER.IMS_PER_BATCH"], s["SOLVER.MAX_ITER"], s["SOLVER.BASE_LR"]) == (4, 38, 0.02)
+    assert (s["SOLVER.WARMUP_ITERS"], s["SOLVER.STEPS"], s["SOLVER.CHECKPOINT_PERIOD"]) == (3, [], 38)
+    assert (s["TEST.EVAL_PERIOD"], s["SOLVER.AMP.ENABLED"], s["SEED"]) == (0, False, 0)
+    unset = {"SOLVER.WEIGHT_DECAY", "SOLVER.LR_SCHEDULER_NAME", "SOLVER.CLIP_GRADIENTS.ENABLED", "INPUT.MASK_FORMAT"}
+    assert not unset & s.keys()
+    assert p.merge_list()[:4] == ["MODEL.WEIGHTS", "file:///w.pkl", "MODEL.ROI_HEADS.NUM_CLASSES", 3]
+    assert len(p.merge_list()) == 2 * len(s)
+
+
+def test_plan_drops_only_unreached_zoo_steps() -> None:
+    p = make_plan(d2_params(maxSteps=50), zoo={**ZOO, "SOLVER.STEPS": (10, 49, 50, 100)})
+    assert p.max_iter == 50 and p.settings["SOLVER.STEPS"] == [10, 49]
+
+
+def test_plan_maps_fields_that_are_set() -> None:
+    opt = {"name": "adamw", "lr": 0.001, "weightDecay": 0.0005}
+    sched = {"type": "cosine", "warmupSteps": 7, "minLrRatio": 0.1}
+    spec = d2_params(maxSteps=100, batchSize=4, precision="fp16", gradClip=1.5, evalEvery=10, seed=5)
+    spec["training"].update(optimizer=opt, schedule=sched)
+    spec["output"]["checkpointEvery"] = 20
+    p = make_plan(spec, DatasetFacts(50, 3, has_rle=True, has_validation=True))
+    s = p.settings
+    assert (p.optimizer, p.total_batch, p.max_iter) == ("adamw", 8, 100)
+    assert (s["SOLVER.BASE_LR"], s["SOLVER.WEIGHT_DECAY"], s["SOLVER.WARMUP_ITERS"]) == (0.001, 0.0005, 7)
+    assert (s["SOLVER.LR_SCHEDULER_NAME"], s["SOLVER.STEPS"]) == ("WarmupCosineLR", [])
+    assert s["SOLVER.BASE_LR_END"] == pytest.approx(0.0001)
+    assert (s["SOLVER.AMP.ENABLED"], s["SOLVER.CHECKPOINT_PERIOD"], s["SEED"]) == (True, 20, 5)
+    assert s["TEST.EVAL_PERIOD"] == 10  # there is a validation split
+    assert s["SOLVER.CLIP_GRADIENTS.ENABLED"] is True
+    assert (s["SOLVER.CLIP_GRADIENTS.CLIP_TYPE"], s["SOLVER.CLIP_GRADIENTS.CLIP_VALUE"]) == ("full_model", 1.5)
+    assert s["INPUT.MASK_FORMAT"] == "bitmask"
+
+
+def test_plan_multistep_and_clipping_off() -> None:
+    spec = d2_params(maxSteps=20, gradClip=0, evalEvery=5, schedule={"type": "multistep", "milestones": [5, 9]})
+    s = make_plan(spec).settings  # no validation split: no periodic evaluation
+    assert (s["SOLVER.LR_SCHEDULER_NAME"], s["SOLVER.STEPS"], s["SOLVER.GAMMA"]) == ("WarmupMultiStepLR", [5, 9], 0.1)
+    assert s["SOLVER.CLIP_GRADIENTS.ENABLED"] is False and "SOLVER.CLIP_GRADIENTS.CLIP_TYPE" not in s
+    assert s["TEST.EVAL_PERIOD"] == 0
+
+
+def test_plan_linear_scaling_reference() -> None:
+    zoo_ref = make_plan(d2_params(epochs=1, batchSize=2, optimizer={"lrScaling": "linear"}))
+    assert zoo_ref.settings["SOLVER.BASE_LR"] == pytest.approx(0.02 * 4 / 16)
+    own = {"lrScaling": "linear", "lr": 0.01, "referenceBatch": 8}
+    own_ref = make_plan(d2_params(epochs=1, batchSize=2, optimizer=own))
+    assert own_ref.settings["SOLVER.BASE_LR"] == pytest.approx(0.01 * 4 / 8)
+
+
+def test_plan_overrides_win_and_batch_must_divide() -> None:
+    overrides = {"SOLVER": {"BASE_LR": 0.1, "MAX_ITER": 7, "IMS_PER_BATCH": 8}, "INPUT.MASK_FORMAT": "polygon"}
+    spec = d2_params({"overrides": overrides}, optimizer={"lr": 0.001}, maxSteps=50)
+    assert TrainParameters.model_validate(spec).model.overrides == overrides  # kept as written
+    p = make_plan(spec, replace(FACTS, has_rle=True))
+    assert (p.settings["SOLVER.BASE_LR"], p.max_iter, p.total_batch) == (0.1, 7, 8)
+    assert p.settings["INPUT.MASK_FORMAT"] == "polygon"
+    with pytest.raises(ConfigError, match="SOLVER.IMS_PER_BATCH=6 is not divisible by the 4 processes"):
+        make_plan(d2_params({"overrides": {"SOLVER.IMS_PER_BATCH": 6}}), world=4)
+
+
+def polygon(xs: list[int], ys: list[int], **attributes) -> dict:
+    shape = {"name": "polygon", "all_points_x": xs, "all_points_y": ys}
+    return {"shape_attributes": shape, "region_attributes": attributes}
+
+
+def write_via(folder: Path, entries: dict[str, list[dict]], images: tuple[str, ...]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in images:
+        Image.new("RGB", (40, 30), (120, 60, 30)).save(folder / name)
+    data = {
+        f"{name}123": {"filename": name, "size": 123, "regions": dict(enumerate(regions)), "file_attributes": {}}
+        for name, regions in entries.items()
+    }
+    (folder / "via.json").write_text(json.dumps(data))
+
+
+@pytest.fixture
+def via_root(tmp_path: Path) -> Path:
+    circle = {"shape_attributes": {"name": "circle", "cx": 5, "cy": 5, "r": 3}, "region_attributes": {}}
+    train = {
+        "a.png": [polygon([2, 10, 10], [3, 3, 12], **{"class": "dog"}), circle, polygon([20, 30, 25], [1, 1, 9])],
+        "b.png": [polygon([0, 5, 5, 0], [0, 0, 5, 5], **{"class": "cat"})],
+        "empty.png": [],
+        "gone.png": [polygon([0, 5, 5], [0, 0, 5], **{"class": "cat"})],
+    }
+    write_via(tmp_path / "train", train, ("a.png", "b.png", "empty.png"))
+    val = {"v.png": [polygon([1, 4, 4], [1, 1, 4], **{"class": "bird"}), polygon([1, 4, 4], [1, 1, 4], label="cat")]}
+    write_via(tmp_path / "val", {**val, "w.png": []}, ("v.png", "w.png"))
+    return tmp_path
+
+
+def test_read_via_train_split(via_root: Path) -> None:
+    split = read_via(via_root, "train/via.json", train=True)
+    assert split.classes == ["cat", "dog", "object"]  # sorted; a region without a class is "object"
+    assert [Path(r["file_name"]).name for r in split.records] == ["a.png", "b.png"]
+    assert [r["image_id"] for r in split.records] == [0, 1]
+    a, b = split.records
+    assert (a["height"], a["width"]) == (30, 40)
+    assert [ann["category_id"] for ann in a["annotations"]] == [1, 2]
+    assert a["annotations"][0]["bbox"] == [2.5, 3.5, 10.5, 12.5]  # XYXY, pixel centres
+    assert a["annotations"][0]["segmentation"] == [[2.5, 3.5, 10.5, 3.5, 10.5, 12.5]]
+    assert a["annotations"][0]["bbox_mode"] == 0 and a["annotations"][0]["iscrowd"] == 0
+    assert b["annotations"][0]["category_id"] == 0
+    assert split.skipped == Counter(
+        {"unsupported VIA shape": 1, "missing image file": 1, "image without annotations": 1}
+    )
+    assert not split.has_rle
+
+
+def test_read_via_validation_uses_training_classes(via_root: Path) -> None:
+    split = read_via(via_root, "val/via.json", train=False, classes=["cat", "dog"])
+    assert split.classes == ["cat", "dog"]
+    assert [len(r["annotations"]) for r in split.records] == [1, 0]  # images without objects stay for eval
+    assert split.records[0]["annotations"][0]["category_id"] == 0
+    assert split.skipped == Counter({"class not in the training split: bird": 1})
+
+
+def test_read_via_project_file(tmp_path: Path) -> None:
+    write_via(tmp_path, {"a.png": [polygon([1, 4, 4], [1, 1, 4])]}, ("a.png",))
+    entries = json.loads((tmp_path / "via.json").read_text())
+    (tmp_path / "project.json").write_text(json.dumps({"_via_settings": {}, "_via_img_metadata": entries}))
+    assert len(read_via(tmp_path, "project.json", train=True).records) == 1
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("[1, 2]", "is not a VIA project/export"),
+        ('{"x": {"size": 1, "regions": {}}}', "VIA entries need a 'filename'"),
+        ('{"x": 3}', "VIA entries need a 'filename'"),
+        ("{not json", "is not valid JSON"),
+        ('{"x": {"filename": "nowhere.png", "regions": {}}}', "no usable image"),
+    ],
+)
+def test_read_via_malformed(tmp_path: Path, content: str, message: str) -> None:
+    (tmp_path / "via.json").write_text(content)
+    with pytest.raises(DataError, match=message):
+        read_via(tmp_path, "via.json", train=True)
+    with pytest.raises(DataError, match="does not exist"):
+        read_via(tmp_path, "other.json", train=True)
+
+
+def test_via_class() -> None:
+    assert via_class({"class": " cat "}) == "cat"
+    assert via_class({"species": "owl"}) == "owl"  # the only attribute
+    assert via_class({"label": {"cat": True, "dog": False}}) == "cat"  # a checkbox
+    assert via_class({"label": {"cat": True, "dog": True}}) == "object"
+    assert via_class({"colour": "red", "size": "big"}) == "object"
+    assert via_class({"class": ""}) == via_class({}) == via_class(None) == via_class([]) == "object"
+
+
+def palette_png(array: np.ndarray, path: Path) -> None:
+    image = Image.fromarray(array.astype(np.uint8))
+    image.putpalette([v for i in range(256) for v in (i, 255 - i, (7 * i) % 256)])
+    assert image.mode == "P"
+    image.save(path)
+
+
+@pytest.fixture
+def voc_root(tmp_path: Path) -> Path:
+    for folder in ("ImageSets/Segmentation", "JPEGImages", "SegmentationObject", "SegmentationClass"):
+        (tmp_path / folder).mkdir(parents=True)
+    objects, classes = np.zeros((16, 20), np.uint8), np.zeros((16, 20), np.uint8)
+    objects[2:6, 3:9], classes[2:6, 3:9] = 1, 15  # a person, 24 px
+    objects[6, 2:10], classes[6, 2:10] = 255, 255  # boundary
+    objects[10:14, 10:15], classes[10:14, 10:15] = 2, 8  # a cat, 20 px
+    objects[0, 15:18] = 3  # an instance on background only: no class, dropped
+    for name in ("good", "rgb", "small"):
+        Image.new("RGB", (20, 16), (10, 20, 30)).save(tmp_path / "JPEGImages" / f"{name}.jpg")
+        palette_png(objects, tmp_path / "SegmentationObject" / f"{name}.png")
+        palette_png(classes, tmp_path / "SegmentationClass" / f"{name}.png")
+    Image.fromarray(np.stack([objects] * 3, -1)).save(tmp_path / "SegmentationObject" / "rgb.png")
+    Image.new("RGB", (10, 8)).save(tmp_path / "JPEGImages" / "small.jpg")
+    (tmp_path / "ImageSets/Segmentation/train.txt").write_text("good\nrgb\nsmall\nabsent\n")
+    return tmp_path
+
+
+def test_read_voc(voc_root: Path) -> None:
+    split = read_voc(voc_root, "train", train=True)
+    assert len(split.classes) == 20 and split.classes[14] == "person"
+    assert [Path(r["file_name"]).name for r in split.records] == ["good.jpg"]
+    record = split.records[0]
+    assert (record["height"], record["width"], record["image_id"]) == (16, 20, 0)
+    person, cat = record["annotations"]
+    assert (person["category_id"], cat["category_id"]) == (14, 7)
+    assert person["bbox"] == [3.0, 2.0, 9.0, 6.0] and cat["bbox"] == [10.0, 10.0, 15.0, 14.0]
+    for ann, area in ((person, 24), (cat, 20)):
+        assert isinstance(ann["segmentation"]["counts"], str)
+        decoded = mask_utils.decode({**ann["segmentation"], "counts": ann["segmentation"]["counts"].encode()})
+        assert decoded.shape == (16, 20) and int(decoded.sum()) == area
+    assert split.has_rle
+    skipped = {"unreadable image or mask": 1, "mask size differs from image": 1, "missing image or mask file": 1}
+    assert split.skipped == Counter(skipped)
+
+
+def test_read_voc_refusals(voc_root: Path) -> None:
+    with pytest.raises(DataError, match="VOC image set .*val.txt does not exist"):
+        read_voc(voc_root, "val", train=False)
+    (voc_root / "ImageSets/Segmentation/bad.txt").write_text("rgb absent")
+    with pytest.raises(DataError, match="no usable image in voc split 'bad'"):
+        read_voc(voc_root, "bad", train=False)
+    with pytest.raises(ValueError, match="SegmentationObject is"):
+        voc_instances(np.zeros((4, 4), np.uint8), np.zeros((4, 5), np.uint8))
+
+
+def test_bridge_keeps_fresh_values_and_evaluations() -> None:
+    fresh = {"total_loss": 1.5, "loss_cls": 0.4, "lr": 0.01, "time": 0.5, "data_time": 0.03, "rank_data_time": 0.02}
+    kept = {"eval/segm_ap": 30.0, "best/segm_ap": 31.0, "checkpoint/last_step": 5.0}
+    latest = {k: (v, 9) for k, v in fresh.items()} | {k: (v, 4) for k, v in kept.items()}
+    latest["loss_mask"] = (0.3, 8)  # stale: written at the previous iteration
+    snap = bridge(latest, 9, RunShape(total_batch=8, world_size=2, train_images=20, max_iter=100))
+    assert snap.step == 10
+    loop = {"step": 10, "total_steps": 100, "epoch": 4, "images_per_second": 16.0}
+    assert snap.scalars == loop | {"loss": 1.5, "loss_cls": 0.4, "lr": 0.01} | kept
+    assert snap.observations == {"step_seconds": [0.5], "data_wait_seconds": [0.02]}
+    assert snap.increments == {"images": 4.0}
+    later = bridge(latest, 10, RunShape(8, 2, 20, 100))
+    assert "loss" not in later.scalars and not later.observations and later.scalars["eval/segm_ap"] == 30.0
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_resumable_stream_resumes_and_shards(world: int) -> None:
+    size = 10
+    for rank in range(world):
+        whole = list(islice(ResumableStream(size, rank, world, seed=7), 40))
+        for start in (1, 3, 4, 9, 17):
+            assert list(islice(ResumableStream(size, rank, world, seed=7, start=start), 40 - start)) == whole[start:]
+    # Detectron2's TrainingSampler layout: global position k goes to rank k mod world, and every
+    # `size` consecutive global positions are one permutation (ranks never drift apart).
+    shares = [list(islice(ResumableStream(size, rank, world, seed=7), 40)) for rank in range(world)]
+    stream = [shares[k % world][k // world] for k in range(40 * world)]
+    for epoch in range(3):
+        assert sorted(stream[epoch * size : (epoch + 1) * size]) == list(range(size))
+    a = list(islice(ResumableStream(size, 0, 1, seed=7), 30))
+    assert a != list(islice(ResumableStream(size, 0, 1, seed=8), 30))
+    assert sorted(a[:10]) == sorted(a[10:20]) and a[:10] != a[10:20]  # a fresh permutation each epoch
+
+
+def test_modules_work_without_detectron2() -> None:
+    code = (
+        "import sys; sys.modules['detectron2'] = None\n"  # `import detectron2` now raises ImportError
+        "from kubetune_trainer import config, d2_bridge, d2_datasets, d2_plan, d2_schema\n"
+        "d2_schema.check_variant(sys.argv[1])\n"
+        "assert d2_schema.check_overrides({'SOLVER.BASE_LR': 1}) == {'SOLVER.BASE_LR': 1.0}\n"
+        "assert not [m for m in sys.modules if m.startswith('detectron2.')]\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, VARIANT], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_overridden_batch_and_length_drive_the_derived_values() -> None:
+    linear = {"epochs": 3, "batchSize": 2, "optimizer": {"lrScaling": "linear"}}
+    s = make_plan(d2_params({"overrides": {"SOLVER.IMS_PER_BATCH": 8}}, **linear)).settings
+    assert s["SOLVER.MAX_ITER"] == 19  # ceil(3 epochs × 50 images / 8), at the overridden batch
+    assert s["SOLVER.BASE_LR"] == pytest.approx(0.02 * 8 / 16)
+    capped = make_plan(d2_params({"overrides": {"SOLVER.MAX_ITER": 20}}, maxSteps=100), world=1)
+    assert capped.max_iter == 20 and capped.settings["SOLVER.WARMUP_ITERS"] == 2
+    assert capped.settings["SOLVER.CHECKPOINT_PERIOD"] == 20

@@ -1,0 +1,201 @@
+"""Detectron2 jobs end to end: real torchrun processes, a real S3 endpoint, kill -9 and resume,
+COCO AP, the Prometheus names, and a final model that DefaultPredictor loads.
+
+detectron2 is not on PyPI; where it is not installed these tests are skipped and say how to get it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from kubetune.s3server import free_port, upload_tree
+from kubetune_trainer.d2_runtime import INSTALL_HINT, require_detectron2
+from kubetune_trainer.errors import ConfigError
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from .conftest import kill_tree
+from .test_torchrun_e2e import DOCUMENTED, complete_steps, objects, scrape
+
+try:
+    import detectron2  # noqa: F401
+
+    HAVE_D2 = True
+except ImportError:
+    HAVE_D2 = False
+needs_d2 = pytest.mark.skipif(not HAVE_D2, reason="detectron2 is not installed (not on PyPI): " + INSTALL_HINT)
+# Mask R-CNN R50-FPN with GroupNorm: the zoo's recipe for random init (FrozenBN would diverge).
+VARIANT = "Misc/scratch_mask_rcnn_R_50_FPN_3x_gn.yaml"
+SMALL = {
+    "INPUT.MIN_SIZE_TRAIN": [96],
+    "INPUT.MAX_SIZE_TRAIN": 128,
+    "INPUT.MIN_SIZE_TEST": 96,
+    "INPUT.MAX_SIZE_TEST": 128,
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN": 100,
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 32,
+    "MODEL.ROI_HEADS.SCORE_THRESH_TEST": 0.0,  # random weights: keep every detection, so AP is a number
+}
+LOSSES = ("loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls", "loss_rpn_loc")
+
+
+def d2_spec(source: str, train: str, validation: str | None, fmt: str, out: str, endpoint: str, **training) -> dict:
+    data = {"source": source, "format": fmt, "train": train, "numWorkers": 1}
+    if validation:
+        data["validation"] = validation
+    return {
+        "apiVersion": "kubetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "d2", "namespace": "tests"},
+        "spec": {
+            "model": {"family": "detectron2", "variant": VARIANT, "overrides": SMALL},
+            "data": data,
+            "training": {"batchSize": 1, "precision": "fp32", "optimizer": {"lr": 0.005}, **training},
+            "storage": {"endpoint": endpoint},
+            "output": {"uri": out},
+        },
+    }
+
+
+def test_missing_detectron2_says_how_to_install(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "detectron2", None)  # what an absent package looks like to import
+    with pytest.raises(ConfigError) as err:
+        require_detectron2()
+    assert "uv sync --extra detectron2" in str(
+        err.value
+    ) and "git+https://github.com/facebookresearch/detectron2" in str(err.value)
+    assert err.value.exit_code == 2
+
+
+@needs_d2
+@pytest.mark.slow
+def test_mask_rcnn_two_processes_kill_9_resume(start_run, s3, s3_endpoint, tiny_coco_s3, bucket, tmp_path) -> None:
+    port = free_port()
+    spec = d2_spec(
+        tiny_coco_s3,
+        "train/annotations.json",
+        "val/annotations.json",
+        "coco",
+        f"s3://{bucket}/out/",
+        s3_endpoint,
+        maxSteps=8,
+        evalEvery=4,
+    )
+    spec["spec"]["output"]["checkpointEvery"] = 2
+    env = {"KUBETUNE_METRICS_PORT": str(port)}
+    proc, log = start_run(spec, nproc=2, env=env, name="first")
+    deadline = time.time() + 600
+    while not complete_steps(s3, bucket):
+        assert proc.poll() is None, log.read_text()[-4000:]
+        assert time.time() < deadline, "no checkpoint within 10 minutes"
+        time.sleep(0.2)
+    kill_tree(proc.pid)
+    proc.wait()
+    killed_at = complete_steps(s3, bucket)[-1]
+    assert killed_at < 8 and not any(k.startswith("final/") for k in objects(s3, bucket, "out/"))
+
+    proc, log = start_run(spec, nproc=2, env=env, name="second")
+    seen = None
+    while proc.poll() is None:
+        text = scrape(port)
+        if text and 'component="loss_mask"' in text and "kubetune_eval_metric{" in text:
+            seen = text
+        time.sleep(0.5)
+    text_log = log.read_text()
+    assert proc.returncode == 0, text_log[-4000:]
+    resumed = [json.loads(line) for line in text_log.splitlines() if line.startswith("{") and '"resumed"' in line]
+    assert resumed and resumed[0]["step"] == killed_at  # the newest checkpoint, not a fresh start
+
+    keys = objects(s3, bucket, "out/")
+    for name in ("final/model_final.pth", "final/config.yaml", "final/classes.json", "metrics.json", "metrics.jsonl"):
+        assert name in keys
+    assert "checkpoints/step-00000008/manifest.json" in keys
+    assert any(k.startswith("checkpoints/step-00000008/visualizations/") and k.endswith(".png") for k in keys)
+    report = json.loads(s3.get_object(Bucket=bucket, Key="out/report.json")["Body"].read())
+    assert report["steps"] == 8 and report["classes"] == ["shape"]
+    final_eval = report["evaluations"][-1]
+    assert final_eval["step"] == 8 and 0.0 <= final_eval["bbox_ap"] <= 1.0 and 0.0 <= final_eval["segm_ap"] <= 1.0
+    assert report["best"]["metric"] == "segm_ap"
+
+    # One continuous metric history across the kill: every step 1..8 has its loss once.
+    rows = [json.loads(line) for line in s3.get_object(Bucket=bucket, Key="out/metrics.jsonl")["Body"].iter_lines()]
+    assert sorted(r["step"] for r in rows if "loss" in r) == list(range(1, 9))
+
+    # Rank 0 serves the documented names, with Detectron2's per-loss series.
+    assert seen is not None, "rank 0 served no evaluation metrics during the resumed run"
+    samples = [s for fam in text_string_to_metric_families(seen) for s in fam.samples]
+    expected = {"family": "detectron2", "job": "d2", "namespace": "tests", "rank": "0"}
+    for name in DOCUMENTED:
+        assert any(s.name == name and expected.items() <= s.labels.items() for s in samples), name
+    components = {s.labels.get("component") for s in samples if s.name == "kubetune_train_loss_component"}
+    assert set(LOSSES) <= components
+
+    predict_with_default_predictor(s3, bucket, tmp_path)
+
+
+def predict_with_default_predictor(s3, bucket: str, tmp_path: Path) -> None:
+    """The published folder is what DefaultPredictor needs: config.yaml beside model_final.pth."""
+    from detectron2.config import get_cfg
+    from detectron2.engine import DefaultPredictor
+
+    folder = tmp_path / "final"
+    folder.mkdir()
+    for name in ("model_final.pth", "config.yaml"):
+        s3.download_file(bucket, f"out/final/{name}", str(folder / name))
+    cfg = get_cfg()
+    cfg.merge_from_file(str(folder / "config.yaml"))
+    cfg.MODEL.WEIGHTS = str(folder / cfg.MODEL.WEIGHTS)
+    cfg.MODEL.DEVICE = "cpu"
+    predictor = DefaultPredictor(cfg)
+    image = np.asarray(Image.new("RGB", (96, 96), (30, 160, 90)))[:, :, ::-1]
+    instances = predictor(image)["instances"]
+    assert instances.image_size == (96, 96) and instances.has("pred_masks")
+
+
+def coco_to_via(coco_file: Path, via_file: Path) -> None:
+    """The balloon tutorial's layout: {key: {filename, size, regions: {i: {shape_attributes, ...}}}}."""
+    coco = json.loads(coco_file.read_text())
+    entries = {}
+    for image in coco["images"]:
+        regions = {}
+        for ann in (a for a in coco["annotations"] if a["image_id"] == image["id"]):
+            if not isinstance(ann["segmentation"], list):  # VIA has polygons only; skip the RLE ones
+                continue
+            points = ann["segmentation"][0]
+            shape = {"name": "polygon", "all_points_x": points[0::2], "all_points_y": points[1::2]}
+            regions[str(len(regions))] = {"shape_attributes": shape, "region_attributes": {"class": "shape"}}
+        entries[image["file_name"]] = {"filename": image["file_name"], "size": 0, "regions": regions}
+    via_file.write_text(json.dumps(entries))
+
+
+@needs_d2
+@pytest.mark.slow
+def test_via_dataset_single_process(start_run, s3, s3_endpoint, tiny_coco: Path, bucket, tmp_path) -> None:
+    root = tmp_path / "via"
+    (root / "train").mkdir(parents=True)
+    for image in (tiny_coco / "train").glob("*.jpg"):
+        (root / "train" / image.name).write_bytes(image.read_bytes())
+    coco_to_via(tiny_coco / "train" / "annotations.json", root / "train" / "via_region_data.json")
+    upload_tree(s3_endpoint, root, bucket, "via/")
+    spec = d2_spec(
+        f"s3://{bucket}/via/", "train/via_region_data.json", None, "via", f"s3://{bucket}/out/", s3_endpoint, maxSteps=2
+    )
+    proc, log = start_run(spec, env={"KUBETUNE_METRICS_PORT": "0"})
+    assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
+    report = json.loads(s3.get_object(Bucket=bucket, Key="out/report.json")["Body"].read())
+    assert report["steps"] == 2 and report["classes"] == ["shape"] and report["evaluations"] == []
+
+
+@needs_d2
+def test_unknown_override_fails_before_writing(start_run, s3, s3_endpoint, tiny_coco_s3, bucket, tmp_path) -> None:
+    spec = d2_spec(tiny_coco_s3, "train/annotations.json", None, "coco", f"s3://{bucket}/out/", s3_endpoint, maxSteps=2)
+    spec["spec"]["model"]["overrides"] = {"SOLVER.BASE_LRR": 0.1}
+    term = tmp_path / "termination-log"
+    proc, log = start_run(spec, env={"KUBETUNE_TERMINATION_LOG": str(term), "KUBETUNE_METRICS_PORT": "0"})
+    assert proc.wait(timeout=300) == 2, log.read_text()[-3000:]
+    assert "SOLVER.BASE_LRR is not a Detectron2 config key (did you mean SOLVER.BASE_LR?)" in log.read_text()
+    assert objects(s3, bucket, "out/") == []
