@@ -7,7 +7,7 @@ PYTHON ?= python3
 UV := $(PYTHON) -m uv
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps demo test test-fast lint lock
+.PHONY: setup system-deps demo test test-fast lint lock detectron2
 
 # Debian's prometheus (2.42) for the monitoring tests; installed when missing and we are root
 # (CI, fresh machines). Without it those tests are skipped and say so.
@@ -17,9 +17,15 @@ system-deps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	  else echo "note: prometheus is not installed; the Prometheus tests will be skipped"; fi; }
 
+# --inexact keeps what you added yourself, e.g. detectron2 from `make detectron2`.
 setup:
 	@$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet "uv>=0.8"
-	$(UV) sync --frozen --extra dev
+	$(UV) sync --frozen --inexact --extra dev
+
+# detectron2 is not on PyPI: this builds it from upstream's git source at the commit uv.lock pins
+# (needs GitHub access and a C++ compiler; a few minutes). Its tests are skipped without it.
+detectron2: setup
+	$(UV) sync --frozen --inexact --extra dev --extra detectron2
 
 demo: setup
 	$(UV) run --frozen kubetune demo

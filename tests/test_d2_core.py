@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from kubetune_trainer.config import SEGMENTER_DEFAULTS, OptimizerSpec, TrainParameters
 from kubetune_trainer.d2_bridge import RunShape, bridge
 from kubetune_trainer.d2_datasets import read_via, read_voc, via_class, voc_instances
@@ -398,3 +399,11 @@ def test_overridden_batch_and_length_drive_the_derived_values() -> None:
     capped = make_plan(d2_params({"overrides": {"SOLVER.MAX_ITER": 20}}, maxSteps=100), world=1)
     assert capped.max_iter == 20 and capped.settings["SOLVER.WARMUP_ITERS"] == 2
     assert capped.settings["SOLVER.CHECKPOINT_PERIOD"] == 20
+
+
+def test_detectron2_example_is_a_valid_finetunejob() -> None:
+    from kubetune_operator.specs import FineTuneJob
+
+    example = Path(__file__).parents[1] / "examples" / "finetunejob-detectron2.yaml"
+    job = FineTuneJob.model_validate(yaml.safe_load(example.read_text()))
+    assert job.spec.model.family == "detectron2" and job.spec.training.precision == "fp16"

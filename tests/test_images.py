@@ -32,8 +32,17 @@ def test_images_run_as_non_root_with_the_launchers() -> None:
     assert 'ENTRYPOINT ["kubetune"]' in operator and 'CMD ["operator"]' in operator
     assert 'ENTRYPOINT ["python", "-m", "kubetune_trainer.launch"]' in trainer
     assert "--extra operator" in operator and "--extra trainer" in trainer
-    assert re.search(r"detectron2\.git@\$\{DETECTRON2_COMMIT\}", trainer)
-    assert re.search(r"ARG DETECTRON2_COMMIT=[0-9a-f]{40}\b", trainer)  # a pinned commit, not a branch
+    assert "--extra detectron2" in trainer
+
+
+def test_detectron2_is_pinned_to_one_commit_everywhere() -> None:
+    """The extra, the lock and the install hint name the same upstream commit, not a branch."""
+    from kubetune_trainer.d2_runtime import DETECTRON2_COMMIT, INSTALL_HINT
+
+    pinned = re.findall(r"detectron2\.git@([0-9a-f]{40})\b", (ROOT / "pyproject.toml").read_text())
+    locked = re.findall(r"detectron2\.git\?rev=([0-9a-f]{40})#", (ROOT / "uv.lock").read_text())
+    assert pinned == [DETECTRON2_COMMIT] and set(locked) == {DETECTRON2_COMMIT}
+    assert DETECTRON2_COMMIT in INSTALL_HINT
 
 
 def _norm(name: str) -> str:
