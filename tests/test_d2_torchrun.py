@@ -199,3 +199,14 @@ def test_unknown_override_fails_before_writing(start_run, s3, s3_endpoint, tiny_
     assert proc.wait(timeout=300) == 2, log.read_text()[-3000:]
     assert "SOLVER.BASE_LRR is not a Detectron2 config key (did you mean SOLVER.BASE_LR?)" in log.read_text()
     assert objects(s3, bucket, "out/") == []
+
+
+@needs_d2
+def test_config_snapshot_matches_installed_detectron2() -> None:
+    """detectron2_config.json (what validates overrides without detectron2) is what detectron2 says;
+    regenerate it with `python -m kubetune_trainer.d2_schema` after moving the pin."""
+    from detectron2.structures import BoxMode
+    from kubetune_trainer import d2_datasets, d2_schema
+
+    assert d2_schema.generate() == d2_schema.snapshot()
+    assert d2_datasets.XYXY_ABS == BoxMode.XYXY_ABS
