@@ -19,8 +19,7 @@ from kubetune_trainer.errors import ConfigError
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import kill_tree
-from .test_torchrun_e2e import DOCUMENTED, complete_steps, objects, scrape
+from .test_torchrun_e2e import DOCUMENTED, kill_after_first_checkpoint, objects, scrape
 
 try:
     import detectron2  # noqa: F401
@@ -88,14 +87,7 @@ def test_mask_rcnn_two_processes_kill_9_resume(start_run, s3, s3_endpoint, tiny_
     spec["spec"]["output"]["checkpointEvery"] = 2
     env = {"KUBETUNE_METRICS_PORT": str(port)}
     proc, log = start_run(spec, nproc=2, env=env, name="first")
-    deadline = time.time() + 600
-    while not complete_steps(s3, bucket):
-        assert proc.poll() is None, log.read_text()[-4000:]
-        assert time.time() < deadline, "no checkpoint within 10 minutes"
-        time.sleep(0.2)
-    kill_tree(proc.pid)
-    proc.wait()
-    killed_at = complete_steps(s3, bucket)[-1]
+    killed_at = kill_after_first_checkpoint(proc, log, s3, bucket, timeout_s=600)
     assert killed_at < 8 and not any(k.startswith("final/") for k in objects(s3, bucket, "out/"))
 
     proc, log = start_run(spec, nproc=2, env=env, name="second")

@@ -124,19 +124,24 @@ def complete_steps(s3, bucket: str) -> list[int]:
     return sorted(int(k.split("/")[1][5:]) for k in objects(s3, bucket, "out/") if k.endswith("manifest.json"))
 
 
+def kill_after_first_checkpoint(proc, log: Path, s3, bucket: str, timeout_s: int) -> int:
+    """kill -9 the whole run as soon as a complete checkpoint exists; returns its newest step."""
+    deadline = time.time() + timeout_s
+    while not complete_steps(s3, bucket):
+        assert proc.poll() is None, log.read_text()[-4000:]
+        assert time.time() < deadline, f"no checkpoint within {timeout_s} s"
+        time.sleep(0.1)
+    kill_tree(proc.pid)
+    proc.wait()
+    return complete_steps(s3, bucket)[-1]
+
+
 def test_resume_after_kill_9(start_run, s3, s3_endpoint: str, tiny_coco_s3: str, bucket: str) -> None:
     spec = tiny_spec(tiny_coco_s3, f"s3://{bucket}/out/", s3_endpoint, maxSteps=40, evalEvery=20)
     spec["spec"]["output"]["checkpointEvery"] = 3
     env = {"KUBETUNE_METRICS_PORT": "0"}
     proc, log = start_run(spec, env=env, name="first")
-    deadline = time.time() + 300
-    while not complete_steps(s3, bucket):
-        assert proc.poll() is None, log.read_text()[-3000:]
-        assert time.time() < deadline, "no checkpoint within 5 minutes"
-        time.sleep(0.1)
-    kill_tree(proc.pid)
-    proc.wait()
-    newest = complete_steps(s3, bucket)[-1]
+    newest = kill_after_first_checkpoint(proc, log, s3, bucket, timeout_s=300)
     assert newest < 40 and "final/model.pt" not in objects(s3, bucket, "out/")
 
     again, log2 = start_run(spec, env=env, name="second")

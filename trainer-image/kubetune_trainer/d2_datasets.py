@@ -49,6 +49,11 @@ def _image_size(path: Path) -> tuple[int, int]:
         return im.height, im.width
 
 
+def _record(image: Path, image_id: int, height: int, width: int, annotations: list[dict]) -> dict[str, Any]:
+    """One Detectron2 dataset dict."""
+    return {"file_name": str(image), "image_id": image_id, "height": height, "width": width, "annotations": annotations}
+
+
 def finish_split(records: list[dict], classes: list[str], skipped: Counter, where: str, train: bool) -> Split:
     if train:
         empty = [r for r in records if not r["annotations"]]
@@ -128,15 +133,7 @@ def read_via(root: Path, split: str, train: bool, classes: list[str] | None = No
                     "iscrowd": 0,
                 }
             )
-        records.append(
-            {
-                "file_name": str(image),
-                "image_id": len(records),
-                "height": height,
-                "width": width,
-                "annotations": annotations,
-            }
-        )
+        records.append(_record(image, len(records), height, width, annotations))
     return finish_split(records, names, skipped, f"via split {split!r} under {root}", train)
 
 
@@ -164,15 +161,7 @@ def read_voc(root: Path, split: str, train: bool) -> Split:
         if annotations and (height, width) != tuple(annotations[0]["segmentation"]["size"]):
             skipped["mask size differs from image"] += 1
             continue
-        records.append(
-            {
-                "file_name": str(image),
-                "image_id": len(records),
-                "height": height,
-                "width": width,
-                "annotations": annotations,
-            }
-        )
+        records.append(_record(image, len(records), height, width, annotations))
     return finish_split(records, list(VOC_CLASSES), skipped, f"voc split {split!r} under {root}", train)
 
 

@@ -28,7 +28,7 @@ from detectron2.utils.events import CommonMetricPrinter, JSONWriter
 from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
-from . import d2_schema, distributed
+from . import distributed
 from .checkpointing import Checkpointer
 from .config import TrainConfig
 from .d2_bridge import RunShape
@@ -60,7 +60,7 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dic
     latest = distributed.broadcast_object(checkpointer.latest() if ctx.is_main else None) or 0
     workdir = Path(tempfile.mkdtemp(prefix="kubetune-d2-"))
     cfg, job_plan = build_cfg(config, train, val, files.weights, ctx, workdir)
-    masks = d2_schema.zoo_configs()[config.model.variant]["masks"] and cfg.MODEL.MASK_ON
+    masks = bool(cfg.MODEL.MASK_ON)  # the merged config, overrides included, says what the model predicts
     metric = _early_metric(config, masks)
 
     torch.manual_seed(config.training.seed)  # identical init everywhere; DDP also broadcasts it
