@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from kubetune_trainer.annotations import usable_samples
-from kubetune_trainer.config import SEGMENTER_DEFAULTS, TrainConfig
+from kubetune_trainer.config import TrainConfig
+from kubetune_trainer.data import Preprocess
 from kubetune_trainer.distributed import init
 from kubetune_trainer.engine import Trainer
 from kubetune_trainer.recipe import build_loader, build_optimizer
@@ -32,7 +33,7 @@ def tiny_config(root: Path, precision: str, accumulation: int = 1) -> TrainConfi
             },
             "output": {"uri": "file:///unused/"},
         }
-    ).with_defaults(SEGMENTER_DEFAULTS)
+    ).with_defaults()
 
 
 def make_trainer(root: Path, precision: str, accumulation: int = 1) -> Trainer:
@@ -40,7 +41,7 @@ def make_trainer(root: Path, precision: str, accumulation: int = 1) -> Trainer:
     ctx = init()
     torch.manual_seed(0)
     model = Sam2Segmenter().build(config.model, None)
-    loader = build_loader(usable_samples("coco", root, "train/annotations.json"), config, ctx)
+    loader = build_loader(usable_samples("coco", root, "train/annotations.json"), config, ctx, Preprocess(64))
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], config, ctx.world_size)
     scheduler = build_scheduler(optimizer, config.training.schedule, 3)
     return Trainer(model, optimizer, scheduler, loader, config.training, 3, ctx, multimask=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from kubetune_trainer.config import SEGMENTER_DEFAULTS, OptimizerSpec, TrainParameters
+from kubetune_trainer.config import SAM2_DEFAULTS, OptimizerSpec, TrainParameters
 from kubetune_trainer.d2_bridge import RunShape, bridge
 from kubetune_trainer.d2_datasets import read_via, read_voc, via_class, voc_instances
 from kubetune_trainer.d2_plan import DatasetFacts, plan
@@ -118,14 +118,14 @@ def test_scaled_lr() -> None:
 
 def test_resolved_fills_only_nulls() -> None:
     spec = TrainParameters.model_validate(d2_params(epochs=1, evalEvery=2, earlyStopping={})).training
-    done = spec.resolved(SEGMENTER_DEFAULTS)
+    done = spec.resolved(SAM2_DEFAULTS)
     assert (done.optimizer.name, done.optimizer.lr, done.optimizer.weight_decay) == ("adamw", 1e-5, 4e-5)
     assert (done.schedule.type, done.schedule.warmup_steps, done.grad_clip) == ("cosine", 0, 1.0)
     assert done.early_stopping.metric == "miou"
     spec = TrainParameters.model_validate(
         d2_params(epochs=1, gradClip=0, optimizer={"name": "sgd", "lr": 0.5}, schedule={"type": "constant"})
     ).training
-    done = spec.resolved(SEGMENTER_DEFAULTS)
+    done = spec.resolved(SAM2_DEFAULTS)
     assert (done.optimizer.name, done.optimizer.lr, done.schedule.type) == ("sgd", 0.5, "constant")
     assert done.grad_clip is None  # 0 turns clipping off
     assert spec.optimizer.lr == 0.5 and spec.optimizer.weight_decay is None  # the original is untouched

@@ -7,12 +7,14 @@ from pathlib import Path
 import torch
 from kubetune_trainer.annotations import usable_samples
 from kubetune_trainer.config import PromptSpec
-from kubetune_trainer.data import PromptedMasks, ResumableSampler, collate, resize_masks, shard
+from kubetune_trainer.data import Preprocess, PromptedMasks, ResumableSampler, collate, resize_masks, shard
 
 
 def test_items_are_deterministic_per_epoch_and_index(tiny_coco: Path) -> None:
     samples = usable_samples("coco", tiny_coco, "train/annotations.json")
-    ds = PromptedMasks(samples, 64, PromptSpec(type="box+points", perturbation=5, max_objects=2), seed=1, train=True)
+    ds = PromptedMasks(
+        samples, Preprocess(64), PromptSpec(type="box+points", perturbation=5, max_objects=2), seed=1, train=True
+    )
     a, b, c = ds[(0, 3)], ds[(0, 3)], ds[(1, 3)]
     assert torch.equal(a["coords"], b["coords"]) and torch.equal(a["image"], b["image"])
     assert not (torch.equal(a["coords"], c["coords"]) and torch.equal(a["image"], c["image"]))

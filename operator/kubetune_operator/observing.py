@@ -32,18 +32,21 @@ class Scrape:
     mean_step_seconds: float | None = None
     checkpoint_step: int | None = None
     best: tuple[str, float] | None = None
+    baseline: tuple[str, float] | None = None
 
 
 def parse_metrics(text: str) -> Scrape:
     """Read the rank-0 series of the trainer's exposition text (names from shared/DESIGN.md)."""
     values: dict[str, float] = {}
-    best = None
+    best = baseline = None
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.labels.get("rank", "0") != "0":
                 continue
             if sample.name == "kubetune_eval_best_metric":
                 best = (sample.labels.get("metric", "miou"), sample.value)
+            elif sample.name == "kubetune_eval_baseline_metric":
+                baseline = (sample.labels.get("metric", "miou"), sample.value)
             else:
                 values[sample.name] = sample.value
     count = values.get("kubetune_train_step_seconds_count")
@@ -62,6 +65,7 @@ def parse_metrics(text: str) -> Scrape:
         mean_step_seconds=mean,
         checkpoint_step=as_int("kubetune_checkpoint_last_step"),
         best=best,
+        baseline=baseline,
     )
 
 
@@ -191,6 +195,9 @@ def derive_status(
     if phase == "Succeeded" and progress is not None and progress.total_steps:
         progress = progress.model_copy(update={"step": progress.total_steps, "percent": 100.0, "eta": "0s"})
     best = BestMetric(metric=scrape.best[0], value=scrape.best[1]) if scrape and scrape.best else previous.best_metric
+    baseline = previous.baseline_metric
+    if scrape and scrape.baseline:
+        baseline = BestMetric(metric=scrape.baseline[0], value=scrape.baseline[1])
     checkpoint = previous.last_checkpoint
     if scrape is not None and scrape.checkpoint_step:
         checkpoint = f"{ftj.spec.output.uri.rstrip('/')}/checkpoints/step-{scrape.checkpoint_step:08d}/"
@@ -202,6 +209,7 @@ def derive_status(
         conditions=conditions,
         progress=progress,
         best_metric=best,
+        baseline_metric=baseline,
         last_checkpoint=checkpoint,
         start_time=job_status.get("startTime") or previous.start_time,
         completion_time=completion or previous.completion_time,

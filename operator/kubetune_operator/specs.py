@@ -129,10 +129,12 @@ class Progress(Section):
 
 
 class BestMetric(Section):
+    """A value of the validation metric that early stopping watches."""
+
     metric: str
     """Validation metric tracked (miou, dice, f1 or loss)."""
     value: float
-    """Best value so far."""
+    """Its value."""
 
 
 class FineTuneJobStatus(Section):
@@ -144,6 +146,8 @@ class FineTuneJobStatus(Section):
     """Live training progress scraped from rank 0."""
     best_metric: BestMetric | None = None
     """Best validation value so far."""
+    baseline_metric: BestMetric | None = None
+    """The same metric for the base model, evaluated before training (compare with bestMetric)."""
     last_checkpoint: str | None = None
     """URI of the newest complete checkpoint."""
     start_time: str | None = None

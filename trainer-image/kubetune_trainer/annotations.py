@@ -2,8 +2,9 @@
 
 Formats: COCO (polygons and RLE), VIA JSON (the Detectron2 balloon tutorial), mask-folder
 (images/ + masks/ instance-id PNGs), LabPicsV1 (Image/ + Instance/), Pascal VOC
-(SegmentationObject). Broken samples are skipped and counted, never fatal one by one; a split
-with no usable sample left is a `DataError`.
+(SegmentationObject per instance, or SegmentationClass per class), Datumaro JSON (polygons and
+RLE masks, as OpenVINO Training Extensions exports them). Broken samples are skipped and counted,
+never fatal one by one; a split with no usable sample left is a `DataError`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class PolygonMasks:
                 rle = seg if isinstance(seg["counts"], str | bytes) else mask_utils.frPyObjects(seg, height, width)
             else:
                 rle = mask_utils.merge(mask_utils.frPyObjects([p for p in seg if len(p) >= 6], height, width))
+            if list(rle["size"]) != [height, width]:
+                raise ValueError(f"an RLE mask is {rle['size'][1]}x{rle['size'][0]}, its image is {width}x{height}")
             out.append(mask_utils.decode(rle).astype(bool))
         return np.stack(out) if out else np.zeros((0, height, width), bool)
 
@@ -90,6 +93,8 @@ def read_split(fmt: str, root: Path, split: str) -> SplitReport:
         "mask-folder": _read_mask_folder,
         "labpics": _read_labpics,
         "voc": _read_voc,
+        "voc-semantic": _read_voc_semantic,
+        "datumaro": _read_datumaro,
     }
     report = SplitReport()
     readers[fmt](root, split, report)
@@ -189,17 +194,86 @@ def _read_labpics(root: Path, split: str, report: SplitReport) -> None:
     _paired(root / split / "Image", root / split / "Instance", "labpics", report)
 
 
-def _read_voc(root: Path, split: str, report: SplitReport) -> None:
+def _read_voc(root: Path, split: str, report: SplitReport, masks: str = "SegmentationObject") -> None:
     ids_file = root / "ImageSets" / "Segmentation" / f"{split}.txt"
     if not ids_file.is_file():
         raise DataError(f"VOC image set {ids_file} does not exist")
     for name in ids_file.read_text().split():
         image = root / "JPEGImages" / f"{name}.jpg"
-        mask = root / "SegmentationObject" / f"{name}.png"
+        mask = root / masks / f"{name}.png"
         if not image.is_file() or not mask.is_file():
             report.skipped["missing image or mask file"] += 1
         else:
             report.samples.append(Sample(image, InstancePng(mask, "voc")))
+
+
+def _read_voc_semantic(root: Path, split: str, report: SplitReport) -> None:
+    """SegmentationClass PNGs hold class ids, so each class present in an image is one object."""
+    _read_voc(root, split, report, masks="SegmentationClass")
+
+
+DATUMARO_SHAPES = ("polygon", "mask")
+
+
+def _read_datumaro(root: Path, split: str, report: SplitReport) -> None:
+    """Datumaro's JSON: annotations/<subset>.json, images under images/<subset>/. Polygons and
+    RLE masks that share a non-zero `group` and label are parts of one object."""
+    path = root / split if split.endswith(".json") else root / "annotations" / f"{split}.json"
+    subset = path.stem
+    data = load_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("items"), list):
+        raise DataError(f"{path} is not a Datumaro annotation file: it needs an 'items' list")
+    for item in data["items"]:
+        media = (item.get("media") or item.get("image") or {}) if isinstance(item, dict) else {}
+        if not isinstance(media, dict) or not media.get("path"):
+            raise DataError(
+                f"{path}: Datumaro item {item.get('id') if isinstance(item, dict) else item!r} has no image path"
+            )
+        objects: dict[tuple, list] = {}
+        for ann in item.get("annotations") or []:
+            kind = ann.get("type") if isinstance(ann, dict) else None
+            if kind not in DATUMARO_SHAPES:
+                if kind not in ("label", "caption"):  # image-level annotations are not objects
+                    report.skipped[f"Datumaro {kind} annotation (no mask)"] += 1
+                continue
+            try:
+                part = ann["points"] if kind == "polygon" else dict(ann["rle"])
+            except (KeyError, TypeError) as exc:
+                raise DataError(f"{path}: a Datumaro {kind} annotation of item {item.get('id')!r} lacks {exc}") from exc
+            group = ann.get("group") or 0
+            key = (group, ann.get("label_id")) if group else ("id", len(objects))
+            objects.setdefault(key, []).append(part)
+        image = _datumaro_image(root, path.parent, subset, str(media["path"]))
+        if image is None:
+            report.skipped["missing image file"] += 1
+        elif not objects:
+            report.skipped["image without annotations"] += 1
+        else:
+            report.samples.append(Sample(image, DatumaroMasks(tuple(tuple(parts) for parts in objects.values()))))
+
+
+def _datumaro_image(root: Path, annotations: Path, subset: str, name: str) -> Path | None:
+    for candidate in (root / "images" / subset / name, root / "images" / name, annotations / name):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+@dataclass(frozen=True)
+class DatumaroMasks:
+    """One object per entry: the union of its polygons ([x, y, ...]) and RLE masks."""
+
+    objects: tuple
+
+    def __call__(self, height: int, width: int) -> np.ndarray:
+        out = []
+        for parts in self.objects:
+            polygons = tuple(p for p in parts if not isinstance(p, dict))
+            masks = [PolygonMasks((p,))(height, width)[0] for p in parts if isinstance(p, dict)]
+            if polygons:
+                masks.append(PolygonMasks((polygons,))(height, width)[0])
+            out.append(np.logical_or.reduce(masks))
+        return np.stack(out) if out else np.zeros((0, height, width), bool)
 
 
 def load_image(path: Path) -> np.ndarray:

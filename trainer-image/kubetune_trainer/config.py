@@ -22,7 +22,13 @@ SAM2_VARIANTS: dict[str, str] = {
     "sam2_hiera_base_plus": "configs/sam2/sam2_hiera_b+.yaml",
     "sam2_hiera_large": "configs/sam2/sam2_hiera_l.yaml",
 }
-SAM_VARIANTS = ("vit-base", "vit-large", "vit-huge")
+# transformers' SamVisionConfig for each SAM (v1) size: hidden size, layers, heads, global-attention blocks.
+SAM_VISION: dict[str, tuple[int, int, int, tuple[int, ...]]] = {
+    "vit-base": (768, 12, 12, (2, 5, 8, 11)),
+    "vit-large": (1024, 24, 16, (5, 11, 17, 23)),
+    "vit-huge": (1280, 32, 16, (7, 15, 23, 31)),
+}
+SAM_VARIANTS = tuple(SAM_VISION)
 URI_SCHEMES = ("s3://", "file://")
 DETECTRON2_FORMATS = ("coco", "via", "voc")
 DETECTRON2_METRICS = ("bbox_ap", "segm_ap")
@@ -39,10 +45,24 @@ class FamilyDefaults:
     warmup_steps: int
     grad_clip: float
     metric: str
+    loss: str
+    trainable: tuple[str, ...]
+    resize: str
 
 
-# SAM and SAM2 recipes. Detectron2 takes its defaults from the model-zoo config instead.
-SEGMENTER_DEFAULTS = FamilyDefaults("adamw", 1.0e-5, 4.0e-5, "cosine", 0, 1.0, "miou")
+# SAM2: the recipe of SAM2's own training configs, scaled down to fine-tuning.
+SAM2_DEFAULTS = FamilyDefaults(
+    "adamw", 1.0e-5, 4.0e-5, "cosine", 0, 1.0, "miou", "sam2", ("mask_decoder", "prompt_encoder"), "stretch"
+)
+# SAM (transformers): the transformers fine-tuning tutorial (Adam 1e-5, DiceCE, mask decoder
+# only) with SamProcessor's longest-side resize.
+SAM_DEFAULTS = FamilyDefaults(
+    "adam", 1.0e-5, 0.0, "constant", 0, 0.0, "miou", "dicece", ("mask_decoder",), "longest-side"
+)
+# Detectron2 takes its defaults from the model-zoo config instead.
+FAMILY_DEFAULTS = {"sam2": SAM2_DEFAULTS, "sam": SAM_DEFAULTS}
+# The OTX visual-prompting recipe turns early stopping on unless the spec says otherwise.
+OTX_EARLY_STOPPING = {"metric": "f1", "patience": 10}
 
 
 class Section(BaseModel):
@@ -73,19 +93,33 @@ class ModelSpec(Section):
     """sam2.1_hiera_{tiny,small,base_plus,large} (or sam2_hiera_*); sam: vit-{base,large,huge};
     detectron2: a model-zoo config path."""
     checkpoint: str | None = None
-    """Base weights (s3:// or file://) in the family's native format. Omitted: random init."""
-    trainable: list[Trainable] = Field(default_factory=lambda: ["mask_decoder", "prompt_encoder"])
-    """Parts of the model that receive gradients; the rest stay frozen."""
+    """Base weights (s3:// or file://) in the family's native format: SAM2 and Detectron2 a
+    checkpoint file; sam a transformers model folder (config.json + model.safetensors).
+    Omitted: random init."""
+    trainable: list[Trainable] | None = None
+    """Parts of the model that receive gradients; the rest stay frozen (null: mask_decoder and
+    prompt_encoder for SAM2, mask_decoder for SAM)."""
     image_size: int = Field(1024, ge=64, le=4096)
-    """Side of the square model input in pixels (SAM2: a multiple of 32)."""
+    """Side of the square model input in pixels (SAM2: a multiple of 32; SAM: the checkpoint's
+    vision_config.image_size)."""
+    resize: Literal["stretch", "longest-side"] | None = None
+    """stretch: resize to imageSize × imageSize; longest-side: scale the longest side to imageSize
+    and pad the rest with zeros (SamProcessor, OTX). Null: stretch for SAM2, longest-side for SAM."""
     multimask: bool = True
-    """Predict three masks per prompt (training back-propagates the best, evaluation keeps the
-    one with the highest predicted IoU)."""
+    """Predict three masks per prompt instead of one."""
+    multimask_reduction: Literal["min-loss", "best", "mean"] = "min-loss"
+    """Which of the three masks is trained and evaluated: min-loss trains the one closest to the
+    target (SAM's own rule) and evaluates the one with the highest predicted IoU; best uses the
+    highest predicted IoU for both; mean averages the three masks' logits."""
     overrides: dict[str, Any] = Field(
         default_factory=dict, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
     )
     """Detectron2 config keys as in its docs (e.g. SOLVER.BASE_LR, MODEL.ROI_HEADS.NUM_CLASSES),
     applied last; only for family detectron2."""
+
+    def trainable_parts(self) -> tuple[str, ...]:
+        """`trainable`, or this family's default parts when it is null."""
+        return tuple(self.trainable) if self.trainable is not None else FAMILY_DEFAULTS[self.family].trainable
 
     @model_validator(mode="after")
     def _check_family(self) -> ModelSpec:
@@ -106,7 +140,7 @@ class ModelSpec(Section):
             raise ValueError(f"model.variant {self.variant!r} is not a SAM variant; choose one of {SAM_VARIANTS}")
         if self.overrides and self.family != "detectron2":
             raise ValueError("model.overrides applies to family detectron2 only")
-        if not self.trainable:
+        if self.trainable is not None and not self.trainable:
             raise ValueError("model.trainable must name at least one part")
         return self
 
@@ -135,11 +169,13 @@ class PromptSpec(Section):
 class DataSpec(Section):
     source: str
     """Dataset root: s3://bucket/prefix/ or file:///path/. Staged into a node-local cache."""
-    format: Literal["coco", "via", "mask-folder", "labpics", "voc"]
-    """Annotation format."""
+    format: Literal["coco", "via", "mask-folder", "labpics", "voc", "voc-semantic", "datumaro"]
+    """Annotation format. voc reads SegmentationObject (one mask per instance), voc-semantic
+    SegmentationClass (one mask per class in each image)."""
     train: str
     """Training split, relative to source: an annotation file (coco, via), a folder (mask-folder,
-    labpics) or an image-set name (voc)."""
+    labpics), an image-set name (voc, voc-semantic) or a subset name or annotation file
+    (datumaro: annotations/<train>.json)."""
     validation: str | None = None
     """Validation split, same form as train. Without it, evaluation is skipped."""
     prompts: PromptSpec = PromptSpec()
@@ -154,14 +190,15 @@ class DataSpec(Section):
 
 
 class OptimizerSpec(Section):
-    name: Literal["adamw", "sgd"] | None = None
-    """Optimizer (null: adamw for SAM/SAM2, SGD as in the model-zoo config for Detectron2)."""
+    name: Literal["adamw", "adam", "sgd"] | None = None
+    """Optimizer (null: adamw for SAM2, adam for SAM, SGD as in the model-zoo config for Detectron2)."""
     lr: float | None = Field(None, gt=0)
     """Peak learning rate (null: 1e-5 for SAM/SAM2, the zoo config's SOLVER.BASE_LR for Detectron2)."""
     weight_decay: float | None = Field(None, ge=0)
-    """Decoupled weight decay (AdamW) or L2 (SGD) (null: 4e-5, or the zoo's SOLVER.WEIGHT_DECAY)."""
+    """Decoupled weight decay (AdamW) or L2 (Adam, SGD) (null: 4e-5 for SAM2, 0 for SAM, or the
+    zoo's SOLVER.WEIGHT_DECAY)."""
     betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW betas."""
+    """Adam/AdamW betas."""
     momentum: float = Field(0.9, ge=0)
     """SGD momentum."""
     lr_scaling: Literal["none", "linear"] = "none"
@@ -195,11 +232,13 @@ class ScheduleSpec(Section):
 class EarlyStoppingSpec(Section):
     metric: Literal["miou", "dice", "f1", "loss", "bbox_ap", "segm_ap"] | None = None
     """Validation metric watched (loss: lower is better; others: higher). Null: miou for
-    SAM/SAM2; segm_ap (masks) or bbox_ap (boxes only) for Detectron2, which has only those two."""
+    SAM/SAM2 (f1 with the otx loss); segm_ap (masks) or bbox_ap (boxes only) for Detectron2."""
     patience: int = Field(5, ge=1)
     """Evaluations without improvement before training stops."""
     min_delta: float = Field(0.0, ge=0)
     """Smallest change that counts as an improvement."""
+    enabled: bool = True
+    """false turns off the early stopping the otx loss preset switches on by default."""
 
 
 class TrainingSpec(Section):
@@ -217,14 +256,17 @@ class TrainingSpec(Section):
     """Optimizer settings."""
     schedule: ScheduleSpec = ScheduleSpec()
     """Learning-rate schedule."""
-    loss: Literal["sam2", "simple"] = "sam2"
+    loss: Literal["sam2", "simple", "dicece", "otx"] | None = None
     """sam2: focal×20 + dice×1 + IoU-L1×1 + object-score BCE×1 (SAM2's recipe);
-    simple: BCE + 0.05·|predicted IoU − IoU|."""
+    simple: BCE + 0.05·|predicted IoU − IoU|; dicece: Dice (squared prediction) + BCE, as MONAI's
+    DiceCELoss in the transformers SAM tutorial; otx: focal×20 + dice + IoU-MSE (OpenVINO Training
+    Extensions' SAM recipe; turns early stopping on). Null: sam2 for SAM2, dicece for SAM."""
     grad_clip: float | None = Field(None, ge=0)
     """Clip the global gradient norm to this value; 0 turns clipping off (null: 1.0 for
     SAM/SAM2, the zoo config's SOLVER.CLIP_GRADIENTS for Detectron2)."""
     eval_every: int | None = Field(None, ge=1)
-    """Evaluate on the validation split every N steps (and at the start and the end)."""
+    """Evaluate on the validation split every N steps (and at the start and the end). Null:
+    start and end only, or every epoch when early stopping is on by default (otx)."""
     early_stopping: EarlyStoppingSpec | None = None
     """Stop when the validation metric stops improving."""
     seed: int = 0
@@ -257,9 +299,13 @@ class TrainingSpec(Section):
                 update={"type": pick(sched.type, d.schedule), "warmup_steps": pick(sched.warmup_steps, d.warmup_steps)}
             ),
             "grad_clip": pick(self.grad_clip, d.grad_clip) or None,
+            "loss": pick(self.loss, d.loss),
         }
+        if early is None and update["loss"] == "otx":
+            early = EarlyStoppingSpec.model_validate(OTX_EARLY_STOPPING)
         if early is not None:
-            update["early_stopping"] = early.model_copy(update={"metric": pick(early.metric, d.metric)})
+            metric = pick(early.metric, "f1" if update["loss"] == "otx" else d.metric)
+            update["early_stopping"] = early.model_copy(update={"metric": metric}) if early.enabled else None
         return self.model_copy(update=update)
 
 
@@ -326,6 +372,10 @@ class TrainParameters(Section):
                     "training.gradAccumulation is not supported for detectron2 (its trainers step every "
                     "batch); raise training.batchSize or the number of GPUs instead"
                 )
+            if training.loss is not None:
+                raise ValueError("training.loss applies to sam and sam2; Detectron2 models use their own losses")
+            if self.model.resize is not None or self.model.multimask_reduction != "min-loss":
+                raise ValueError("model.resize and model.multimaskReduction apply to sam and sam2, not detectron2")
             if metric is not None and metric not in DETECTRON2_METRICS:
                 raise ValueError(
                     f"training.earlyStopping.metric for detectron2 must be bbox_ap or segm_ap, got {metric!r}"
@@ -341,5 +391,13 @@ class TrainConfig(TrainParameters):
     job: JobIdentity = JobIdentity()
     """Identity used in metric labels and logs."""
 
-    def with_defaults(self, defaults: FamilyDefaults) -> TrainConfig:
-        return self.model_copy(update={"training": self.training.resolved(defaults)})
+    def with_defaults(self) -> TrainConfig:
+        """Every null that means "this family's default" filled in (SAM and SAM2 only)."""
+        d = FAMILY_DEFAULTS[self.model.family]
+        model = self.model.model_copy(
+            update={
+                "trainable": self.model.trainable if self.model.trainable is not None else list(d.trainable),
+                "resize": self.model.resize or d.resize,
+            }
+        )
+        return self.model_copy(update={"model": model, "training": self.training.resolved(d)})

@@ -1,4 +1,4 @@
-"""The torch side of the data: resize, normalise, pick objects, make prompts, batch.
+"""The torch side of the data: resize, normalise, pad, pick objects, make prompts, batch.
 
 Randomness (flips, which objects, prompt jitter) comes from a generator seeded by
 (seed, epoch, index), so a resumed run sees exactly the batches it would have seen, whatever the
@@ -20,9 +20,36 @@ from .annotations import Sample, load_image
 from .config import PromptSpec
 from .prompts import make_prompts
 
-PIXEL_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-PIXEL_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 EVAL_EPOCH = -1
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image becomes model input (SamProcessor's steps): resize, rescale to [0, 1],
+    normalise, and with longest-side resizing pad bottom and right with zeros to size × size."""
+
+    size: int
+    resize: str = "stretch"  # stretch | longest-side
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def shape(self, height: int, width: int) -> tuple[int, int]:
+        """Resized (height, width) before padding; longest-side rounds as SamImageProcessor does."""
+        if self.resize == "stretch":
+            return self.size, self.size
+        scale = self.size / max(height, width)
+        return int(height * scale + 0.5), int(width * scale + 0.5)
+
+    def normalise(self, image: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return (image / 255.0 - mean) / std
+
+    def pad(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Zero-pad the last two dims to size × size (bottom and right)."""
+        return F.pad(tensor, (0, self.size - tensor.shape[-1], 0, self.size - tensor.shape[-2]))
 
 
 @dataclass
@@ -50,9 +77,9 @@ class Batch:
 class PromptedMasks(Dataset):
     """Items are (epoch, index) pairs, so the epoch reaches the workers with each index."""
 
-    def __init__(self, samples: list[Sample], image_size: int, prompts: PromptSpec, seed: int, train: bool) -> None:
+    def __init__(self, samples: list[Sample], pre: Preprocess, prompts: PromptSpec, seed: int, train: bool) -> None:
         self.samples = samples
-        self.size = image_size
+        self.pre = pre
         self.prompts = prompts
         self.seed = seed
         self.train = train
@@ -66,23 +93,24 @@ class PromptedMasks(Dataset):
         sample = self.samples[index]
         image = torch.from_numpy(load_image(sample.image)).permute(2, 0, 1)
         masks = torch.from_numpy(sample.masks(image.shape[1], image.shape[2]))
-        image = F.interpolate(
-            image[None].float(), size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False
-        )[0]
-        masks = resize_masks(masks, self.size)
+        shape = self.pre.shape(image.shape[1], image.shape[2])
+        image = F.interpolate(image[None].float(), size=shape, mode="bilinear", antialias=True, align_corners=False)[0]
+        masks = resize_masks(masks, shape)
         if self.train and rng.random() < 0.5:
             image, masks = image.flip(-1), masks.flip(-1)
         if self.train and len(masks) > self.prompts.max_objects:
             masks = masks[torch.from_numpy(rng.choice(len(masks), self.prompts.max_objects, replace=False))]
+        # Prompts come from the unpadded masks, so boxes and points stay inside the image.
         coords, labels = make_prompts(masks, self.prompts, rng, perturb=self.train)
-        image = (image / 255.0 - PIXEL_MEAN) / PIXEL_STD
-        return {"image": image, "masks": masks, "coords": coords, "labels": labels}
+        image = self.pre.pad(self.pre.normalise(image))
+        return {"image": image, "masks": self.pre.pad(masks), "coords": coords, "labels": labels}
 
 
-def resize_masks(masks: torch.Tensor, size: int) -> torch.Tensor:
-    """[K,H,W] bool -> [K,size,size] bool by area; an object thinner than a pixel keeps the pixels
+def resize_masks(masks: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """[K,H,W] bool -> [K,h,w] bool by area; an object thinner than a pixel keeps the pixels
     it touches, so no non-empty mask becomes empty (an object without pixels has no prompt)."""
-    coverage = F.interpolate(masks[None].float(), size=(size, size), mode="area")[0]
+    shape = (size, size) if isinstance(size, int) else size
+    coverage = F.interpolate(masks[None].float(), size=shape, mode="area")[0]
     majority = coverage > 0.5
     vanished = ~majority.flatten(1).any(dim=1)
     majority[vanished] = coverage[vanished] > 0

@@ -42,6 +42,7 @@ class TrainState:
     epoch: int = 0
     batches_in_epoch: int = 0
     best: float | None = None
+    baseline: dict[str, float] | None = None  # the base model's validation result (step 0)
     evals_without_improvement: int = 0
     stopped_early: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -58,6 +59,7 @@ class Trainer:
         total_steps: int,
         ctx: DistContext,
         multimask: bool,
+        reduction: str = "min-loss",
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -68,6 +70,7 @@ class Trainer:
         self.total_steps = total_steps
         self.ctx = ctx
         self.multimask = multimask
+        self.reduction = reduction
         self.scaler = distributed.grad_scaler(spec.precision, ctx.device)
         self.state = TrainState()
         self.storage = EventStorage()
@@ -122,7 +125,7 @@ class Trainer:
             with distributed.maybe_no_sync(self.model, micro < accum - 1):
                 with distributed.autocast(self.spec.precision, self.ctx.device):
                     preds = self.model(batch, self.multimask)
-                terms = compute_loss(preds, batch.masks, self.spec.loss)
+                terms = compute_loss(preds, batch.masks, self.spec.loss, self.reduction)
                 self.scaler.scale(terms.total / accum).backward()
             loss_sum += terms.total.detach() / accum
             for k, v in terms.parts.items():
@@ -199,7 +202,11 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "position": {"step": s.step, "epoch": s.epoch, "batches_in_epoch": s.batches_in_epoch},
-            "early_stopping": {"best": s.best, "evals_without_improvement": s.evals_without_improvement},
+            "early_stopping": {
+                "best": s.best,
+                "evals_without_improvement": s.evals_without_improvement,
+                "baseline": s.baseline,
+            },
             "rng": rng,
             "world_size": self.ctx.world_size,
         }
@@ -224,6 +231,7 @@ class Trainer:
         self.storage.step = self.state.step
         self.state.best = state["early_stopping"]["best"]
         self.state.evals_without_improvement = state["early_stopping"]["evals_without_improvement"]
+        self.state.baseline = state["early_stopping"].get("baseline")
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate((3, tuple(state["rng"]["python"]), None))
         if "cuda" in state["rng"] and torch.cuda.is_available():

@@ -1,8 +1,9 @@
 """Validation: mIoU, Dice and F1 over every object of the split, summed across ranks.
 
-Per object the kept mask is the candidate with the highest predicted IoU (what a user of the
-model gets). miou and dice are means over objects; f1 is pixel-level over the whole split
-(2·TP / (2·TP + FP + FN)), so large objects weigh more in it than in dice.
+Per object the kept mask is what a user of the model gets: the candidate with the highest
+predicted IoU, or the candidates' mean with multimaskReduction mean. miou and dice are means
+over objects; f1 is pixel-level over the whole split (2·TP / (2·TP + FP + FN)), so large objects
+weigh more in it than in dice.
 """
 
 from __future__ import annotations
@@ -15,12 +16,18 @@ from torch.utils.data import DataLoader
 from . import distributed
 from .data import Batch
 from .distributed import DistContext
-from .losses import compute_loss
+from .losses import compute_loss, kept_logits
 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: DataLoader, ctx: DistContext, precision: str, multimask: bool, loss: str
+    model: nn.Module,
+    loader: DataLoader,
+    ctx: DistContext,
+    precision: str,
+    multimask: bool,
+    loss: str,
+    reduction: str = "min-loss",
 ) -> dict[str, float]:
     was_training = model.training
     model.eval()
@@ -30,10 +37,9 @@ def evaluate(
         batch: Batch = batch.to(ctx.device)
         with distributed.autocast(precision, ctx.device):
             preds = model(batch, multimask)
-        acc[6] += compute_loss(preds, batch.masks, loss).total.double()
+        acc[6] += compute_loss(preds, batch.masks, loss, reduction).total.double()
         acc[7] += 1
-        best = preds.iou_pred.float().argmax(dim=1)
-        logits = preds.mask_logits[torch.arange(len(best), device=best.device), best].float()
+        logits = kept_logits(preds, reduction)
         size = batch.masks.shape[-2:]
         pred = F.interpolate(logits[:, None], size=size, mode="bilinear", align_corners=False)[:, 0] > 0
         tgt = batch.masks

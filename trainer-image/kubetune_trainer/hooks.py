@@ -15,7 +15,8 @@ log = structlog.get_logger(__name__)
 
 
 class EvalHook(Hook):
-    """Evaluate before training, every `every` steps and at the end; track the best value."""
+    """Evaluate before training (the base model's baseline), every `every` steps and at the end;
+    track the best value."""
 
     def __init__(
         self, every: int | None, evaluate: Callable[[], dict[str, float]], early: EarlyStoppingSpec | None
@@ -36,6 +37,9 @@ class EvalHook(Hook):
         self.history.append({"step": step, **result})
         trainer.storage.put_prefixed("eval", {k: v for k, v in result.items() if k != "objects"})
         log.info("evaluation", step=step, **{k: round(v, 5) for k, v in result.items()})
+        if step == 0 and trainer.state.baseline is None:
+            trainer.state.baseline = result
+            self._put_baseline(trainer)
         self._track(trainer, result[self.metric])
 
     def _track(self, trainer: Trainer, value: float) -> None:
@@ -55,11 +59,16 @@ class EvalHook(Hook):
             log.info("early stopping", metric=self.metric, best=state.best, patience=self.early.patience)
             state.stopped_early = True
 
+    def _put_baseline(self, trainer: Trainer) -> None:
+        trainer.storage.put(**{f"baseline/{self.metric}": trainer.state.baseline[self.metric]})
+
     def before_train(self, trainer: Trainer) -> None:
-        if trainer.state.step == 0:  # a resumed run already has its baseline
+        if trainer.state.step == 0:
             self._run(trainer)
-        else:
+        else:  # a resumed run already has its baseline, saved in the checkpoint
             self._last_step = trainer.state.step
+            if trainer.state.baseline is not None:
+                self._put_baseline(trainer)
 
     def after_step(self, trainer: Trainer) -> None:
         if self.every and trainer.state.step % self.every == 0:

@@ -24,18 +24,20 @@ from torch.utils.data import BatchSampler, DataLoader
 from . import distributed
 from .annotations import Sample, usable_samples
 from .checkpointing import Checkpointer
-from .config import SEGMENTER_DEFAULTS, TrainConfig
-from .data import PromptedMasks, ResumableSampler, collate, shard
+from .config import TrainConfig
+from .data import Preprocess, PromptedMasks, ResumableSampler, collate, shard
 from .distributed import DistContext
 from .engine import Trainer
 from .errors import DataError
 from .evaluation import evaluate
 from .events import JsonlWriter, TerminalWriter
 from .hooks import CheckpointHook, EvalHook, WriterHook
+from .losses import LOSS_HEADS
 from .schedules import build_scheduler
-from .segmenter import segmenter_for
+from .segmenter import Segmenter, segmenter_for
 from .staging import fetch_object, stage
 from .storage import ObjectStore, open_store, split_object_uri
+from .summary import comparison, markdown
 from .telemetry import PrometheusWriter
 
 log = structlog.get_logger(__name__)
@@ -61,30 +63,35 @@ class StagedFiles:
     downloaded_bytes: int
 
 
-def stage_files(config: TrainConfig, ctx: DistContext) -> StagedFiles:
+def stage_files(config: TrainConfig, ctx: DistContext, weights_are_folder: bool = False) -> StagedFiles:
     """Dataset and base weights on local disk; node leaders download, the others wait."""
     root = cache_root()
     data_store = open_store(config.data.source, config.storage)
     report = distributed.leader_first(ctx, lambda: stage(data_store, root))
+    downloaded = report.bytes_downloaded
     weights = None
-    if config.model.checkpoint:
+    if config.model.checkpoint and weights_are_folder:  # a transformers model folder
+        uri = config.model.checkpoint.rstrip("/") + "/"
+        folder = distributed.leader_first(ctx, lambda: stage(open_store(uri, config.storage), root))
+        weights, downloaded = folder.root, downloaded + folder.bytes_downloaded
+    elif config.model.checkpoint:
         folder, key = split_object_uri(config.model.checkpoint)
         weights_store = open_store(folder, config.storage)
         weights = distributed.leader_first(ctx, lambda: fetch_object(weights_store, key, root / "weights"))
-    return StagedFiles(report.root, weights, report.bytes_downloaded if ctx.is_local_leader else 0)
+    return StagedFiles(report.root, weights, downloaded if ctx.is_local_leader else 0)
 
 
-def stage_inputs(config: TrainConfig, ctx: DistContext) -> Inputs:
+def stage_inputs(config: TrainConfig, ctx: DistContext, weights_are_folder: bool = False) -> Inputs:
     """Staged files, with the dataset read and checked."""
-    files = stage_files(config, ctx)
+    files = stage_files(config, ctx, weights_are_folder)
     data = config.data
     train = usable_samples(data.format, files.root, data.train)
     val = usable_samples(data.format, files.root, data.validation) if data.validation else []
     return Inputs(train, val, files.weights, files.downloaded_bytes)
 
 
-def build_loader(samples: list[Sample], config: TrainConfig, ctx: DistContext) -> DataLoader:
-    dataset = PromptedMasks(samples, config.model.image_size, config.data.prompts, config.training.seed, train=True)
+def build_loader(samples: list[Sample], config: TrainConfig, ctx: DistContext, pre: Preprocess) -> DataLoader:
+    dataset = PromptedMasks(samples, pre, config.data.prompts, config.training.seed, train=True)
     sampler = ResumableSampler(len(samples), ctx.rank, ctx.world_size, config.training.seed)
     batches = BatchSampler(sampler, config.training.batch_size, drop_last=True)
     steps = len(batches) // config.training.grad_accumulation
@@ -103,8 +110,8 @@ def build_loader(samples: list[Sample], config: TrainConfig, ctx: DistContext) -
     )
 
 
-def build_eval_loader(samples: list[Sample], config: TrainConfig, ctx: DistContext) -> DataLoader:
-    dataset = PromptedMasks(samples, config.model.image_size, config.data.prompts, config.training.seed, train=False)
+def build_eval_loader(samples: list[Sample], config: TrainConfig, ctx: DistContext, pre: Preprocess) -> DataLoader:
+    dataset = PromptedMasks(samples, pre, config.data.prompts, config.training.seed, train=False)
     keys = shard(len(samples), ctx.rank, ctx.world_size)
     return DataLoader(
         keys, batch_size=config.training.batch_size, collate_fn=lambda ks: collate([dataset[k] for k in ks])
@@ -117,11 +124,27 @@ def build_optimizer(params: list[torch.nn.Parameter], config: TrainConfig, world
     lr = opt.scaled_lr(opt.lr, training.batch_size * training.grad_accumulation * world_size)
     if opt.name == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=opt.betas, weight_decay=opt.weight_decay)
+    if opt.name == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=opt.betas, weight_decay=opt.weight_decay)
     return torch.optim.SGD(params, lr=lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
 
 
+def freeze_unused(segmenter: Segmenter, module: torch.nn.Module, config: TrainConfig) -> list[str]:
+    """Freeze the heads the loss preset ignores and the prompt embeddings the prompt type never
+    feeds: they would get no gradient, and DDP would wait for one forever."""
+    kinds = {"box": {"box"}, "points": {"points"}, "box+points": {"box", "points"}}[config.data.prompts.type]
+    used = LOSS_HEADS[config.training.loss] | kinds
+    frozen = []
+    for name, params in segmenter.optional_parts(module).items():
+        if name not in used and any(p.requires_grad for p in params):
+            for p in params:
+                p.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
 def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dict[str, Any]:
-    """Train a promptable segmenter (SAM2); Detectron2 models go through `d2_recipe`."""
+    """Train a promptable segmenter (SAM2, SAM); Detectron2 models go through `d2_recipe`."""
     if config.model.family == "detectron2":
         from .d2_runtime import require_detectron2
 
@@ -130,10 +153,10 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dic
 
         return d2_recipe.run(config, ctx, metrics)
     started = time.time()
-    config = config.with_defaults(SEGMENTER_DEFAULTS)
+    config = config.with_defaults()
     segmenter = segmenter_for(config.model)
     distributed.check_precision(config.training.precision, ctx.device)
-    inputs = stage_inputs(config, ctx)
+    inputs = stage_inputs(config, ctx, segmenter.weights_are_folder)
     output = open_store(config.output.uri, config.storage)
     checkpointer = Checkpointer(output, cache_root(), config.output.keep_last)
     latest = distributed.broadcast_object(checkpointer.latest() if ctx.is_main else None)
@@ -141,11 +164,13 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dic
     torch.manual_seed(config.training.seed)  # identical random init on every rank and restart
     random.seed(config.training.seed)
     module = segmenter.build(config.model, inputs.weights).to(ctx.device)
+    pre = segmenter.preprocess(config.model, inputs.weights)
+    frozen = freeze_unused(segmenter, module, config)
     model = module
     if ctx.world_size > 1:
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         model = DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
-    loader = build_loader(inputs.train, config, ctx)
+    loader = build_loader(inputs.train, config, ctx, pre)
     training = config.training
     per_epoch = len(loader) // training.grad_accumulation
     total = training.max_steps or training.epochs * per_epoch
@@ -159,6 +184,7 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dic
         total,
         ctx,
         config.model.multimask,
+        config.model.multimask_reduction,
     )
     trainer.storage.inc("s3_bytes/download", inputs.downloaded_bytes)
     workdir = Path(tempfile.mkdtemp(prefix="kubetune-run-"))
@@ -171,14 +197,26 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dic
             restore_metrics_log(output, metrics_log, lambda row: row["step"] <= latest)
 
     eval_hook = None
-    if inputs.validation and training.eval_every:
-        eval_loader = build_eval_loader(inputs.validation, config, ctx)
+    if inputs.validation:
+        eval_loader = build_eval_loader(inputs.validation, config, ctx, pre)
+        # Early stopping switched on by a preset (otx) without evalEvery evaluates every epoch.
+        every = training.eval_every or (per_epoch if training.early_stopping else None)
         eval_hook = EvalHook(
-            training.eval_every,
-            lambda: evaluate(module, eval_loader, ctx, training.precision, config.model.multimask, training.loss),
+            every,
+            lambda: evaluate(
+                module,
+                eval_loader,
+                ctx,
+                training.precision,
+                config.model.multimask,
+                training.loss,
+                config.model.multimask_reduction,
+            ),
             training.early_stopping,
         )
         trainer.hooks.append(eval_hook)
+    elif training.early_stopping:
+        log.warning("early stopping is off: there is no validation split (data.validation)")
     # The metric log travels with each checkpoint, so a resumed run continues one history.
     ckpt_hook = CheckpointHook(
         checkpointer,
@@ -200,10 +238,14 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dic
         total_steps=total,
         start_step=trainer.state.step,
         precision=training.precision,
+        loss=training.loss,
+        trainable=list(config.model.trainable or ()),
+        frozen_unused=frozen,
         world_size=ctx.world_size,
         device=str(ctx.device),
     )
     trainer.train()
+    final = eval_hook.history[-1] if eval_hook and eval_hook.history else None
     report = {
         "job": config.job.name,
         "family": config.model.family,
@@ -213,13 +255,16 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dic
         "epochs": trainer.state.epoch,
         "stopped_early": trainer.state.stopped_early,
         "evaluations": eval_hook.history if eval_hook else [],
+        "baseline": trainer.state.baseline,
+        "final": {k: v for k, v in final.items() if k != "step"} if final else None,
+        "comparison": comparison(trainer.state.baseline, final),
         "best": {"metric": eval_hook.metric, "value": trainer.state.best} if eval_hook else None,
         "last_checkpoint": ckpt_hook.last_uri,
-        "final_model": f"{output.uri}final/model.pt",
+        "final_model": None,
         "wall_seconds": time.time() - started,
     }
     if ctx.is_main:
-        _publish(output, segmenter, module, config, report, workdir)
+        _publish(output, segmenter, module, pre, config, report, workdir)
     distributed.barrier()
     return report
 
@@ -232,12 +277,21 @@ def restore_metrics_log(output: ObjectStore, path: Path, keep: Callable[[dict], 
     path.write_text("".join(line + "\n" for line in lines if line.strip() and keep(json.loads(line))))
 
 
-def _publish(output: ObjectStore, segmenter, module, config: TrainConfig, report: dict, workdir: Path) -> None:
-    """Final weights in the family's native format, the config, the metric log, the report."""
-    model_path = workdir / "model.pt"
-    segmenter.save_native(module, model_path)
-    output.upload(model_path, "final/model.pt")
+def _publish(
+    output: ObjectStore, segmenter: Segmenter, module, pre: Preprocess, config: TrainConfig, report: dict, workdir: Path
+) -> None:
+    """Final weights in the family's native format, the config, the metric log, the report and
+    its human-readable summary (the before → after table)."""
+    final = workdir / "final"
+    final.mkdir()
+    name = segmenter.save_native(module, final, pre)
+    for path in sorted(p for p in final.rglob("*") if p.is_file()):
+        output.upload(path, f"final/{path.relative_to(final).as_posix()}")
+    report["final_model"] = f"{output.uri}final/{name}"
     output.put_bytes(config.model_dump_json(by_alias=True, indent=1).encode(), "final/config.json")
     output.upload(workdir / METRICS_FILE, METRICS_FILE)
     output.put_bytes(json.dumps(report, indent=1).encode(), "report.json")
+    summary = markdown(report)
+    output.put_bytes(summary.encode(), "summary.md")
     log.info("published", model=report["final_model"], report=f"{output.uri}report.json")
+    print(summary, flush=True)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import SAM2_VARIANTS, ModelSpec
-from .data import Batch
+from .data import Batch, Preprocess
 from .errors import ConfigError
 from .segmenter import Predictions
 
@@ -66,6 +66,7 @@ class Sam2Module(nn.Module):
 
 class Sam2Segmenter:
     family = "sam2"
+    weights_are_folder = False
 
     def build(self, spec: ModelSpec, weights: Path | None) -> nn.Module:
         from sam2.build_sam import build_sam2
@@ -96,15 +97,28 @@ class Sam2Segmenter:
             "prompt_encoder": [m for n, m in sam.sam_prompt_encoder.named_children() if n != "mask_downscaling"],
             "image_encoder": [sam.image_encoder],
         }
-        for part in spec.trainable:
+        for part in spec.trainable_parts():
             for module in parts[part]:
                 for p in module.parameters():
                     p.requires_grad_(True)
-        return Sam2Module(sam, train_encoder="image_encoder" in spec.trainable)
+        return Sam2Module(sam, train_encoder="image_encoder" in (spec.trainable_parts()))
 
-    def save_native(self, model: nn.Module, path: Path) -> None:
+    def preprocess(self, spec: ModelSpec, weights: Path | None) -> Preprocess:
+        """SAM2ImagePredictor's steps: a square resize, ImageNet mean and std."""
+        return Preprocess(spec.image_size, spec.resize or "stretch")
+
+    def optional_parts(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:
+        decoder = model.sam.sam_mask_decoder
+        parts = {"iou": list(decoder.iou_prediction_head.parameters())}
+        if model.sam.pred_obj_scores:
+            parts["object"] = list(decoder.pred_obj_score_head.parameters())
+        return parts
+
+    def save_native(self, model: nn.Module, folder: Path, pre: Preprocess) -> str:
+        """Meta's {"model": state_dict}, which `build_sam2(config, ckpt_path=...)` loads."""
         inner = model.module if hasattr(model, "module") else model
-        torch.save({"model": inner.sam.state_dict()}, path)
+        torch.save({"model": inner.sam.state_dict()}, folder / "model.pt")
+        return "model.pt"
 
 
 def load_weights(sam: nn.Module, path: Path, variant: str) -> None:

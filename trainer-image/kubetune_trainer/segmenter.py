@@ -1,8 +1,8 @@
 """The one interface a promptable model family implements for the trainer.
 
 An adapter builds a module whose forward maps a `Batch` of prompted objects to `Predictions`,
-with only `spec.trainable` parts trainable, and saves weights in the family's own format.
-Devices, autocast and DDP stay in `distributed` and `engine`.
+with only `spec.trainable` parts trainable, says how images are preprocessed for it, and saves
+weights in the family's own format. Devices, autocast and DDP stay in `distributed` and `engine`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .config import ModelSpec
+from .data import Preprocess
 from .errors import ConfigError
 
 
@@ -27,12 +28,21 @@ class Predictions:
 
 class Segmenter(Protocol):
     family: str
+    weights_are_folder: bool  # model.checkpoint names a folder (True) or one file
 
     def build(self, spec: ModelSpec, weights: Path | None) -> nn.Module:
         """A module with forward(batch, multimask) -> Predictions."""
 
-    def save_native(self, model: nn.Module, path: Path) -> None:
-        """Weights in the format the family's own loader reads."""
+    def preprocess(self, spec: ModelSpec, weights: Path | None) -> Preprocess:
+        """How images become this model's input."""
+
+    def optional_parts(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:
+        """Parameters reached only by some losses ("iou", "object") or prompt kinds ("points",
+        "box"); the recipe freezes those a run does not use, so DDP never waits for them."""
+
+    def save_native(self, model: nn.Module, folder: Path, pre: Preprocess) -> str:
+        """Write the weights into `folder` in the format the family's own loader reads; return the
+        name of what was written (a file, or a folder ending in /)."""
 
 
 def segmenter_for(spec: ModelSpec) -> Segmenter:
@@ -40,4 +50,8 @@ def segmenter_for(spec: ModelSpec) -> Segmenter:
         from .sam2_segmenter import Sam2Segmenter
 
         return Sam2Segmenter()
-    raise ConfigError(f"model.family {spec.family!r} is not available in this trainer version (sam2 is)")
+    if spec.family == "sam":
+        from .sam_segmenter import SamSegmenter
+
+        return SamSegmenter()
+    raise ConfigError(f"model.family {spec.family!r} is not a promptable segmenter (sam2 and sam are)")

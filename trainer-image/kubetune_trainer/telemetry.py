@@ -37,6 +37,11 @@ class PrometheusWriter:
         self.best_metric = gauge(
             "kubetune_eval_best_metric", "Best validation value of the early-stopping metric so far", ("metric",)
         )
+        self.baseline_metric = gauge(
+            "kubetune_eval_baseline_metric",
+            "The base model's validation value of the early-stopping metric, before training",
+            ("metric",),
+        )
         self.loss_component = gauge("kubetune_train_loss_component", "One term of the training loss", ("component",))
         self.gpu_memory = gauge("kubetune_gpu_memory_bytes", "GPU memory held by this rank", ("kind",))
         self.histograms = {
@@ -91,6 +96,8 @@ class PrometheusWriter:
                 self.eval_metric.labels(**lab, metric=key[5:]).set(value)
             elif key.startswith("best/"):
                 self.best_metric.labels(**lab, metric=key[5:]).set(value)
+            elif key.startswith("baseline/"):
+                self.baseline_metric.labels(**lab, metric=key[9:]).set(value)
             elif key.startswith("loss_"):
                 self.loss_component.labels(**lab, component=key).set(value)
             elif key.startswith("gpu_memory/"):
