@@ -138,3 +138,35 @@ def kill_tree(pid: int) -> None:
     for victim in victims:
         with contextlib.suppress(ProcessLookupError):
             os.kill(victim, signal.SIGKILL)
+
+
+def write_tiny_sam(folder: Path, seed: int = 123) -> dict:
+    """A transformers SamModel folder (config.json + model.safetensors) with a 64 px input and
+    32-wide layers: the real architecture at a size that trains on a CPU in seconds."""
+    import torch
+    from transformers import SamConfig, SamModel
+
+    config = SamConfig(
+        vision_config={
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "global_attn_indexes": [1],
+            "image_size": 64,
+            "patch_size": 8,
+            "window_size": 4,
+            "output_channels": 32,
+            "num_pos_feats": 16,
+            "mlp_dim": 64,
+            "initializer_range": 0.02,
+        },
+        prompt_encoder_config={"hidden_size": 32, "image_size": 64, "patch_size": 8, "mask_input_channels": 4},
+        mask_decoder_config={"hidden_size": 32, "mlp_dim": 64, "num_attention_heads": 2, "iou_head_hidden_dim": 32},
+    )
+    from kubetune_trainer.sam_segmenter import reset_positional_encoding
+
+    torch.manual_seed(seed)
+    model = SamModel(config)
+    reset_positional_encoding(model)
+    model.save_pretrained(folder)
+    return {k: v.clone() for k, v in model.state_dict().items()}

@@ -134,3 +134,97 @@ def test_unreadable_annotations_are_a_data_error(tmp_path: Path, content: str) -
 def test_load_image_returns_rgb(tmp_path: Path) -> None:
     _png(tmp_path / "g.png", np.zeros((5, 6), np.uint8))
     assert load_image(tmp_path / "g.png").shape == (5, 6, 3)
+
+
+def test_voc_semantic_reads_one_mask_per_class(tmp_path: Path) -> None:
+    classes = np.zeros((32, 40), np.uint8)
+    classes[2:10, 2:10] = 15  # two people ...
+    classes[20:30, 25:35] = 15
+    classes[12:18, 5:30] = 7  # ... and a car
+    classes[11, :] = 255
+    _rgb(tmp_path / "JPEGImages" / "a.jpg")
+    _png(tmp_path / "SegmentationClass" / "a.png", classes)
+    (tmp_path / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (tmp_path / "ImageSets" / "Segmentation" / "val.txt").write_text("a\n")
+    masks = read_split("voc-semantic", tmp_path, "val").samples[0].masks(32, 40)
+    assert masks.shape == (2, 32, 40)
+    assert masks[0].sum() == 6 * 25 and masks[1].sum() == 64 + 100  # class 7, then class 15 (both people)
+    with pytest.raises(DataError, match="ImageSets/Segmentation/train.txt does not exist"):
+        read_split("voc-semantic", tmp_path, "train")
+
+
+def _datumaro(tmp_path: Path, items: list) -> Path:
+    path = tmp_path / "annotations" / "train.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    categories = {"label": {"labels": [{"name": "cell", "parent": "", "attributes": []}], "attributes": []}}
+    path.write_text(json.dumps({"info": {}, "categories": categories, "items": items}))
+    return path
+
+
+def test_datumaro_polygons_rle_and_groups(tmp_path: Path) -> None:
+    from pycocotools import mask as mask_utils
+
+    _rgb(tmp_path / "images" / "train" / "a.jpg")
+    _rgb(tmp_path / "images" / "train" / "b.jpg")
+    blob = np.zeros((32, 40), np.uint8, order="F")
+    blob[20:30, 30:38] = 1
+    rle = mask_utils.encode(blob)
+    rle["counts"] = rle["counts"].decode()
+    square = [2, 2, 12, 2, 12, 12, 2, 12]
+    items = [
+        {
+            "id": "a",
+            "image": {"path": "a.jpg", "size": [32, 40]},
+            "annotations": [
+                {"id": 0, "type": "label", "group": 0, "label_id": 0},
+                {"id": 1, "type": "polygon", "group": 0, "label_id": 0, "points": square},
+                {"id": 2, "type": "mask", "group": 0, "label_id": 0, "rle": rle},
+                # Two parts of one occluded object: one group, one label.
+                {"id": 3, "type": "polygon", "group": 4, "label_id": 0, "points": [20, 2, 24, 2, 24, 6, 20, 6]},
+                {"id": 4, "type": "polygon", "group": 4, "label_id": 0, "points": [20, 10, 24, 10, 24, 14, 20, 14]},
+                {"id": 5, "type": "bbox", "group": 0, "label_id": 0, "bbox": [1, 1, 3, 3]},
+            ],
+        },
+        {"id": "b", "media": {"path": "b.jpg"}, "annotations": [{"id": 0, "type": "bbox", "bbox": [1, 1, 3, 3]}]},
+        {"id": "c", "image": {"path": "gone.jpg"}, "annotations": []},
+    ]
+    _datumaro(tmp_path, items)
+    report = read_split("datumaro", tmp_path, "train")
+    assert len(report.samples) == 1
+    assert report.skipped == {
+        "Datumaro bbox annotation (no mask)": 2,
+        "image without annotations": 1,
+        "missing image file": 1,
+    }
+    masks = report.samples[0].masks(32, 40)
+    assert masks.shape == (3, 32, 40)
+    assert masks[0].sum() == 100 and masks[0][2:12, 2:12].all()
+    assert np.array_equal(masks[1], blob.astype(bool))
+    assert masks[2].sum() == 32 and masks[2][2:6, 20:24].all() and masks[2][10:14, 20:24].all()
+    # The same file named directly.
+    assert len(read_split("datumaro", tmp_path, "annotations/train.json").samples) == 1
+
+
+@pytest.mark.parametrize(
+    ("items", "message"),
+    [
+        ("nope", "needs an 'items' list"),
+        ([{"id": "x", "annotations": []}], "item 'x' has no image path"),
+        (
+            [{"id": "x", "image": {"path": "a.jpg"}, "annotations": [{"type": "mask"}]}],
+            "mask annotation of item 'x' lacks 'rle'",
+        ),
+    ],
+)
+def test_malformed_datumaro_is_a_clear_error(tmp_path: Path, items, message: str) -> None:
+    _datumaro(tmp_path, items)
+    with pytest.raises(DataError, match=message):
+        read_split("datumaro", tmp_path, "train")
+
+
+def test_rle_of_the_wrong_size_skips_the_sample(tmp_path: Path) -> None:
+    _rgb(tmp_path / "images" / "train" / "a.jpg")
+    rle = {"counts": [10, 5, 985], "size": [20, 50]}
+    _datumaro(tmp_path, [{"id": "a", "image": {"path": "a.jpg"}, "annotations": [{"type": "mask", "rle": rle}]}])
+    with pytest.raises(DataError, match="unreadable image or mask"):
+        usable_samples("datumaro", tmp_path, "train")

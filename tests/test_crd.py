@@ -73,7 +73,9 @@ def test_crd_is_a_valid_kubernetes_object() -> None:
     assert crd["names"]["shortNames"] == ["ftj"] and crd["names"]["categories"] == ["kubetune"]
     version = crd["versions"][0]
     assert version["subresources"] == {"status": {}}
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Model", "Progress", "Loss", "Age"]
+    columns = version["additionalPrinterColumns"]
+    assert [c["name"] for c in columns if not c.get("priority")] == ["Phase", "Model", "Progress", "Loss", "Age"]
+    assert [c["name"] for c in columns if c.get("priority") == 1] == ["Base", "Best"]  # kubectl get ftj -o wide
 
 
 def test_only_detectron2_overrides_keep_unknown_fields() -> None:

@@ -37,3 +37,39 @@ def test_min_delta_and_recovery_reset_the_count() -> None:
 def test_without_early_stopping_training_runs_on() -> None:
     hook, trainer = drive([0.5, 0.4, 0.3, 0.2], None)
     assert not trainer.state.stopped_early and len(hook.history) == 4 and trainer.state.best == 0.5
+
+
+def test_baseline_is_the_step_zero_evaluation_and_survives_a_resume() -> None:
+    hook, trainer = drive([0.1, 0.3, 0.5], None)
+    assert trainer.state.baseline["miou"] == 0.1 and hook.history[0]["step"] == 0
+    assert trainer.storage.scalars["baseline/miou"] == 0.1
+    # A resumed run does not evaluate at its start; the baseline comes back from the checkpoint.
+    resumed = SimpleNamespace(state=TrainState(step=20, baseline=trainer.state.baseline), storage=EventStorage())
+    again = EvalHook(10, lambda: {"miou": 0.9}, None)
+    again.before_train(resumed)
+    assert again.history == [] and resumed.storage.scalars["baseline/miou"] == 0.1
+
+
+def test_summary_table_compares_base_and_fine_tuned() -> None:
+    from kubetune_trainer.summary import comparison, markdown
+
+    before = {"f1": 0.2, "dice": 0.25, "miou": 0.15, "loss": 2.0}
+    after = {"f1": 0.6, "dice": 0.55, "miou": 0.4, "loss": 0.5}
+    rows = comparison(before, after)
+    assert [(r["metric"], round(r["change"], 4)) for r in rows] == [("f1", 0.4), ("dice", 0.3), ("miou", 0.25)]
+    report = {
+        "job": "j",
+        "family": "sam",
+        "variant": "vit-base",
+        "steps": 10,
+        "total_steps": 10,
+        "epochs": 2,
+        "stopped_early": False,
+        "wall_seconds": 3.0,
+        "comparison": rows,
+        "best": {"metric": "f1", "value": 0.6},
+        "final_model": "s3://b/final/model/",
+    }
+    text = markdown(report)
+    assert "| F1 | 0.2000 | 0.6000 | +0.4000 |" in text and "| mIoU | 0.1500 | 0.4000 | +0.2500 |" in text
+    assert comparison(None, after) == [] and "no before → after comparison" in markdown({**report, "comparison": []})

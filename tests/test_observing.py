@@ -202,3 +202,21 @@ def test_parse_metrics_reads_rank_zero_only() -> None:
 
 def test_format_duration() -> None:
     assert [format_duration(s) for s in (5, 65, 3725)] == ["5s", "1m05s", "1h02m"]
+
+
+def test_baseline_metric_travels_from_the_trainer_to_status() -> None:
+    """The trainer's own exposition (a real registry) read by the operator's parser."""
+    from kubetune_trainer.events import EventStorage
+    from kubetune_trainer.telemetry import PrometheusWriter
+    from prometheus_client import generate_latest
+
+    writer = PrometheusWriter("j", "n", 0, "sam")
+    storage = EventStorage()
+    storage.put(**{"baseline/f1": 0.31, "best/f1": 0.74, "step": 0})
+    writer.write(storage.drain())
+    scrape = parse_metrics(generate_latest(writer.registry).decode())
+    assert scrape.baseline == ("f1", 0.31) and scrape.best == ("f1", 0.74)
+    status = derive_status(ftj(), FineTuneJobStatus(), CASES[3][2], CASES[3][3], scrape, T1)
+    assert (status.baseline_metric.metric, status.baseline_metric.value) == ("f1", 0.31)
+    later = derive_status(ftj(), status, CASES[4][2], [], None, T1)
+    assert later.baseline_metric == status.baseline_metric  # kept after the pods are gone

@@ -42,6 +42,22 @@ def scrape(port: int) -> str | None:
         return None
 
 
+def log_events(text: str) -> list[dict]:
+    """The JSON log events of a run; with several ranks on one pipe two events can share a line."""
+    decoder = json.JSONDecoder()
+    events = []
+    for line in text.splitlines():
+        pos = line.find("{")
+        while pos != -1:
+            try:
+                event, end = decoder.raw_decode(line, pos)
+            except json.JSONDecodeError:
+                break
+            events.append(event)
+            pos = line.find("{", end)
+    return events
+
+
 def objects(s3, bucket: str, prefix: str) -> list[str]:
     return sorted(o["Key"][len(prefix) :] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", []))
 
@@ -82,6 +98,7 @@ def test_two_process_run_on_s3(start_run, s3, s3_endpoint: str, tiny_coco_s3: st
         "final/model.pt",
         "metrics.jsonl",
         "report.json",
+        "summary.md",
     ]
     report = json.loads(s3.get_object(Bucket=bucket, Key="out/report.json")["Body"].read())
     assert report["steps"] == 8 and [e["step"] for e in report["evaluations"]] == [0, 4, 8]

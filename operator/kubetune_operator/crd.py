@@ -26,6 +26,22 @@ PRINTER_COLUMNS = [
         "description": "Percent of optimizer steps done",
     },
     {"name": "Loss", "type": "number", "format": "float", "jsonPath": ".status.progress.loss"},
+    {
+        "name": "Base",
+        "type": "number",
+        "format": "float",
+        "jsonPath": ".status.baselineMetric.value",
+        "description": "The base model's validation metric, before training",
+        "priority": 1,
+    },
+    {
+        "name": "Best",
+        "type": "number",
+        "format": "float",
+        "jsonPath": ".status.bestMetric.value",
+        "description": "Best validation value so far",
+        "priority": 1,
+    },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

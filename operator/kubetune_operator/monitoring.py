@@ -84,6 +84,14 @@ PANELS: list[Panel] = [
     Panel("GPU memory", [(f"kubetune_gpu_memory_bytes{{{SEL}}}", "{{job}} rank {{rank}} {{kind}}")], unit="bytes"),
     Panel("Evaluation metrics", [(f'kubetune_eval_metric{{{SEL}, rank="0"}}', "{{job}} {{metric}}")], unit="none"),
     Panel(
+        "Base model vs best fine-tuned",
+        [
+            (f'kubetune_eval_baseline_metric{{{SEL}, rank="0"}}', "{{job}} base {{metric}}"),
+            (f'kubetune_eval_best_metric{{{SEL}, rank="0"}}', "{{job}} best {{metric}}"),
+        ],
+        unit="none",
+    ),
+    Panel(
         "Checkpoint duration p95",
         [(quantile(0.95, "kubetune_checkpoint_seconds", "1h"), "{{job}}")],
         unit="s",

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import structlog
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from .config import SAM_VISION, ModelSpec
@@ -23,6 +24,7 @@ from .segmenter import Predictions
 
 log = structlog.get_logger(__name__)
 FINAL_FOLDER = "model"
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")  # hub folders; save_pretrained
 
 
 class SamModule(nn.Module):
@@ -117,6 +119,18 @@ def config_for(spec: ModelSpec):
     return SamConfig(vision_config=vision.to_dict(), prompt_encoder_config=prompt.to_dict())
 
 
+@torch.no_grad()
+def reset_positional_encoding(sam: nn.Module) -> None:
+    """Random Fourier features with unit scale, as SAM's own PositionEmbeddingRandom draws them.
+
+    transformers draws them with scale hidden_size / 2, so far too high frequencies for a model
+    that starts from random weights: a box corner's encoding then says nothing about the image
+    positions near it. Checkpoints carry their own (shared by image and prompt encoders).
+    """
+    table = sam.shared_image_embedding.positional_embedding
+    table.copy_(torch.randn_like(table))
+
+
 class SamSegmenter:
     family = "sam"
     weights_are_folder = True
@@ -134,13 +148,14 @@ class SamSegmenter:
                 variant=spec.variant,
             )
             sam = SamModel(config_for(spec))
+            reset_positional_encoding(sam)
         else:
             check_config(read_config(weights), spec)
             if not any(weights.glob("*.safetensors")):
                 raise ConfigError(f"model.checkpoint folder {weights} has no .safetensors weights")
             try:
                 sam, info = SamModel.from_pretrained(weights, local_files_only=True, output_loading_info=True)
-            except (OSError, ValueError, RuntimeError) as exc:
+            except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
                 raise ConfigError(f"model.checkpoint {weights} could not be loaded as a SamModel: {exc}") from exc
             wrong = {k: sorted(info[k])[:5] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[k]}
             if wrong:
@@ -164,11 +179,11 @@ class SamSegmenter:
     def preprocess(self, spec: ModelSpec, weights: Path | None) -> Preprocess:
         """SamProcessor's steps; mean and std from the folder's preprocessor_config.json if any."""
         mean, std = IMAGENET_MEAN, IMAGENET_STD
-        processor = weights / "preprocessor_config.json" if weights else None
-        if processor is not None and processor.is_file():
-            values = json.loads(processor.read_text())
-            mean = tuple(values.get("image_mean", mean))
-            std = tuple(values.get("image_std", std))
+        if weights is not None and any((weights / f).is_file() for f in PROCESSOR_FILES):
+            from transformers import SamImageProcessor
+
+            processor = SamImageProcessor.from_pretrained(weights, local_files_only=True)
+            mean, std = tuple(processor.image_mean), tuple(processor.image_std)
         return Preprocess(spec.image_size, spec.resize or "longest-side", mean, std)
 
     def optional_parts(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:
