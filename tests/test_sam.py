@@ -216,3 +216,37 @@ def test_otx_and_dicece_presets() -> None:
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], t)
     assert torch.allclose(dicece, dice.mean() + bce, atol=1e-6)  # squared prediction in the denominator
     assert LOSS_HEADS["dicece"] == frozenset() and "iou" in LOSS_HEADS["otx"]
+
+
+def test_sam_example_is_a_valid_finetunejob() -> None:
+    import yaml
+    from kubetune_operator.specs import FineTuneJob
+
+    example = Path(__file__).parents[1] / "examples" / "finetunejob-sam.yaml"
+    job = FineTuneJob.model_validate(yaml.safe_load(example.read_text()))
+    config = job.train_config(default_namespace="default").with_defaults()
+    assert config.model.family == "sam" and config.data.format == "datumaro"
+    assert (config.training.early_stopping.metric, config.training.early_stopping.patience) == ("f1", 10)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"model": {"family": "sam", "variant": "vit-b"}}, "is not a SAM variant"),
+        ({"model": {"family": "sam", "variant": "vit-base", "trainable": []}}, "must name at least one part"),
+        ({"training": {"maxSteps": 1, "loss": "focal"}}, "training.loss"),
+        ({"data": {"source": "file:///d/", "format": "datumaro-json", "train": "t"}}, "data.format"),
+    ],
+)
+def test_bad_sam_specs_name_the_field(change: dict, message: str) -> None:
+    from pydantic import ValidationError
+
+    spec = {
+        "model": {"family": "sam", "variant": "vit-base"},
+        "data": {"source": "file:///d/", "format": "coco", "train": "t.json"},
+        "training": {"maxSteps": 1},
+        "output": {"uri": "file:///o/"},
+        **change,
+    }
+    with pytest.raises(ValidationError, match=message):
+        TrainConfig.model_validate(spec)
