@@ -11,7 +11,7 @@ import torch
 from kubetune.s3server import upload_tree
 
 from .conftest import tiny_spec, write_tiny_sam
-from .test_torchrun_e2e import complete_steps, kill_after_first_checkpoint, log_events, objects
+from .test_torchrun_e2e import complete_steps, kill_after_first_checkpoint, log_events, objects, on_fixed_set
 
 pytestmark = pytest.mark.slow
 
@@ -147,10 +147,7 @@ def test_sam_learns_a_fixed_tiny_dataset(start_run, tiny_coco: Path, tmp_path: P
         f"file://{tiny_coco}/", f"file://{tmp_path}/out/", None, f"file://{tmp_path}/base", maxSteps=200, evalEvery=100
     )
     spec["spec"]["training"].update(batchSize=4)
-    spec["spec"]["model"].update(multimask=False)
-    spec["spec"]["data"].update(validation="train/annotations.json", prompts={"type": "box", "perturbation": 0})
-    spec["spec"]["output"]["checkpointEvery"] = None
-    proc, log = start_run(spec, env={"KUBETUNE_METRICS_PORT": "0"})
+    proc, log = start_run(on_fixed_set(spec), env={"KUBETUNE_METRICS_PORT": "0"})
     assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     rows = {row["metric"]: row for row in report["comparison"]}

@@ -177,6 +177,14 @@ def test_resume_after_kill_9(start_run, s3, s3_endpoint: str, tiny_coco_s3: str,
     assert steps == sorted(steps) and set(steps) == set(range(41))  # one history across the restart
 
 
+def on_fixed_set(spec: dict) -> dict:
+    """Evaluate on the training images with exact boxes and one mask per prompt, no checkpoints."""
+    spec["spec"]["model"].update(multimask=False)
+    spec["spec"]["data"].update(validation="train/annotations.json", prompts={"type": "box", "perturbation": 0})
+    spec["spec"]["output"]["checkpointEvery"] = None
+    return spec
+
+
 def test_learning_on_a_fixed_tiny_dataset(start_run, tiny_coco: Path, tmp_path: Path) -> None:
     """Loss falls and mIoU rises: train and evaluate on the same eight images.
 
@@ -193,10 +201,7 @@ def test_learning_on_a_fixed_tiny_dataset(start_run, tiny_coco: Path, tmp_path: 
         batchSize=4,
         optimizer={"lr": 1e-3},
     )
-    spec["spec"]["model"].update(multimask=False)
-    spec["spec"]["data"].update(validation="train/annotations.json", prompts={"type": "box", "perturbation": 0})
-    spec["spec"]["output"]["checkpointEvery"] = None
-    proc, log = start_run(spec, env={"KUBETUNE_METRICS_PORT": "0"})
+    proc, log = start_run(on_fixed_set(spec), env={"KUBETUNE_METRICS_PORT": "0"})
     assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     first, last = report["evaluations"][0], report["evaluations"][-1]

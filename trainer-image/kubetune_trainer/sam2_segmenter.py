@@ -17,24 +17,15 @@ from torch import nn
 from .config import SAM2_VARIANTS, ModelSpec
 from .data import Batch, Preprocess
 from .errors import ConfigError
-from .segmenter import Predictions
+from .segmenter import Predictions, PromptableModule, set_trainable
 
 log = structlog.get_logger(__name__)
 
 
-class Sam2Module(nn.Module):
-    """Wraps SAM2Base; keeps a frozen image encoder in eval mode and out of autograd."""
+class Sam2Module(PromptableModule):
+    """Wraps SAM2Base."""
 
-    def __init__(self, sam: nn.Module, train_encoder: bool) -> None:
-        super().__init__()
-        self.sam = sam
-        self.train_encoder = train_encoder
-
-    def train(self, mode: bool = True) -> Sam2Module:
-        super().train(mode)
-        if not self.train_encoder:
-            self.sam.image_encoder.eval()  # no drop-path noise in features nobody trains
-        return self
+    encoder_name = "image_encoder"
 
     def image_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Backbone FPN levels [S/4, S/8, S/16] before SAM2's own high-res convs."""
@@ -88,8 +79,6 @@ class Sam2Segmenter:
             )
         else:
             load_weights(sam, weights, spec.variant)
-        for p in sam.parameters():
-            p.requires_grad_(False)
         parts = {
             "mask_decoder": [sam.sam_mask_decoder],
             # Mask prompts are not used in training, so mask_downscaling would get no gradient
@@ -97,11 +86,7 @@ class Sam2Segmenter:
             "prompt_encoder": [m for n, m in sam.sam_prompt_encoder.named_children() if n != "mask_downscaling"],
             "image_encoder": [sam.image_encoder],
         }
-        for part in spec.trainable_parts():
-            for module in parts[part]:
-                for p in module.parameters():
-                    p.requires_grad_(True)
-        return Sam2Module(sam, train_encoder="image_encoder" in (spec.trainable_parts()))
+        return Sam2Module(sam, train_encoder=set_trainable(sam, parts, spec))
 
     def preprocess(self, spec: ModelSpec, weights: Path | None) -> Preprocess:
         """SAM2ImagePredictor's steps: a square resize, ImageNet mean and std."""

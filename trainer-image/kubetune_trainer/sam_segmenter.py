@@ -20,26 +20,17 @@ from torch import nn
 from .config import SAM_VISION, ModelSpec
 from .data import IMAGENET_MEAN, IMAGENET_STD, Batch, Preprocess
 from .errors import ConfigError
-from .segmenter import Predictions
+from .segmenter import Predictions, PromptableModule, set_trainable
 
 log = structlog.get_logger(__name__)
 FINAL_FOLDER = "model"
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")  # hub folders; save_pretrained
 
 
-class SamModule(nn.Module):
-    """Wraps SamModel; keeps a frozen image encoder in eval mode and out of autograd."""
+class SamModule(PromptableModule):
+    """Wraps transformers' SamModel."""
 
-    def __init__(self, sam: nn.Module, train_encoder: bool) -> None:
-        super().__init__()
-        self.sam = sam
-        self.train_encoder = train_encoder
-
-    def train(self, mode: bool = True) -> SamModule:
-        super().train(mode)
-        if not self.train_encoder:
-            self.sam.vision_encoder.eval()
-        return self
+    encoder_name = "vision_encoder"
 
     def forward(self, batch: Batch, multimask: bool = True) -> Predictions:
         with torch.set_grad_enabled(self.train_encoder and torch.is_grad_enabled()):
@@ -162,19 +153,13 @@ class SamSegmenter:
                 raise ConfigError(f"model.checkpoint {weights} does not fit its config.json: {wrong}")
             log.info("loaded base weights", checkpoint=str(weights), variant=spec.variant)
         sam.float()
-        for p in sam.parameters():
-            p.requires_grad_(False)
         parts = {
             "mask_decoder": [sam.mask_decoder],
             # Mask prompts are not used in training, so mask_embed would get no gradient.
             "prompt_encoder": [m for n, m in sam.prompt_encoder.named_children() if n != "mask_embed"],
             "image_encoder": [sam.vision_encoder],
         }
-        for part in spec.trainable_parts():
-            for module in parts[part]:
-                for p in module.parameters():
-                    p.requires_grad_(True)
-        return SamModule(sam, train_encoder="image_encoder" in (spec.trainable_parts()))
+        return SamModule(sam, train_encoder=set_trainable(sam, parts, spec))
 
     def preprocess(self, spec: ModelSpec, weights: Path | None) -> Preprocess:
         """SamProcessor's steps; mean and std from the folder's preprocessor_config.json if any."""

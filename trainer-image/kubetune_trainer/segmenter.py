@@ -26,6 +26,24 @@ class Predictions:
     object_logits: torch.Tensor | None  # [N,1] "an object is there" (SAM2); None if the family has none
 
 
+class PromptableModule(nn.Module):
+    """Wraps a family's model as `self.sam`; keeps a frozen image encoder in eval mode (no
+    dropout or drop-path noise in features nobody trains). Subclasses run it out of autograd."""
+
+    encoder_name: str  # the image encoder's attribute on the wrapped model
+
+    def __init__(self, sam: nn.Module, train_encoder: bool) -> None:
+        super().__init__()
+        self.sam = sam
+        self.train_encoder = train_encoder
+
+    def train(self, mode: bool = True) -> PromptableModule:
+        super().train(mode)
+        if not self.train_encoder:
+            getattr(self.sam, self.encoder_name).eval()
+        return self
+
+
 class Segmenter(Protocol):
     family: str
     weights_are_folder: bool  # model.checkpoint names a folder (True) or one file
@@ -43,6 +61,18 @@ class Segmenter(Protocol):
     def save_native(self, model: nn.Module, folder: Path, pre: Preprocess) -> str:
         """Write the weights into `folder` in the format the family's own loader reads; return the
         name of what was written (a file, or a folder ending in /)."""
+
+
+def set_trainable(model: nn.Module, parts: dict[str, list[nn.Module]], spec: ModelSpec) -> bool:
+    """Freeze everything, then unfreeze the modules of each part in spec.trainable; True when
+    the image encoder trains."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for part in spec.trainable_parts():
+        for module in parts[part]:
+            for p in module.parameters():
+                p.requires_grad_(True)
+    return "image_encoder" in spec.trainable_parts()
 
 
 def segmenter_for(spec: ModelSpec) -> Segmenter:
