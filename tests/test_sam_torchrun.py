@@ -126,7 +126,9 @@ def test_point_prompts_on_datumaro_with_a_trainable_prompt_encoder(start_run, ti
     spec = sam_spec(
         f"file://{data}/", f"file://{tmp_path}/out/", None, f"file://{tmp_path}/base", maxSteps=4, loss="sam2"
     )
-    spec["spec"]["model"].update(trainable=["mask_decoder", "prompt_encoder"], multimaskReduction="mean")
+    spec["spec"]["model"].update(
+        trainable=["mask_decoder", "prompt_encoder"], multimaskReduction="mean", featureCache="disk"
+    )
     spec["spec"]["data"].update(
         format="datumaro", train="train", validation="val", prompts={"type": "points", "positivePoints": 2}
     )
@@ -137,6 +139,10 @@ def test_point_prompts_on_datumaro_with_a_trainable_prompt_encoder(start_run, ti
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["steps"] == 4 and len(report["comparison"]) == 3
     assert report["evaluations"][0]["objects"] == report["evaluations"][-1]["objects"] > 0
+    # Rank 0's share of train and validation images, each encoded once: the final evaluation and
+    # the second epoch's unflipped images came from the node's disk cache.
+    cache = report["feature_cache"]
+    assert cache["mode"] == "disk" and cache["hits"] >= 2 and cache["misses"] <= 4 * 2 + 2
 
 
 def test_sam_learns_a_fixed_tiny_dataset(start_run, tiny_coco: Path, tmp_path: Path) -> None:

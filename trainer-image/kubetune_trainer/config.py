@@ -107,6 +107,10 @@ class ModelSpec(Section):
     and pad the rest with zeros (SamProcessor, OTX). Null: stretch for SAM2, longest-side for SAM."""
     multimask: bool = True
     """Predict three masks per prompt instead of one."""
+    feature_cache: Literal["off", "memory", "disk"] = "off"
+    """Compute a frozen image encoder's features once per image (and flip) and reuse them every
+    epoch: memory keeps them on the device, disk in the node-local cache folder (kept across
+    restarts, shared by the node's ranks). Each rank then keeps the same images every epoch."""
     multimask_reduction: Literal["min-loss", "best", "mean"] = "min-loss"
     """Which of the three masks is trained and evaluated: min-loss trains the one closest to the
     target (SAM's own rule) and evaluates the one with the highest predicted IoU; best uses the
@@ -142,6 +146,13 @@ class ModelSpec(Section):
             raise ValueError("model.overrides applies to family detectron2 only")
         if self.trainable is not None and not self.trainable:
             raise ValueError("model.trainable must name at least one part")
+        if self.feature_cache != "off":
+            if self.family == "detectron2":
+                raise ValueError("model.featureCache applies to sam and sam2, not detectron2")
+            if "image_encoder" in self.trainable_parts():
+                raise ValueError(
+                    "model.featureCache needs a frozen image encoder (image_encoder is in model.trainable)"
+                )
         return self
 
 

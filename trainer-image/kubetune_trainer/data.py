@@ -7,6 +7,7 @@ number of DataLoader workers.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -59,15 +60,12 @@ class Batch:
     coords: torch.Tensor  # [N,P,2]
     labels: torch.Tensor  # [N,P]
     image_index: torch.Tensor  # [N] which image each object belongs to
+    keys: list[str] | None = None  # per image: content hash (+ flip), for the feature cache
 
     def to(self, device: torch.device) -> Batch:
         nb = device.type == "cuda"
-        return Batch(
-            *(
-                t.to(device, non_blocking=nb)
-                for t in (self.images, self.masks, self.coords, self.labels, self.image_index)
-            )
-        )
+        tensors = (self.images, self.masks, self.coords, self.labels, self.image_index)
+        return Batch(*(t.to(device, non_blocking=nb) for t in tensors), keys=self.keys)
 
     @property
     def num_images(self) -> int:
@@ -77,12 +75,16 @@ class Batch:
 class PromptedMasks(Dataset):
     """Items are (epoch, index) pairs, so the epoch reaches the workers with each index."""
 
-    def __init__(self, samples: list[Sample], pre: Preprocess, prompts: PromptSpec, seed: int, train: bool) -> None:
+    def __init__(
+        self, samples: list[Sample], pre: Preprocess, prompts: PromptSpec, seed: int, train: bool, keyed: bool = False
+    ) -> None:
         self.samples = samples
         self.pre = pre
         self.prompts = prompts
         self.seed = seed
         self.train = train
+        self.keyed = keyed  # add each image's feature-cache key
+        self._hashes: dict[int, str] = {}
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -96,14 +98,20 @@ class PromptedMasks(Dataset):
         shape = self.pre.shape(image.shape[1], image.shape[2])
         image = F.interpolate(image[None].float(), size=shape, mode="bilinear", antialias=True, align_corners=False)[0]
         masks = resize_masks(masks, shape)
-        if self.train and rng.random() < 0.5:
+        flipped = self.train and rng.random() < 0.5
+        if flipped:
             image, masks = image.flip(-1), masks.flip(-1)
         if self.train and len(masks) > self.prompts.max_objects:
             masks = masks[torch.from_numpy(rng.choice(len(masks), self.prompts.max_objects, replace=False))]
         # Prompts come from the unpadded masks, so boxes and points stay inside the image.
         coords, labels = make_prompts(masks, self.prompts, rng, perturb=self.train)
         image = self.pre.pad(self.pre.normalise(image))
-        return {"image": image, "masks": self.pre.pad(masks), "coords": coords, "labels": labels}
+        item = {"image": image, "masks": self.pre.pad(masks), "coords": coords, "labels": labels}
+        if self.keyed:
+            if index not in self._hashes:
+                self._hashes[index] = content_key(sample.image)
+            item["key"] = self._hashes[index] + ("-flip" if flipped else "")
+        return item
 
 
 def resize_masks(masks: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
@@ -124,30 +132,46 @@ def collate(items: list[dict[str, torch.Tensor]]) -> Batch:
         coords=torch.cat([it["coords"] for it in items]),
         labels=torch.cat([it["labels"] for it in items]),
         image_index=torch.cat([torch.full((len(it["masks"]),), i) for i, it in enumerate(items)]),
+        keys=[it["key"] for it in items] if "key" in items[0] else None,
     )
+
+
+def content_key(path) -> str:
+    """An image file's content hash: the feature cache's key (with the flip)."""
+    return hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
 
 
 class ResumableSampler(Sampler[tuple[int, int]]):
     """DistributedSampler order, per epoch, starting at any position: yields (epoch, index).
 
     The position (epoch, samples already consumed this epoch) is saved in checkpoints; a resumed
-    run continues mid-epoch with the same order it had.
+    run continues mid-epoch with the same order it had. `sticky` keeps each rank on the same
+    images every epoch (shuffled within), so a per-rank feature cache is warm after one epoch.
     """
 
-    def __init__(self, size: int, rank: int, world: int, seed: int) -> None:
+    def __init__(self, size: int, rank: int, world: int, seed: int, sticky: bool = False) -> None:
         self.inner = DistributedSampler(
             range(size), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
         )
+        self.sticky = sticky and world > 1  # one rank already sees every image each epoch
+        self.seed = seed
         self.epoch = 0
         self.start = 0
 
     def __len__(self) -> int:
         return len(self.inner) - self.start
 
+    def _order(self) -> list[int]:
+        if not self.sticky:
+            self.inner.set_epoch(self.epoch)
+            return list(self.inner)
+        self.inner.set_epoch(0)
+        shard = list(self.inner)  # epoch 0's share, kept for good
+        generator = torch.Generator().manual_seed(self.seed + 1 + self.epoch)
+        return [shard[i] for i in torch.randperm(len(shard), generator=generator).tolist()]
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        self.inner.set_epoch(self.epoch)
-        order = list(self.inner)
-        return iter([(self.epoch, i) for i in order[self.start :]])
+        return iter([(self.epoch, i) for i in self._order()[self.start :]])
 
     @property
     def per_epoch(self) -> int:

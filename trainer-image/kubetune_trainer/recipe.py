@@ -31,6 +31,7 @@ from .engine import Trainer
 from .errors import DataError
 from .evaluation import evaluate
 from .events import JsonlWriter, TerminalWriter
+from .feature_cache import FeatureCache, fingerprint
 from .hooks import CheckpointHook, EvalHook, WriterHook
 from .losses import LOSS_HEADS
 from .schedules import build_scheduler
@@ -91,8 +92,9 @@ def stage_inputs(config: TrainConfig, ctx: DistContext, weights_are_folder: bool
 
 
 def build_loader(samples: list[Sample], config: TrainConfig, ctx: DistContext, pre: Preprocess) -> DataLoader:
-    dataset = PromptedMasks(samples, pre, config.data.prompts, config.training.seed, train=True)
-    sampler = ResumableSampler(len(samples), ctx.rank, ctx.world_size, config.training.seed)
+    cached = config.model.feature_cache != "off"
+    dataset = PromptedMasks(samples, pre, config.data.prompts, config.training.seed, train=True, keyed=cached)
+    sampler = ResumableSampler(len(samples), ctx.rank, ctx.world_size, config.training.seed, sticky=cached)
     batches = BatchSampler(sampler, config.training.batch_size, drop_last=True)
     steps = len(batches) // config.training.grad_accumulation
     if steps == 0:
@@ -111,7 +113,8 @@ def build_loader(samples: list[Sample], config: TrainConfig, ctx: DistContext, p
 
 
 def build_eval_loader(samples: list[Sample], config: TrainConfig, ctx: DistContext, pre: Preprocess) -> DataLoader:
-    dataset = PromptedMasks(samples, pre, config.data.prompts, config.training.seed, train=False)
+    cached = config.model.feature_cache != "off"
+    dataset = PromptedMasks(samples, pre, config.data.prompts, config.training.seed, train=False, keyed=cached)
     keys = shard(len(samples), ctx.rank, ctx.world_size)
     return DataLoader(
         keys, batch_size=config.training.batch_size, collate_fn=lambda ks: collate([dataset[k] for k in ks])
@@ -166,6 +169,10 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dic
     module = segmenter.build(config.model, inputs.weights).to(ctx.device)
     pre = segmenter.preprocess(config.model, inputs.weights)
     frozen = freeze_unused(segmenter, module, config)
+    if config.model.feature_cache != "off":
+        encoder = getattr(module.sam, module.encoder_name)
+        namespace = fingerprint(encoder, pre, config.training.precision)
+        module.cache = FeatureCache(config.model.feature_cache, namespace, ctx.device, cache_root())
     model = module
     if ctx.world_size > 1:
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
@@ -261,6 +268,9 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dic
         "best": {"metric": eval_hook.metric, "value": trainer.state.best} if eval_hook else None,
         "last_checkpoint": ckpt_hook.last_uri,
         "final_model": None,
+        "feature_cache": {"mode": module.cache.mode, "hits": module.cache.hits, "misses": module.cache.misses}
+        if module.cache
+        else None,
         "wall_seconds": time.time() - started,
     }
     if ctx.is_main:

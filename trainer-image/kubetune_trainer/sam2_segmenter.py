@@ -34,7 +34,7 @@ class Sam2Module(PromptableModule):
 
     def forward(self, batch: Batch, multimask: bool = True) -> Predictions:
         sam = self.sam
-        fpn = self.image_features(batch.images)
+        fpn = self.encode(batch)
         if sam.use_high_res_features_in_sam:
             fpn[0] = sam.sam_mask_decoder.conv_s0(fpn[0])
             fpn[1] = sam.sam_mask_decoder.conv_s1(fpn[1])

@@ -32,9 +32,13 @@ class SamModule(PromptableModule):
 
     encoder_name = "vision_encoder"
 
-    def forward(self, batch: Batch, multimask: bool = True) -> Predictions:
+    def image_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """[the image embedding [B,256,S/16,S/16]]."""
         with torch.set_grad_enabled(self.train_encoder and torch.is_grad_enabled()):
-            embeddings = self.sam.vision_encoder(batch.images).last_hidden_state  # [B,256,S/16,S/16]
+            return [self.sam.vision_encoder(images).last_hidden_state]
+
+    def forward(self, batch: Batch, multimask: bool = True) -> Predictions:
+        embeddings = self.encode(batch)[0]
         points, labels, boxes = split_prompts(batch.coords, batch.labels)
         out = self.sam(
             image_embeddings=embeddings[batch.image_index],  # one "image" per prompted object

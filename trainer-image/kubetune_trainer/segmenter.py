@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from .config import ModelSpec
-from .data import Preprocess
+from .data import Batch, Preprocess
 from .errors import ConfigError
+from .feature_cache import FeatureCache, cached_features
 
 
 @dataclass
@@ -36,6 +37,17 @@ class PromptableModule(nn.Module):
         super().__init__()
         self.sam = sam
         self.train_encoder = train_encoder
+        self.cache: FeatureCache | None = None  # set by the recipe for model.featureCache
+
+    def image_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The frozen (or trained) image encoder's output levels, [B,...] each."""
+        raise NotImplementedError
+
+    def encode(self, batch: Batch) -> list[torch.Tensor]:
+        """image_features, from the feature cache where it has them."""
+        if self.cache is None or batch.keys is None or self.train_encoder:
+            return self.image_features(batch.images)
+        return cached_features(self.cache, batch.keys, batch.images, self.image_features)
 
     def train(self, mode: bool = True) -> PromptableModule:
         super().train(mode)

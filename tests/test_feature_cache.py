@@ -1,0 +1,122 @@
+"""The frozen-encoder feature cache: same losses as the uncached path, computed once, keyed right."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from kubetune_trainer.annotations import usable_samples
+from kubetune_trainer.config import ModelSpec, PromptSpec
+from kubetune_trainer.data import Preprocess, PromptedMasks, ResumableSampler, collate
+from kubetune_trainer.feature_cache import FeatureCache, fingerprint
+from kubetune_trainer.losses import compute_loss
+from kubetune_trainer.sam2_segmenter import Sam2Segmenter
+from kubetune_trainer.sam_segmenter import SamSegmenter
+from torch.utils.data import BatchSampler, DataLoader
+
+from .conftest import write_tiny_sam
+
+
+def build(family: str, base: Path):
+    if family == "sam2":
+        spec = ModelSpec(family="sam2", variant="sam2.1_hiera_tiny", imageSize=64)
+        seg, weights = Sam2Segmenter(), None
+    else:
+        spec = ModelSpec(family="sam", variant="vit-base", imageSize=64)
+        seg, weights = SamSegmenter(), base
+    torch.manual_seed(0)
+    return seg.build(spec, weights), seg.preprocess(spec, weights)
+
+
+def train(module, pre: Preprocess, samples, epochs: int, keyed: bool) -> list[float]:
+    """The trainer's data path (seeded flips, prompts, order) and plain Adam steps."""
+    dataset = PromptedMasks(samples, pre, PromptSpec(), seed=0, train=True, keyed=keyed)
+    sampler = ResumableSampler(len(samples), 0, 1, seed=0, sticky=keyed)
+    loader = DataLoader(dataset, batch_sampler=BatchSampler(sampler, 2, drop_last=True), collate_fn=collate)
+    optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=1e-3)
+    module.train()
+    losses = []
+    for epoch in range(epochs):
+        sampler.epoch = epoch
+        for batch in loader:
+            loss = compute_loss(module(batch), batch.masks, "sam2").total
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("family", ["sam2", "sam"])
+def test_cached_training_follows_the_uncached_loss_trajectory(family: str, tiny_coco: Path, tmp_path: Path) -> None:
+    write_tiny_sam(tmp_path / "base")
+    samples = usable_samples("coco", tiny_coco, "train/annotations.json")
+    plain, pre = build(family, tmp_path / "base")
+    expected = train(plain, pre, samples, epochs=3, keyed=False)
+    cached, pre = build(family, tmp_path / "base")
+    cached.cache = FeatureCache("memory", "test", torch.device("cpu"))
+    losses = train(cached, pre, samples, epochs=3, keyed=True)
+    assert torch.allclose(torch.tensor(losses), torch.tensor(expected), rtol=1e-4), (losses, expected)
+    cache = cached.cache
+    # Each (image, flip) is encoded once; everything else came from the cache.
+    assert cache.misses == len(cache.memory) <= 2 * len(samples) and cache.hits + cache.misses == 3 * len(samples)
+    assert cache.hits >= len(samples)  # by the third epoch most entries are warm
+
+
+def test_disk_cache_survives_a_restart_and_is_keyed_by_weights_and_preprocessing(
+    tiny_coco: Path, tmp_path: Path
+) -> None:
+    write_tiny_sam(tmp_path / "base")
+    samples = usable_samples("coco", tiny_coco, "train/annotations.json")
+    module, pre = build("sam", tmp_path / "base")
+    namespace = fingerprint(module.sam.vision_encoder, pre, "fp32")
+    module.cache = FeatureCache("disk", namespace, torch.device("cpu"), tmp_path / "cache")
+    train(module, pre, samples, epochs=1, keyed=True)
+    first = module.cache.misses
+    assert first == len(list((tmp_path / "cache" / "features" / namespace).glob("*.safetensors")))
+
+    again, pre = build("sam", tmp_path / "base")  # a restarted pod: same weights, same folder
+    again.cache = FeatureCache("disk", namespace, torch.device("cpu"), tmp_path / "cache")
+    train(again, pre, samples, epochs=1, keyed=True)
+    assert again.cache.misses == 0 and again.cache.hits == len(samples)
+
+    # A torn entry (a writer killed mid-file) is recomputed, not fatal.
+    next((tmp_path / "cache" / "features" / namespace).glob("*.safetensors")).write_bytes(b"torn")
+    train(again, pre, samples, epochs=1, keyed=True)
+    assert again.cache.misses == 1
+
+    changed = fingerprint(again.sam.vision_encoder, Preprocess(64, "stretch"), "fp32")
+    with torch.no_grad():
+        again.sam.vision_encoder.neck.conv1.weight.add_(0.1)
+    assert len({namespace, changed, fingerprint(again.sam.vision_encoder, pre, "fp32")}) == 3
+    assert fingerprint(again.sam.vision_encoder, pre, "bf16") != fingerprint(again.sam.vision_encoder, pre, "fp32")
+
+
+def test_sticky_shards_keep_each_rank_on_its_images() -> None:
+    seen = {}
+    for rank in (0, 1):
+        sampler = ResumableSampler(10, rank, 2, seed=3, sticky=True)
+        orders = []
+        for epoch in range(3):
+            sampler.epoch = epoch
+            orders.append([i for _, i in sampler])
+        assert len({tuple(sorted(o)) for o in orders}) == 1 and len({tuple(o) for o in orders}) > 1
+        seen[rank] = set(orders[0])
+    assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] == set(range(10))
+    resumed = ResumableSampler(10, 0, 2, seed=3, sticky=True)
+    resumed.epoch, resumed.start = 2, 2
+    assert [i for _, i in resumed] == orders_of(0, 2)[2:]
+
+
+def orders_of(rank: int, epoch: int) -> list[int]:
+    sampler = ResumableSampler(10, rank, 2, seed=3, sticky=True)
+    sampler.epoch = epoch
+    return [i for _, i in sampler]
+
+
+def test_feature_cache_needs_a_frozen_encoder() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="featureCache needs a frozen image encoder"):
+        ModelSpec(family="sam2", variant="sam2.1_hiera_tiny", trainable=["image_encoder"], featureCache="memory")
