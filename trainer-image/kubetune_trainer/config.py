@@ -191,6 +191,9 @@ class DataSpec(Section):
     """Validation split, same form as train. Without it, evaluation is skipped."""
     prompts: PromptSpec = PromptSpec()
     """How prompts are generated from masks."""
+    horizontal_flip: bool = True
+    """Flip half the training images left-right. With model.featureCache each image is encoded
+    once per orientation, so turning this off halves the cache and its first-epoch cost."""
     num_workers: int = Field(2, ge=0)
     """DataLoader worker processes per rank."""
 

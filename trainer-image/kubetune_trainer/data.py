@@ -76,7 +76,14 @@ class PromptedMasks(Dataset):
     """Items are (epoch, index) pairs, so the epoch reaches the workers with each index."""
 
     def __init__(
-        self, samples: list[Sample], pre: Preprocess, prompts: PromptSpec, seed: int, train: bool, keyed: bool = False
+        self,
+        samples: list[Sample],
+        pre: Preprocess,
+        prompts: PromptSpec,
+        seed: int,
+        train: bool,
+        keyed: bool = False,
+        flip: bool = True,
     ) -> None:
         self.samples = samples
         self.pre = pre
@@ -84,6 +91,7 @@ class PromptedMasks(Dataset):
         self.seed = seed
         self.train = train
         self.keyed = keyed  # add each image's feature-cache key
+        self.flip = flip
         self._hashes: dict[int, str] = {}
 
     def __len__(self) -> int:
@@ -98,7 +106,8 @@ class PromptedMasks(Dataset):
         shape = self.pre.shape(image.shape[1], image.shape[2])
         image = F.interpolate(image[None].float(), size=shape, mode="bilinear", antialias=True, align_corners=False)[0]
         masks = resize_masks(masks, shape)
-        flipped = self.train and rng.random() < 0.5
+        # Training draws the flip even when flipping is off, so the prompts that follow are the same.
+        flipped = self.train and rng.random() < 0.5 and self.flip
         if flipped:
             image, masks = image.flip(-1), masks.flip(-1)
         if self.train and len(masks) > self.prompts.max_objects:

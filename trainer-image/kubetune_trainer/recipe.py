@@ -93,7 +93,15 @@ def stage_inputs(config: TrainConfig, ctx: DistContext, weights_are_folder: bool
 
 def build_loader(samples: list[Sample], config: TrainConfig, ctx: DistContext, pre: Preprocess) -> DataLoader:
     cached = config.model.feature_cache != "off"
-    dataset = PromptedMasks(samples, pre, config.data.prompts, config.training.seed, train=True, keyed=cached)
+    dataset = PromptedMasks(
+        samples,
+        pre,
+        config.data.prompts,
+        config.training.seed,
+        train=True,
+        keyed=cached,
+        flip=config.data.horizontal_flip,
+    )
     sampler = ResumableSampler(len(samples), ctx.rank, ctx.world_size, config.training.seed, sticky=cached)
     batches = BatchSampler(sampler, config.training.batch_size, drop_last=True)
     steps = len(batches) // config.training.grad_accumulation

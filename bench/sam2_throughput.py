@@ -1,0 +1,265 @@
+"""SAM2 fine-tuning throughput: the common recipe vs kubetune's trainer, side by side in one run.
+
+On the same synthetic images (4 objects each), model and frozen image encoder:
+
+  common    the widely copied recipe: one image per step through SAM2ImagePredictor.set_image,
+            one point per object, fp16 autocast + GradScaler (CUDA), AdamW 1e-5 / 4e-5, BCE +
+            0.05·IoU-score loss at the original resolution;
+  batched   kubetune's `Trainer.run_step`: `--batch` images per step from the DataLoader, the
+            encoder under no_grad, bf16 autocast (CUDA; fp32 on a CPU);
+  cached    the same with `model.featureCache: memory`, timed after one warm epoch (what every
+            epoch after the first costs).
+
+Prints images/s, the ratio to the common recipe, peak GPU memory, and the encoder forward's
+TFLOP/s (FLOPs counted by torch.utils.flop_counter) against the GPU's dense bf16 peak.
+
+    uv run python bench/sam2_throughput.py --out bench/results/sam2-h200.json   # tiny and base_plus
+    uv run python bench/sam2_throughput.py --image-size 64 --images 8 --batch 2 --steps 4 --warmup 1   # CPU smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from kubetune.synthetic import write_coco_dataset
+from kubetune_trainer.annotations import load_image, usable_samples
+from kubetune_trainer.config import TrainConfig
+from kubetune_trainer.distributed import autocast, init
+from kubetune_trainer.engine import Trainer
+from kubetune_trainer.feature_cache import FeatureCache
+from kubetune_trainer.recipe import build_loader, build_optimizer
+from kubetune_trainer.sam2_segmenter import Sam2Segmenter
+from kubetune_trainer.schedules import build_scheduler
+from torch.utils.flop_counter import FlopCounterMode
+
+# Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, by device-name fragment.
+BF16_PEAK = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1}
+OBJECTS = 4
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def reset_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def make_config(root: Path, args: argparse.Namespace, variant: str, cache: str) -> TrainConfig:
+    return TrainConfig.model_validate(
+        {
+            "model": {"family": "sam2", "variant": variant, "imageSize": args.image_size, "featureCache": cache},
+            "data": {
+                "source": f"file://{root}/",
+                "format": "coco",
+                "train": "train/annotations.json",
+                "numWorkers": args.workers,
+                "horizontalFlip": False,  # the common recipe does not flip either
+                "prompts": {"type": "points", "positivePoints": 1, "maxObjects": OBJECTS},
+            },
+            "training": {
+                "maxSteps": 10**6,
+                "batchSize": args.batch,
+                "precision": args.precision,
+                "loss": "simple",
+                "schedule": {"type": "constant"},
+            },
+            "output": {"uri": "file:///unused/"},
+        }
+    ).with_defaults()
+
+
+def build_model(config: TrainConfig, device: torch.device):
+    torch.manual_seed(0)
+    return Sam2Segmenter().build(config.model, None).to(device)
+
+
+def common_recipe(root: Path, args: argparse.Namespace, variant: str, device: torch.device) -> dict:
+    """One image per step through SAM2ImagePredictor, as the popular fine-tuning scripts do."""
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    config = make_config(root, args, variant, "off")
+    model = build_model(config, device).sam
+    predictor = SAM2ImagePredictor(model)
+    size = args.image_size
+    predictor._bb_feat_sizes = [(size // 4, size // 4), (size // 8, size // 8), (size // 16, size // 16)]
+    model.sam_mask_decoder.train(True)
+    model.sam_prompt_encoder.train(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=4e-5)
+    cuda = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda)
+    samples = usable_samples("coco", root, "train/annotations.json")
+    rng = np.random.default_rng(0)
+    times = []
+    for step in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        sample = samples[step % len(samples)]
+        image = load_image(sample.image)
+        masks = sample.masks(*image.shape[:2])[:OBJECTS]
+        points = np.stack([np.argwhere(m)[rng.integers(len(np.argwhere(m)))][::-1] for m in masks])[:, None]
+        with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
+            predictor.set_image(image)
+            _, coords, labels, _ = predictor._prep_prompts(
+                points, np.ones((len(masks), 1)), box=None, mask_logits=None, normalize_coords=True
+            )
+            sparse, dense = model.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+            high_res = [f[-1].unsqueeze(0) for f in predictor._features["high_res_feats"]]
+            low_res, scores, _, _ = model.sam_mask_decoder(
+                image_embeddings=predictor._features["image_embed"][-1].unsqueeze(0),
+                image_pe=model.sam_prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=True,
+                repeat_image=True,
+                high_res_features=high_res,
+            )
+            prd = torch.sigmoid(predictor._transforms.postprocess_masks(low_res, predictor._orig_hw[-1])[:, 0])
+            gt = torch.as_tensor(masks, device=device).float()
+            seg_loss = (-gt * torch.log(prd + 1e-5) - (1 - gt) * torch.log(1 - prd + 1e-5)).mean()
+            inter = (gt * (prd > 0.5)).sum((1, 2))
+            iou = inter / (gt.sum((1, 2)) + (prd > 0.5).sum((1, 2)) - inter).clamp(min=1)
+            loss = seg_loss + 0.05 * (scores[:, 0] - iou).abs().mean()
+        optimizer.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        sync(device)
+        if step == args.warmup - 1:
+            reset_memory(device)
+        times.append(time.perf_counter() - start)
+    timed = times[args.warmup :]
+    return {"images_per_second": len(timed) / sum(timed), "peak_gib": peak_memory(device)}
+
+
+def kubetune(root: Path, args: argparse.Namespace, variant: str, device: torch.device, cache: str) -> dict:
+    """The trainer's own step; with a cache, one untimed epoch fills it first."""
+    config = make_config(root, args, variant, cache)
+    ctx = init()
+    module = build_model(config, device)
+    pre = Sam2Segmenter().preprocess(config.model, None)
+    if cache != "off":
+        module.cache = FeatureCache(cache, "bench", device)
+    loader = build_loader(usable_samples("coco", root, "train/annotations.json"), config, ctx, pre)
+    optimizer = build_optimizer([p for p in module.parameters() if p.requires_grad], config, 1)
+    steps = args.warmup + args.steps
+    trainer = Trainer(
+        module,
+        optimizer,
+        build_scheduler(optimizer, config.training.schedule, 10**6),
+        loader,
+        config.training,
+        10**6,
+        ctx,
+        True,
+    )
+    trainer.model.train()
+    warm = len(loader) if cache != "off" else 0
+    for _ in range(warm):
+        trainer.run_step()
+    times = []
+    for step in range(steps):
+        start = time.perf_counter()
+        trainer.run_step()
+        sync(device)
+        if step == args.warmup - 1:
+            reset_memory(device)
+        times.append(time.perf_counter() - start)
+    timed = times[args.warmup :]
+    result = {"images_per_second": args.batch * len(timed) / sum(timed), "peak_gib": peak_memory(device)}
+    if module.cache is not None:
+        result["cache_hits"], result["cache_misses"] = module.cache.hits, module.cache.misses
+    return result
+
+
+def encoder_tflops(args: argparse.Namespace, variant: str, device: torch.device) -> dict:
+    """The frozen image encoder's forward on one batch: FLOPs counted, then timed."""
+    config = make_config(Path("/unused"), args, variant, "off")
+    encoder = build_model(config, device).sam.image_encoder.eval()
+    images = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
+    with torch.no_grad(), autocast(args.precision, device):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            encoder(images)
+        flops = counter.get_total_flops()
+        for _ in range(2):
+            encoder(images)
+        sync(device)
+        start = time.perf_counter()
+        repeats = max(args.steps, 3)
+        for _ in range(repeats):
+            encoder(images)
+        sync(device)
+    seconds = (time.perf_counter() - start) / repeats
+    tflops = flops / seconds / 1e12
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    peak = next((v for k, v in BF16_PEAK.items() if k in name), None)
+    return {"gflop_per_batch": flops / 1e9, "tflops": tflops, "bf16_peak_fraction": tflops / peak if peak else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default="sam2.1_hiera_tiny,sam2.1_hiera_base_plus")
+    parser.add_argument("--image-size", type=int, default=1024)
+    parser.add_argument("--images", type=int, default=64, help="synthetic training images")
+    parser.add_argument("--batch", type=int, default=16, help="images per step for kubetune")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per mode")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--precision", default=None, help="kubetune's precision (default: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+    device = init().device
+    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_coco_dataset(Path(tmp), train=args.images, val=1, size=args.image_size, seed=0)
+        for variant in args.variants.split(","):
+            row = {"variant": variant, "common": common_recipe(root, args, variant, device)}
+            row["batched"] = kubetune(root, args, variant, device, "off")
+            row["cached"] = kubetune(root, args, variant, device, "memory")
+            row["encoder"] = encoder_tflops(args, variant, device)
+            base = row["common"]["images_per_second"]
+            for mode in ("batched", "cached"):
+                row[mode]["ratio"] = row[mode]["images_per_second"] / base
+            results.append(row)
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU"
+    print(
+        f"\n{hardware}, {args.image_size} px, kubetune batch {args.batch} ({args.precision}), {args.steps} timed steps"
+    )
+    print(f"{'variant':28} {'mode':8} {'images/s':>9} {'ratio':>7} {'peak GiB':>9}")
+    for row in results:
+        for mode in ("common", "batched", "cached"):
+            r = row[mode]
+            peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
+            print(f"{row['variant']:28} {mode:8} {r['images_per_second']:9.2f} {r.get('ratio', 1.0):7.2f} {peak:>9}")
+        e = row["encoder"]
+        fraction = f", {100 * e['bf16_peak_fraction']:.1f} % of bf16 peak" if e["bf16_peak_fraction"] else ""
+        work = f"{e['gflop_per_batch']:.1f} GFLOP/batch, {e['tflops']:.3f} TFLOP/s"
+        print(f"{row['variant']:28} encoder forward: {work}{fraction}")
+    if args.out:
+        meta = {
+            "date": datetime.now(UTC).date().isoformat(),
+            "hardware": hardware,
+            "args": vars(args) | {"out": str(args.out)},
+        }
+        args.out.write_text(json.dumps({**meta, "results": results}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
