@@ -32,6 +32,20 @@ def test_stage_downloads_then_skips(s3_endpoint: str, tiny_coco_s3: str, tiny_co
     assert third.downloaded == 1 and victim.read_bytes() == (tiny_coco / files[0]).read_bytes()
 
 
+def test_files_staged_before_a_kill_are_not_downloaded_again(
+    s3_endpoint: str, tiny_coco_s3: str, tmp_path: Path
+) -> None:
+    store = open_store(tiny_coco_s3, StorageSpec(endpoint=s3_endpoint))
+    first = stage(store, tmp_path)
+    (first.root / INDEX_NAME).unlink()  # killed after the downloads, before the index was written
+    half = sorted(p for p in first.root.rglob("*.jpg"))[: first.downloaded // 3]
+    for path in half:  # ... or before these downloads finished: their .partial never got renamed
+        path.unlink()
+    again = stage(store, tmp_path)
+    assert again.downloaded == len(half) and again.skipped == first.downloaded - len(half)
+    assert stage(store, tmp_path).downloaded == 0
+
+
 def test_multipart_etag_is_verified(s3, bucket: str, tmp_path: Path) -> None:
     big = tmp_path / "weights.bin"
     big.write_bytes(bytes(range(256)) * (40 * 1024 * 4))  # 40 MiB

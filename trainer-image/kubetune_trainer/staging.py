@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,17 +55,12 @@ def stage(store: ObjectStore, cache_root: Path, workers: int = 16) -> StageRepor
     todo = [o for o in objects if not _is_current(root, o, index)]
     log.info("staging", source=store.uri, cache=str(root), objects=len(objects), to_download=len(todo))
 
-    def fetch(obj: ObjectInfo) -> ObjectInfo:
+    for obj in store.download_many(todo, root, workers):  # verified while the rest download
         dest = root / obj.key
-        store.download(obj.key, dest)
         if dest.stat().st_size != obj.size or not etag_matches(dest, obj.etag):
             dest.unlink(missing_ok=True)
             raise DataError(f"{store.uri}{obj.key}: downloaded file does not match its size/ETag")
-        return obj
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for obj in pool.map(fetch, todo):
-            index[obj.key] = {"size": obj.size, "etag": obj.etag}
+        index[obj.key] = {"size": obj.size, "etag": obj.etag}
     tmp = index_path.with_name(f"{INDEX_NAME}.{os.getpid()}")
     tmp.write_text(json.dumps(index))
     os.replace(tmp, index_path)  # the node's other ranks may be reading it
@@ -74,9 +68,17 @@ def stage(store: ObjectStore, cache_root: Path, workers: int = 16) -> StageRepor
 
 
 def _is_current(root: Path, obj: ObjectInfo, index: dict) -> bool:
+    """Indexed with this size and ETag, or (a staging killed before it wrote the index) a
+    complete file whose content has the ETag: downloads land under a .partial name first."""
     path = root / obj.key
-    seen = index.get(obj.key)
-    return path.is_file() and path.stat().st_size == obj.size and seen == {"size": obj.size, "etag": obj.etag}
+    if not path.is_file() or path.stat().st_size != obj.size:
+        return False
+    if index.get(obj.key) == {"size": obj.size, "etag": obj.etag}:
+        return True
+    if obj.etag and etag_matches(path, obj.etag):
+        index[obj.key] = {"size": obj.size, "etag": obj.etag}
+        return True
+    return False
 
 
 def fetch_object(store: ObjectStore, key: str, cache_root: Path) -> Path:
