@@ -8,7 +8,9 @@ On the same synthetic images (4 objects each), model and frozen image encoder:
   batched   kubetune's `Trainer.run_step`: `--batch` images per step from the DataLoader, the
             encoder under no_grad, bf16 autocast (CUDA; fp32 on a CPU);
   cached    the same with `model.featureCache: memory`, timed after one warm epoch (what every
-            epoch after the first costs).
+            epoch after the first costs);
+  full      a full fine-tune: the image encoder trains too, `--full-batch` images per step;
+  full-ckpt the same with `model.gradientCheckpointing` (less memory, more compute).
 
 Prints images/s, the ratio to the common recipe, peak GPU memory, and the encoder forward's
 TFLOP/s (FLOPs counted by torch.utils.flop_counter) against the GPU's dense bf16 peak.
@@ -43,6 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, by device-name fragment.
 BF16_PEAK = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1}
 OBJECTS = 4
+MODES = ("common", "batched", "cached", "full", "full-ckpt")
 
 
 def sync(device: torch.device) -> None:
@@ -60,10 +63,20 @@ def reset_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def make_config(root: Path, args: argparse.Namespace, variant: str, cache: str) -> TrainConfig:
+def make_config(
+    root: Path, args: argparse.Namespace, variant: str, cache: str, full: bool = False, recompute: bool = False
+) -> TrainConfig:
+    trainable = ["mask_decoder", "prompt_encoder"] + (["image_encoder"] if full else [])
     return TrainConfig.model_validate(
         {
-            "model": {"family": "sam2", "variant": variant, "imageSize": args.image_size, "featureCache": cache},
+            "model": {
+                "family": "sam2",
+                "variant": variant,
+                "imageSize": args.image_size,
+                "featureCache": cache,
+                "trainable": trainable,
+                "gradientCheckpointing": recompute,
+            },
             "data": {
                 "source": f"file://{root}/",
                 "format": "coco",
@@ -74,7 +87,7 @@ def make_config(root: Path, args: argparse.Namespace, variant: str, cache: str) 
             },
             "training": {
                 "maxSteps": 10**6,
-                "batchSize": args.batch,
+                "batchSize": args.full_batch if full else args.batch,
                 "precision": args.precision,
                 "loss": "simple",
                 "schedule": {"type": "constant"},
@@ -147,11 +160,21 @@ def common_recipe(root: Path, args: argparse.Namespace, variant: str, device: to
     return {"images_per_second": len(timed) / sum(timed), "peak_gib": peak_memory(device)}
 
 
-def kubetune(root: Path, args: argparse.Namespace, variant: str, device: torch.device, cache: str) -> dict:
+def kubetune(
+    root: Path,
+    args: argparse.Namespace,
+    variant: str,
+    device: torch.device,
+    cache: str,
+    full: bool = False,
+    recompute: bool = False,
+) -> dict:
     """The trainer's own step; with a cache, one untimed epoch fills it first."""
-    config = make_config(root, args, variant, cache)
+    config = make_config(root, args, variant, cache, full, recompute)
     ctx = init()
     module = build_model(config, device)
+    if recompute:
+        Sam2Segmenter().checkpoint_encoder(module)
     pre = Sam2Segmenter().preprocess(config.model, None)
     if cache != "off":
         module.cache = FeatureCache(cache, "bench", device)
@@ -181,7 +204,8 @@ def kubetune(root: Path, args: argparse.Namespace, variant: str, device: torch.d
             reset_memory(device)
         times.append(time.perf_counter() - start)
     timed = times[args.warmup :]
-    result = {"images_per_second": args.batch * len(timed) / sum(timed), "peak_gib": peak_memory(device)}
+    batch = config.training.batch_size
+    result = {"images_per_second": batch * len(timed) / sum(timed), "peak_gib": peak_memory(device), "batch": batch}
     if module.cache is not None:
         result["cache_hits"], result["cache_misses"] = module.cache.hits, module.cache.misses
     return result
@@ -218,6 +242,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=1024)
     parser.add_argument("--images", type=int, default=64, help="synthetic training images")
     parser.add_argument("--batch", type=int, default=16, help="images per step for kubetune")
+    parser.add_argument("--full-batch", type=int, default=4, help="images per step for the full fine-tune")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per mode")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--workers", type=int, default=8)
@@ -233,21 +258,23 @@ def main() -> None:
             row = {"variant": variant, "common": common_recipe(root, args, variant, device)}
             row["batched"] = kubetune(root, args, variant, device, "off")
             row["cached"] = kubetune(root, args, variant, device, "memory")
+            row["full"] = kubetune(root, args, variant, device, "off", full=True)
+            row["full-ckpt"] = kubetune(root, args, variant, device, "off", full=True, recompute=True)
             row["encoder"] = encoder_tflops(args, variant, device)
             base = row["common"]["images_per_second"]
-            for mode in ("batched", "cached"):
+            for mode in MODES[1:]:
                 row[mode]["ratio"] = row[mode]["images_per_second"] / base
             results.append(row)
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU"
     print(
         f"\n{hardware}, {args.image_size} px, kubetune batch {args.batch} ({args.precision}), {args.steps} timed steps"
     )
-    print(f"{'variant':28} {'mode':8} {'images/s':>9} {'ratio':>7} {'peak GiB':>9}")
+    print(f"{'variant':28} {'mode':9} {'images/s':>9} {'ratio':>7} {'peak GiB':>9}")
     for row in results:
-        for mode in ("common", "batched", "cached"):
+        for mode in MODES:
             r = row[mode]
             peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
-            print(f"{row['variant']:28} {mode:8} {r['images_per_second']:9.2f} {r.get('ratio', 1.0):7.2f} {peak:>9}")
+            print(f"{row['variant']:28} {mode:9} {r['images_per_second']:9.2f} {r.get('ratio', 1.0):7.2f} {peak:>9}")
         e = row["encoder"]
         fraction = f", {100 * e['bf16_peak_fraction']:.1f} % of bf16 peak" if e["bf16_peak_fraction"] else ""
         work = f"{e['gflop_per_batch']:.1f} GFLOP/batch, {e['tflops']:.3f} TFLOP/s"

@@ -120,3 +120,39 @@ def test_feature_cache_needs_a_frozen_encoder() -> None:
 
     with pytest.raises(ValidationError, match="featureCache needs a frozen image encoder"):
         ModelSpec(family="sam2", variant="sam2.1_hiera_tiny", trainable=["image_encoder"], featureCache="memory")
+
+
+@pytest.mark.parametrize("family", ["sam2", "sam"])
+def test_gradient_checkpointing_gives_the_same_gradients(family: str, tiny_coco: Path, tmp_path: Path) -> None:
+    """Recomputing the encoder in backward changes memory, not results, nor the saved keys."""
+    write_tiny_sam(tmp_path / "base")
+    samples = usable_samples("coco", tiny_coco, "train/annotations.json")
+    grads = []
+    for recompute in (False, True):
+        if family == "sam2":
+            seg, spec, weights = (
+                Sam2Segmenter(),
+                ModelSpec(family="sam2", variant="sam2.1_hiera_tiny", imageSize=64),
+                None,
+            )
+        else:
+            seg, spec, weights = (
+                SamSegmenter(),
+                ModelSpec(family="sam", variant="vit-base", imageSize=64),
+                tmp_path / "base",
+            )
+        spec = spec.model_copy(update={"trainable": ["mask_decoder", "image_encoder"]})
+        torch.manual_seed(0)
+        module = seg.build(spec, weights)
+        keys = list(module.state_dict())
+        if recompute:
+            seg.checkpoint_encoder(module)
+            assert list(module.state_dict()) == keys
+        dataset = PromptedMasks(samples, seg.preprocess(spec, weights), PromptSpec(), 0, True)
+        batch = collate([dataset[(0, 0)], dataset[(0, 1)]])
+        module.train()
+        compute_loss(module(batch), batch.masks, "sam2").total.backward()
+        grads.append({n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None})
+    encoder = [n for n in grads[0] if "image_encoder" in n or "vision_encoder" in n]
+    assert encoder and grads[0].keys() == grads[1].keys()
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])

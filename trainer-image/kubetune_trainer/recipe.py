@@ -177,6 +177,8 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dic
     module = segmenter.build(config.model, inputs.weights).to(ctx.device)
     pre = segmenter.preprocess(config.model, inputs.weights)
     frozen = freeze_unused(segmenter, module, config)
+    if config.model.gradient_checkpointing:
+        segmenter.checkpoint_encoder(module)
     if config.model.feature_cache != "off":
         encoder = getattr(module.sam, module.encoder_name)
         namespace = fingerprint(encoder, pre, config.training.precision)
@@ -184,7 +186,15 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dic
     model = module
     if ctx.world_size > 1:
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        model = DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+        # Gradients live in the all-reduce buckets (no copy); with one micro-batch per step the
+        # graph is static, which lets DDP skip its search for unused parameters.
+        model = DistributedDataParallel(
+            module,
+            device_ids=ids,
+            broadcast_buffers=False,
+            gradient_as_bucket_view=True,
+            static_graph=config.training.grad_accumulation == 1,
+        )
     loader = build_loader(inputs.train, config, ctx, pre)
     training = config.training
     per_epoch = len(loader) // training.grad_accumulation

@@ -13,6 +13,7 @@ from pathlib import Path
 import structlog
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import SAM2_VARIANTS, ModelSpec
 from .data import Batch, Preprocess
@@ -99,11 +100,26 @@ class Sam2Segmenter:
             parts["object"] = list(decoder.pred_obj_score_head.parameters())
         return parts
 
+    def checkpoint_encoder(self, model: nn.Module) -> None:
+        """Each Hiera block recomputed in backward; its forward is wrapped in place, so the
+        state dict keeps Meta's key names."""
+        for block in model.sam.image_encoder.trunk.blocks:
+            block.forward = _recomputed(block.forward)
+
     def save_native(self, model: nn.Module, folder: Path, pre: Preprocess) -> str:
         """Meta's {"model": state_dict}, which `build_sam2(config, ckpt_path=...)` loads."""
         inner = model.module if hasattr(model, "module") else model
         torch.save({"model": inner.sam.state_dict()}, folder / "model.pt")
         return "model.pt"
+
+
+def _recomputed(forward):
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
 
 
 def load_weights(sam: nn.Module, path: Path, variant: str) -> None:

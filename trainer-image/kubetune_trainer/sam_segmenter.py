@@ -189,6 +189,10 @@ class SamSegmenter:
             "box": [*embed[2].parameters(), *embed[3].parameters()],
         }
 
+    def checkpoint_encoder(self, model: nn.Module) -> None:
+        """transformers' own gradient checkpointing of the vision layers."""
+        model.sam.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
     def save_native(self, model: nn.Module, folder: Path, pre: Preprocess) -> str:
         """`SamModel.from_pretrained(folder/model)` and `SamProcessor.from_pretrained` both work."""
         from transformers import SamImageProcessor, SamProcessor

@@ -70,6 +70,9 @@ class Segmenter(Protocol):
         """Parameters reached only by some losses ("iou", "object") or prompt kinds ("points",
         "box"); the recipe freezes those a run does not use, so DDP never waits for them."""
 
+    def checkpoint_encoder(self, model: nn.Module) -> None:
+        """Recompute the image encoder's blocks in backward (model.gradientCheckpointing)."""
+
     def save_native(self, model: nn.Module, folder: Path, pre: Preprocess) -> str:
         """Write the weights into `folder` in the format the family's own loader reads; return the
         name of what was written (a file, or a folder ending in /)."""
