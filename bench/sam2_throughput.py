@@ -63,6 +63,20 @@ def reset_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def timed(step, args: argparse.Namespace, device: torch.device) -> list[float]:
+    """Seconds of each of `args.steps` calls of step(n), after `args.warmup` untimed ones (peak
+    memory counts from the first timed step)."""
+    times = []
+    for n in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        step(n)
+        sync(device)
+        if n == args.warmup - 1:
+            reset_memory(device)
+        times.append(time.perf_counter() - start)
+    return times[args.warmup :]
+
+
 def make_config(
     root: Path, args: argparse.Namespace, variant: str, cache: str, full: bool = False, recompute: bool = False
 ) -> TrainConfig:
@@ -119,10 +133,9 @@ def common_recipe(root: Path, args: argparse.Namespace, variant: str, device: to
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
     samples = usable_samples("coco", root, "train/annotations.json")
     rng = np.random.default_rng(0)
-    times = []
-    for step in range(args.warmup + args.steps):
-        start = time.perf_counter()
-        sample = samples[step % len(samples)]
+
+    def step(n: int) -> None:
+        sample = samples[n % len(samples)]
         image = load_image(sample.image)
         masks = sample.masks(*image.shape[:2])[:OBJECTS]
         points = np.stack([np.argwhere(m)[rng.integers(len(np.argwhere(m)))][::-1] for m in masks])[:, None]
@@ -152,12 +165,9 @@ def common_recipe(root: Path, args: argparse.Namespace, variant: str, device: to
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        sync(device)
-        if step == args.warmup - 1:
-            reset_memory(device)
-        times.append(time.perf_counter() - start)
-    timed = times[args.warmup :]
-    return {"images_per_second": len(timed) / sum(timed), "peak_gib": peak_memory(device)}
+
+    seconds = timed(step, args, device)
+    return {"images_per_second": len(seconds) / sum(seconds), "peak_gib": peak_memory(device)}
 
 
 def kubetune(
@@ -180,7 +190,6 @@ def kubetune(
         module.cache = FeatureCache(cache, "bench", device)
     loader = build_loader(usable_samples("coco", root, "train/annotations.json"), config, ctx, pre)
     optimizer = build_optimizer([p for p in module.parameters() if p.requires_grad], config, 1)
-    steps = args.warmup + args.steps
     trainer = Trainer(
         module,
         optimizer,
@@ -195,17 +204,9 @@ def kubetune(
     warm = len(loader) if cache != "off" else 0
     for _ in range(warm):
         trainer.run_step()
-    times = []
-    for step in range(steps):
-        start = time.perf_counter()
-        trainer.run_step()
-        sync(device)
-        if step == args.warmup - 1:
-            reset_memory(device)
-        times.append(time.perf_counter() - start)
-    timed = times[args.warmup :]
+    seconds = timed(lambda _: trainer.run_step(), args, device)
     batch = config.training.batch_size
-    result = {"images_per_second": batch * len(timed) / sum(timed), "peak_gib": peak_memory(device), "batch": batch}
+    result = {"images_per_second": batch * len(seconds) / sum(seconds), "peak_gib": peak_memory(device), "batch": batch}
     if module.cache is not None:
         result["cache_hits"], result["cache_misses"] = module.cache.hits, module.cache.misses
     return result

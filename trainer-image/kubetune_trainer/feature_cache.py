@@ -32,7 +32,7 @@ def fingerprint(encoder: nn.Module, pre: Preprocess, precision: str) -> str:
     digest = hashlib.blake2b(digest_size=12)
     for name, tensor in encoder.state_dict().items():
         digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy())  # no byte copy
     digest.update(repr((astuple(pre), precision)).encode())
     return digest.hexdigest()
 

@@ -72,8 +72,8 @@ def stage_files(config: TrainConfig, ctx: DistContext, weights_are_folder: bool 
     downloaded = report.bytes_downloaded
     weights = None
     if config.model.checkpoint and weights_are_folder:  # a transformers model folder
-        uri = config.model.checkpoint.rstrip("/") + "/"
-        folder = distributed.leader_first(ctx, lambda: stage(open_store(uri, config.storage), root))
+        store = open_store(config.model.checkpoint, config.storage)  # a folder URI, "/" or not
+        folder = distributed.leader_first(ctx, lambda: stage(store, root))
         weights, downloaded = folder.root, downloaded + folder.bytes_downloaded
     elif config.model.checkpoint:
         folder, key = split_object_uri(config.model.checkpoint)
@@ -268,7 +268,7 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dic
         start_step=trainer.state.step,
         precision=training.precision,
         loss=training.loss,
-        trainable=list(config.model.trainable or ()),
+        trainable=config.model.trainable,
         frozen_unused=frozen,
         world_size=ctx.world_size,
         device=str(ctx.device),
