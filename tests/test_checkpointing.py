@@ -73,3 +73,29 @@ def test_loads_refuse_pickled_code(output, tmp_path: Path) -> None:
     ckpt.save(1, {"payload": Evil()})
     with pytest.raises(Exception, match="[Ww]eights only load failed"):
         ckpt.load(1)
+
+
+def test_the_metric_log_inside_a_checkpoint_ends_at_its_step(tiny_coco: Path, tmp_path: Path) -> None:
+    """A kill right after a checkpoint completes must not lose history: the log the resumed run
+    continues is the one inside the checkpoint, and it already holds the checkpoint step's row."""
+    from kubetune_trainer.events import JsonlWriter
+    from kubetune_trainer.hooks import CheckpointHook, WriterHook
+
+    from .test_amp import make_trainer
+
+    store = open_store(f"file://{tmp_path}/out/", StorageSpec())
+    ckpt = Checkpointer(store, tmp_path / "cache", keep_last=5)
+    trainer = make_trainer(tiny_coco, "fp32")
+    log = tmp_path / "metrics.jsonl"
+    writer = WriterHook([JsonlWriter(log)])
+    trainer.hooks += [CheckpointHook(ckpt, 2, True, {"metrics.jsonl": log}, writer.flush), writer]
+    trainer.train()
+
+    assert ckpt.complete_steps() == [2, 3]
+    inside = tmp_path / "restored.jsonl"
+    assert ckpt.fetch_extra(2, "metrics.jsonl", inside)
+    rows = [json.loads(line) for line in inside.read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]  # step 2's own row is there
+    assert max(r["step"] for r in rows) == 2  # and nothing from later steps
+    final = [json.loads(line) for line in log.read_text().splitlines()]
+    assert final[-1]["step"] == 3 and final[-1]["checkpoint/last_step"] == 3

@@ -91,8 +91,10 @@ def test_two_process_run_on_s3(start_run, s3, s3_endpoint: str, tiny_coco_s3: st
     keys = objects(s3, bucket, "out/")
     assert keys == [
         "checkpoints/step-00000006/manifest.json",
+        "checkpoints/step-00000006/metrics.jsonl",  # the history that matches this state
         "checkpoints/step-00000006/state.pt",
         "checkpoints/step-00000008/manifest.json",
+        "checkpoints/step-00000008/metrics.jsonl",
         "checkpoints/step-00000008/state.pt",
         "final/config.json",
         "final/model.pt",

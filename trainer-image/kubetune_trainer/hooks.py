@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import structlog
 
@@ -79,12 +80,23 @@ class EvalHook(Hook):
 
 
 class CheckpointHook(Hook):
-    """Rank 0 writes a checkpoint every `every` steps and at the end of training."""
+    """Rank 0 writes a checkpoint every `every` steps and at the end of training.
+
+    `extras` (the metric log) go inside the checkpoint, so a run killed at any moment resumes
+    with the history that matches its state; `before_save` lets the step's own row land first."""
 
     def __init__(
-        self, checkpointer: Checkpointer, every: int | None, is_writer: bool, on_saved: Callable[[], None] | None = None
+        self,
+        checkpointer: Checkpointer,
+        every: int | None,
+        is_writer: bool,
+        extras: dict[str, Path] | None = None,
+        before_save: Callable[[Trainer], None] | None = None,
+        on_saved: Callable[[], None] | None = None,
     ) -> None:
         self.checkpointer = checkpointer
+        self.extras = extras or {}
+        self.before_save = before_save
         self.on_saved = on_saved
         self.every = every
         self.is_writer = is_writer
@@ -96,8 +108,10 @@ class CheckpointHook(Hook):
         if step == self.last_saved:
             return
         self.last_saved = step
+        if self.before_save:
+            self.before_save(trainer)
         if self.is_writer:
-            saved = self.checkpointer.save(step, trainer.state_dict())
+            saved = self.checkpointer.save(step, trainer.state_dict(), self.extras)
             self.last_uri = saved.uri
             trainer.storage.observe("checkpoint_seconds", saved.seconds)
             trainer.storage.inc("s3_bytes/upload", saved.bytes)
@@ -124,18 +138,18 @@ class WriterHook(Hook):
     def __init__(self, writers: list[EventWriter]) -> None:
         self.writers = writers
 
-    def _flush(self, trainer: Trainer) -> None:
+    def flush(self, trainer: Trainer) -> None:
         snap = trainer.storage.drain()
         for writer in self.writers:
             writer.write(snap)
 
     def before_train(self, trainer: Trainer) -> None:
-        self._flush(trainer)
+        self.flush(trainer)
 
     def after_step(self, trainer: Trainer) -> None:
-        self._flush(trainer)
+        self.flush(trainer)
 
     def after_train(self, trainer: Trainer) -> None:
-        self._flush(trainer)
+        self.flush(trainer)
         for writer in self.writers:
             writer.close()

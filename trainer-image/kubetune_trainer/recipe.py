@@ -11,7 +11,6 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -223,7 +222,7 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dic
         trainer.load_state_dict(state)
         log.info("resumed", step=latest, epoch=trainer.state.epoch, uri=f"{output.uri}checkpoints/step-{latest:08d}/")
         if ctx.is_main:
-            restore_metrics_log(output, metrics_log, lambda row: row["step"] <= latest)
+            checkpointer.fetch_extra(latest, METRICS_FILE, metrics_log)
 
     eval_hook = None
     if inputs.validation:
@@ -246,18 +245,21 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dic
         trainer.hooks.append(eval_hook)
     elif training.early_stopping:
         log.warning("early stopping is off: there is no validation split (data.validation)")
-    # The metric log travels with each checkpoint, so a resumed run continues one history.
+    writers = [metrics]
+    if ctx.is_main:
+        writers += [JsonlWriter(metrics_log), TerminalWriter(total, trainer.state.step)]
+    writer_hook = WriterHook(writers)
+    # The metric log travels inside each checkpoint, so a resumed run continues one history; a
+    # copy at the output root is what users read while the job runs.
     ckpt_hook = CheckpointHook(
         checkpointer,
         config.output.checkpoint_every,
         ctx.is_main,
+        extras={METRICS_FILE: metrics_log},
+        before_save=writer_hook.flush,
         on_saved=lambda: output.upload(metrics_log, METRICS_FILE),
     )
-    trainer.hooks.append(ckpt_hook)
-    writers = [metrics]
-    if ctx.is_main:
-        writers += [JsonlWriter(metrics_log), TerminalWriter(total, trainer.state.step)]
-    trainer.hooks.append(WriterHook(writers))
+    trainer.hooks += [ckpt_hook, writer_hook]
     log.info(
         "training",
         family=config.model.family,
@@ -299,14 +301,6 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dic
         _publish(output, segmenter, module, pre, config, report, workdir)
     distributed.barrier()
     return report
-
-
-def restore_metrics_log(output: ObjectStore, path: Path, keep: Callable[[dict], bool]) -> None:
-    """Continue the previous run's metric log (one JSON object a line) with the rows `keep` accepts."""
-    if not output.list(path.name):
-        return
-    lines = output.get_bytes(path.name).decode().splitlines()
-    path.write_text("".join(line + "\n" for line in lines if line.strip() and keep(json.loads(line))))
 
 
 def _publish(
