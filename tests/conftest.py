@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -170,3 +172,22 @@ def write_tiny_sam(folder: Path, seed: int = 123) -> dict:
     reset_positional_encoding(model)
     model.save_pretrained(folder)
     return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def free_port_run(count: int) -> int:
+    """A base port with `count` consecutive free ports (ranks serve /metrics on base + local
+    rank). Drawn below the kernel's ephemeral range, where client sockets of the same test
+    (boto3, torchrun's rendezvous) would otherwise take base + 1 now and then."""
+    for _ in range(200):
+        base = random.randrange(20000, 32000 - count)
+        sockets = [socket.socket() for _ in range(count)]
+        try:
+            for offset, sock in enumerate(sockets):
+                sock.bind(("", base + offset))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError(f"no {count} consecutive free ports in 20000-32000")

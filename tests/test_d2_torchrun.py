@@ -13,12 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from kubetune.s3server import free_port, upload_tree
+from kubetune.s3server import upload_tree
 from kubetune_trainer.d2_runtime import INSTALL_HINT, require_detectron2
 from kubetune_trainer.errors import ConfigError
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from .conftest import free_port_run
 from .test_torchrun_e2e import DOCUMENTED, kill_after_first_checkpoint, objects, scrape
 
 try:
@@ -73,7 +74,7 @@ def test_missing_detectron2_says_how_to_install(monkeypatch) -> None:
 @needs_d2
 @pytest.mark.slow
 def test_mask_rcnn_two_processes_kill_9_resume(start_run, s3, s3_endpoint, tiny_coco_s3, bucket, tmp_path) -> None:
-    port = free_port()
+    port = free_port_run(2)
     spec = d2_spec(
         tiny_coco_s3,
         "train/annotations.json",

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from kubetune.s3server import free_port
 from kubetune_operator.observing import parse_metrics, progress_from
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import kill_tree, tiny_spec
+from .conftest import free_port_run, kill_tree, tiny_spec
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +62,7 @@ def objects(s3, bucket: str, prefix: str) -> list[str]:
 
 
 def test_two_process_run_on_s3(start_run, s3, s3_endpoint: str, tiny_coco_s3: str, bucket: str, tmp_path: Path) -> None:
-    port = free_port()
+    port = free_port_run(2)
     base = make_base_weights(tmp_path / "base.pt")
     s3.upload_file(str(tmp_path / "base.pt"), bucket, "models/base.pt")
     spec = tiny_spec(tiny_coco_s3, f"s3://{bucket}/out/", s3_endpoint, maxSteps=8, evalEvery=4)
