@@ -29,22 +29,38 @@ def build(family: str, base: Path):
     return seg.build(spec, weights), seg.preprocess(spec, weights)
 
 
-def train(module, pre: Preprocess, samples, epochs: int, keyed: bool) -> list[float]:
-    """The trainer's data path (seeded flips, prompts, order) and plain Adam steps."""
-    dataset = PromptedMasks(samples, pre, PromptSpec(), seed=0, train=True, keyed=keyed)
+def train(
+    module, pre: Preprocess, samples, epochs: int, keyed: bool, flip: bool = True, workers: int = 0, decoded=None
+) -> list[float]:
+    """The trainer's data path (seeded flips, prompts, order; with a disk cache the loader reads
+    warm entries instead of decoding) and plain Adam steps. `decoded` gets the images decoded per epoch."""
+    disk = module.cache.disk if module.cache is not None else None
+    dataset = PromptedMasks(
+        samples, pre, PromptSpec(), seed=0, train=True, keyed=keyed, flip=flip, cached=disk.read if disk else None
+    )
     sampler = ResumableSampler(len(samples), 0, 1, seed=0, sticky=keyed)
-    loader = DataLoader(dataset, batch_sampler=BatchSampler(sampler, 2, drop_last=True), collate_fn=collate)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=BatchSampler(sampler, 2, drop_last=True),
+        collate_fn=collate,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+    )
     optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=1e-3)
     module.train()
     losses = []
     for epoch in range(epochs):
         sampler.epoch = epoch
+        images = 0
         for batch in loader:
+            images += batch.images.shape[0]
             loss = compute_loss(module(batch), batch.masks, "sam2").total
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
+        if decoded is not None:
+            decoded.append(images)
     return losses
 
 
@@ -91,6 +107,40 @@ def test_disk_cache_survives_a_restart_and_is_keyed_by_weights_and_preprocessing
         again.sam.vision_encoder.neck.conv1.weight.add_(0.1)
     assert len({namespace, changed, fingerprint(again.sam.vision_encoder, pre, "fp32")}) == 3
     assert fingerprint(again.sam.vision_encoder, pre, "bf16") != fingerprint(again.sam.vision_encoder, pre, "fp32")
+
+
+def test_loader_workers_read_warm_disk_entries_instead_of_decoding(tiny_coco: Path, tmp_path: Path) -> None:
+    samples = usable_samples("coco", tiny_coco, "train/annotations.json")
+    plain, pre = build("sam2", tmp_path)
+    expected = train(plain, pre, samples, epochs=3, keyed=False, flip=False)
+    cached, pre = build("sam2", tmp_path)
+    cached.cache = FeatureCache("disk", "test", torch.device("cpu"), tmp_path / "cache")
+    decoded: list[int] = []
+    losses = train(cached, pre, samples, epochs=3, keyed=True, flip=False, workers=2, decoded=decoded)
+    assert torch.allclose(torch.tensor(losses), torch.tensor(expected), rtol=1e-4), (losses, expected)
+    per_epoch = len(samples) // 2 * 2
+    assert decoded == [per_epoch, 0, 0]  # after the first epoch no image is decoded
+    assert cached.cache.misses == per_epoch and cached.cache.hits == 2 * per_epoch
+
+
+def test_an_item_read_from_the_cache_has_the_decoded_items_masks_and_prompts(tiny_coco: Path) -> None:
+    samples = usable_samples("coco", tiny_coco, "train/annotations.json")
+    entry = [torch.ones(2, 4, 4)]
+    pre = Preprocess(64, "longest-side")
+    plain = PromptedMasks(samples, pre, PromptSpec(), 0, True, keyed=True)
+    reading = PromptedMasks(samples, pre, PromptSpec(), 0, True, keyed=True, cached=lambda key: entry)
+    for epoch in range(3):
+        for i in range(len(samples)):
+            a, b = plain[(epoch, i)], reading[(epoch, i)]
+            assert a["features"] is None and a["image"].shape == (3, 64, 64)
+            assert b["image"] is None and b["features"] is entry and a["key"] == b["key"]
+            for name in ("masks", "coords", "labels"):
+                assert torch.equal(a[name], b[name]), (epoch, i, name)
+    batch = collate([reading[(0, 0)], plain[(0, 1)], reading[(0, 2)]])
+    assert batch.num_images == 3 and batch.images.shape == (1, 3, 64, 64)  # only the decoded one
+    assert [f is entry for f in batch.features] == [True, False, True]
+    only_cached = collate([reading[(0, 0)]])
+    assert only_cached.images.shape == (0, 3, 64, 64) and only_cached.num_images == 1
 
 
 def test_sticky_shards_keep_each_rank_on_its_images() -> None:

@@ -282,6 +282,12 @@ def load_image(path: Path) -> np.ndarray:
         return np.array(im.convert("RGB"))
 
 
+def image_size(path: Path) -> tuple[int, int]:
+    """(height, width) from the file's header, without decoding the pixels."""
+    with Image.open(path) as im:
+        return im.height, im.width
+
+
 def usable_samples(fmt: str, root: Path, split: str) -> list[Sample]:
     """Read a split, decode every image and mask once, and keep the samples that work."""
     report = read_split(fmt, root, split)

@@ -8,7 +8,7 @@ number of DataLoader workers.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
-from .annotations import Sample, load_image
+from .annotations import Sample, image_size, load_image
 from .config import PromptSpec
 from .prompts import make_prompts
 
@@ -55,21 +55,33 @@ class Preprocess:
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # [B,3,S,S] normalised
+    images: torch.Tensor  # [M,3,S,S] normalised: every image except those `features` stands for
     masks: torch.Tensor  # [N,S,S] bool, N objects over the batch
     coords: torch.Tensor  # [N,P,2]
     labels: torch.Tensor  # [N,P]
     image_index: torch.Tensor  # [N] which image each object belongs to
     keys: list[str] | None = None  # per image: content hash (+ flip), for the feature cache
+    # Per image: encoder features the loader read from the disk cache instead of decoding the
+    # image (None where it had none); None when it read none.
+    features: list[list[torch.Tensor] | None] | None = None
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+        tensors = (self.images, self.masks, self.coords, self.labels, self.image_index)
+        features = [None if f is None else [fn(t) for t in f] for f in self.features] if self.features else None
+        return Batch(*(fn(t) for t in tensors), keys=self.keys, features=features)
 
     def to(self, device: torch.device) -> Batch:
         nb = device.type == "cuda"
-        tensors = (self.images, self.masks, self.coords, self.labels, self.image_index)
-        return Batch(*(t.to(device, non_blocking=nb) for t in tensors), keys=self.keys)
+        return self._map(lambda t: t.to(device, non_blocking=nb))
+
+    def pin_memory(self) -> Batch:
+        """Called by the DataLoader's pinning thread (pin_memory=True), so the copy to the GPU
+        in `to` is asynchronous."""
+        return self._map(torch.Tensor.pin_memory)
 
     @property
     def num_images(self) -> int:
-        return self.images.shape[0]
+        return len(self.keys) if self.keys is not None else self.images.shape[0]
 
 
 class PromptedMasks(Dataset):
@@ -84,6 +96,7 @@ class PromptedMasks(Dataset):
         train: bool,
         keyed: bool = False,
         flip: bool = True,
+        cached: Callable[[str], list[torch.Tensor] | None] | None = None,
     ) -> None:
         self.samples = samples
         self.pre = pre
@@ -92,34 +105,43 @@ class PromptedMasks(Dataset):
         self.train = train
         self.keyed = keyed  # add each image's feature-cache key
         self.flip = flip
+        self.cached = cached  # key -> features on disk: with them the image is not decoded
         self._hashes: dict[int, str] = {}
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+    def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, index = key
         rng = np.random.default_rng([self.seed, epoch + 1, index])
         sample = self.samples[index]
-        image = torch.from_numpy(load_image(sample.image)).permute(2, 0, 1)
-        masks = torch.from_numpy(sample.masks(image.shape[1], image.shape[2]))
-        shape = self.pre.shape(image.shape[1], image.shape[2])
-        image = F.interpolate(image[None].float(), size=shape, mode="bilinear", antialias=True, align_corners=False)[0]
-        masks = resize_masks(masks, shape)
         # Training draws the flip even when flipping is off, so the prompts that follow are the same.
         flipped = self.train and rng.random() < 0.5 and self.flip
-        if flipped:
-            image, masks = image.flip(-1), masks.flip(-1)
-        if self.train and len(masks) > self.prompts.max_objects:
-            masks = masks[torch.from_numpy(rng.choice(len(masks), self.prompts.max_objects, replace=False))]
-        # Prompts come from the unpadded masks, so boxes and points stay inside the image.
-        coords, labels = make_prompts(masks, self.prompts, rng, perturb=self.train)
-        image = self.pre.pad(self.pre.normalise(image))
-        item = {"image": image, "masks": self.pre.pad(masks), "coords": coords, "labels": labels}
+        item: dict = {}
         if self.keyed:
             if index not in self._hashes:
                 self._hashes[index] = content_key(sample.image)
             item["key"] = self._hashes[index] + ("-flip" if flipped else "")
+        features = self.cached(item["key"]) if self.cached and self.keyed else None
+        if features is None:
+            image = torch.from_numpy(load_image(sample.image)).permute(2, 0, 1)
+            height, width = image.shape[1:]
+        else:
+            image, (height, width) = None, image_size(sample.image)  # the header only
+        masks = torch.from_numpy(sample.masks(height, width))
+        shape = self.pre.shape(height, width)
+        masks = resize_masks(masks, shape)
+        if flipped:
+            masks = masks.flip(-1)
+        if image is not None:
+            image = F.interpolate(image[None].float(), size=shape, mode="bilinear", antialias=True, align_corners=False)
+            image = image[0].flip(-1) if flipped else image[0]
+            image = self.pre.pad(self.pre.normalise(image))
+        if self.train and len(masks) > self.prompts.max_objects:
+            masks = masks[torch.from_numpy(rng.choice(len(masks), self.prompts.max_objects, replace=False))]
+        # Prompts come from the unpadded masks, so boxes and points stay inside the image.
+        coords, labels = make_prompts(masks, self.prompts, rng, perturb=self.train)
+        item.update(image=image, masks=self.pre.pad(masks), coords=coords, labels=labels, features=features)
         return item
 
 
@@ -134,14 +156,18 @@ def resize_masks(masks: torch.Tensor, size: int | tuple[int, int]) -> torch.Tens
     return majority
 
 
-def collate(items: list[dict[str, torch.Tensor]]) -> Batch:
+def collate(items: list[dict]) -> Batch:
+    images = [it["image"] for it in items if it["image"] is not None]
+    size = items[0]["masks"].shape[-1]
+    features = [it["features"] for it in items]
     return Batch(
-        images=torch.stack([it["image"] for it in items]),
+        images=torch.stack(images) if images else torch.empty(0, 3, size, size),
         masks=torch.cat([it["masks"] for it in items]),
         coords=torch.cat([it["coords"] for it in items]),
         labels=torch.cat([it["labels"] for it in items]),
         image_index=torch.cat([torch.full((len(it["masks"]),), i) for i, it in enumerate(items)]),
         keys=[it["key"] for it in items] if "key" in items[0] else None,
+        features=features if any(f is not None for f in features) else None,
     )
 
 

@@ -37,6 +37,31 @@ def fingerprint(encoder: nn.Module, pre: Preprocess, precision: str) -> str:
     return digest.hexdigest()
 
 
+class DiskEntries:
+    """The disk cache's files: one safetensors file per key, written atomically. Plain paths, so
+    DataLoader workers read entries too and skip decoding the images they stand for."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def read(self, key: str, device: str = "cpu") -> list[torch.Tensor] | None:
+        path = self.folder / f"{key}.safetensors"
+        if not path.is_file():
+            return None
+        try:
+            tensors = load_file(path, device=device)
+        except Exception:  # damaged on disk: recompute it
+            log.warning("unreadable feature cache entry; recomputing", path=str(path))
+            return None
+        return [tensors[str(i)] for i in range(len(tensors))]
+
+    def write(self, key: str, features: list[torch.Tensor]) -> None:
+        path = self.folder / f"{key}.safetensors"
+        partial = path.with_suffix(f".{os.getpid()}.part")
+        save_file({str(i): f.contiguous().cpu() for i, f in enumerate(features)}, partial)
+        os.replace(partial, path)  # atomic: another rank of the node never reads half a file
+
+
 class FeatureCache:
     """get/put lists of per-image feature tensors ([C,H,W] each) by key."""
 
@@ -44,49 +69,56 @@ class FeatureCache:
         self.mode = mode
         self.device = device
         self.memory: dict[str, list[torch.Tensor]] = {}
-        self.folder = (root / "features" / namespace) if root is not None else None
+        self.disk: DiskEntries | None = None
         if mode == "disk":
-            if self.folder is None:
+            if root is None:
                 raise ValueError("a disk feature cache needs a folder")
-            self.folder.mkdir(parents=True, exist_ok=True)
+            self.disk = DiskEntries(root / "features" / namespace)
+            self.disk.folder.mkdir(parents=True, exist_ok=True)
         self.hits = 0
         self.misses = 0
 
     def get(self, key: str) -> list[torch.Tensor] | None:
-        if self.mode == "memory":
-            found = self.memory.get(key)
-        else:
-            path = self.folder / f"{key}.safetensors"
-            found = None
-            if path.is_file():
-                try:
-                    tensors = load_file(path, device=str(self.device))
-                    found = [tensors[str(i)] for i in range(len(tensors))]
-                except Exception:  # a torn file from a killed writer: recompute it
-                    log.warning("unreadable feature cache entry; recomputing", path=str(path))
-        if found is None:
-            self.misses += 1
-        else:
-            self.hits += 1
+        found = self.memory.get(key) if self.disk is None else self.disk.read(key, str(self.device))
+        self.count(found is not None)
         return found
 
+    def count(self, hit: bool) -> None:
+        if hit:
+            self.hits += 1
+        else:
+            self.misses += 1
+
     def put(self, key: str, features: list[torch.Tensor]) -> None:
-        if self.mode == "memory":
+        if self.disk is None:
             self.memory[key] = [f.detach().clone() for f in features]  # not a view of the batch
-            return
-        path = self.folder / f"{key}.safetensors"
-        partial = path.with_suffix(f".{os.getpid()}.part")
-        save_file({str(i): f.contiguous().cpu() for i, f in enumerate(features)}, partial)
-        os.replace(partial, path)  # atomic: another rank of the node never reads half a file
+        else:
+            self.disk.write(key, features)
 
 
-def cached_features(cache: FeatureCache, keys: list[str], images: torch.Tensor, encode) -> list[torch.Tensor]:
-    """Per-level [B,...] features for a batch: cached entries as they are, the rest encoded now
-    (only those images) and stored."""
-    found = [cache.get(k) for k in keys]
+def cached_features(
+    cache: FeatureCache,
+    keys: list[str],
+    images: torch.Tensor,
+    encode,
+    loaded: list[list[torch.Tensor] | None] | None = None,
+) -> list[torch.Tensor]:
+    """Per-level [B,...] features for a batch: entries the data loader already read (`loaded`,
+    None where it had none; `images` then holds only the other rows, in order), cached entries,
+    and the rest encoded now (only those images) and stored."""
+    loaded = loaded or [None] * len(keys)
+    found: list[list[torch.Tensor] | None] = []
+    image_row: dict[int, int] = {}
+    for i, (key, entry) in enumerate(zip(keys, loaded, strict=True)):
+        if entry is None:
+            image_row[i] = len(image_row)
+            entry = cache.get(key)
+        else:
+            cache.count(hit=True)
+        found.append(entry)
     missing = [i for i, f in enumerate(found) if f is None]
     if missing:
-        computed = encode(images[missing])
+        computed = encode(images[[image_row[i] for i in missing]])
         for row, i in enumerate(missing):
             found[i] = [level[row] for level in computed]
             cache.put(keys[i], found[i])

@@ -30,7 +30,7 @@ from .engine import Trainer
 from .errors import DataError
 from .evaluation import evaluate
 from .events import JsonlWriter, TerminalWriter
-from .feature_cache import FeatureCache, fingerprint
+from .feature_cache import DiskEntries, FeatureCache, fingerprint
 from .hooks import CheckpointHook, EvalHook, WriterHook
 from .losses import LOSS_HEADS
 from .schedules import build_scheduler
@@ -90,7 +90,11 @@ def stage_inputs(config: TrainConfig, ctx: DistContext, weights_are_folder: bool
     return Inputs(train, val, files.weights, files.downloaded_bytes)
 
 
-def build_loader(samples: list[Sample], config: TrainConfig, ctx: DistContext, pre: Preprocess) -> DataLoader:
+def build_loader(
+    samples: list[Sample], config: TrainConfig, ctx: DistContext, pre: Preprocess, disk: DiskEntries | None = None
+) -> DataLoader:
+    """The training batches; with a disk feature cache (`disk`) the workers read cached
+    features in place of decoding those images."""
     cached = config.model.feature_cache != "off"
     dataset = PromptedMasks(
         samples,
@@ -100,6 +104,7 @@ def build_loader(samples: list[Sample], config: TrainConfig, ctx: DistContext, p
         train=True,
         keyed=cached,
         flip=config.data.horizontal_flip,
+        cached=disk.read if disk else None,
     )
     sampler = ResumableSampler(len(samples), ctx.rank, ctx.world_size, config.training.seed, sticky=cached)
     batches = BatchSampler(sampler, config.training.batch_size, drop_last=True)
@@ -123,9 +128,19 @@ def build_loader(samples: list[Sample], config: TrainConfig, ctx: DistContext, p
     )
 
 
-def build_eval_loader(samples: list[Sample], config: TrainConfig, ctx: DistContext, pre: Preprocess) -> DataLoader:
+def build_eval_loader(
+    samples: list[Sample], config: TrainConfig, ctx: DistContext, pre: Preprocess, disk: DiskEntries | None = None
+) -> DataLoader:
     cached = config.model.feature_cache != "off"
-    dataset = PromptedMasks(samples, pre, config.data.prompts, config.training.seed, train=False, keyed=cached)
+    dataset = PromptedMasks(
+        samples,
+        pre,
+        config.data.prompts,
+        config.training.seed,
+        train=False,
+        keyed=cached,
+        cached=disk.read if disk else None,
+    )
     keys = shard(len(samples), ctx.rank, ctx.world_size)
     return DataLoader(
         keys, batch_size=config.training.batch_size, collate_fn=lambda ks: collate([dataset[k] for k in ks])
@@ -198,7 +213,8 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dic
             gradient_as_bucket_view=True,
             static_graph=config.training.grad_accumulation == 1,
         )
-    loader = build_loader(inputs.train, config, ctx, pre)
+    disk = module.cache.disk if module.cache else None
+    loader = build_loader(inputs.train, config, ctx, pre, disk)
     training = config.training
     per_epoch = len(loader) // training.grad_accumulation
     total = training.max_steps or training.epochs * per_epoch
@@ -226,7 +242,7 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dic
 
     eval_hook = None
     if inputs.validation:
-        eval_loader = build_eval_loader(inputs.validation, config, ctx, pre)
+        eval_loader = build_eval_loader(inputs.validation, config, ctx, pre, disk)
         # Early stopping switched on by a preset (otx) without evalEvery evaluates every epoch.
         every = training.eval_every or (per_epoch if training.early_stopping else None)
         eval_hook = EvalHook(
