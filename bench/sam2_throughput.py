@@ -8,7 +8,9 @@ On the same synthetic images (4 objects each), model and frozen image encoder:
   batched   kubetune's `Trainer.run_step`: `--batch` images per step from the DataLoader, the
             encoder under no_grad, bf16 autocast (CUDA; fp32 on a CPU);
   cached    the same with `model.featureCache: memory`, timed after one warm epoch (what every
-            epoch after the first costs);
+            epoch after the first costs; the loader no longer decodes those images);
+  cached-disk  `model.featureCache: disk`: the loader's workers read the entries (node-local
+            disk, here warm in the page cache) in place of decoding;
   full      a full fine-tune: the image encoder trains too, `--full-batch` images per step;
   full-ckpt the same with `model.gradientCheckpointing` (less memory, more compute).
 
@@ -45,7 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, by device-name fragment.
 BF16_PEAK = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1}
 OBJECTS = 4
-MODES = ("common", "batched", "cached", "full", "full-ckpt")
+MODES = ("common", "batched", "cached", "cached-disk", "full", "full-ckpt")
 
 
 def sync(device: torch.device) -> None:
@@ -187,8 +189,8 @@ def kubetune(
         Sam2Segmenter().checkpoint_encoder(module)
     pre = Sam2Segmenter().preprocess(config.model, None)
     if cache != "off":
-        module.cache = FeatureCache(cache, "bench", device)
-    loader = build_loader(usable_samples("coco", root, "train/annotations.json"), config, ctx, pre)
+        module.cache = FeatureCache(cache, f"bench-{variant}", device, root / "cache")
+    loader = build_loader(usable_samples("coco", root, "train/annotations.json"), config, ctx, pre, module.cache)
     optimizer = build_optimizer([p for p in module.parameters() if p.requires_grad], config, 1)
     trainer = Trainer(
         module,
@@ -259,6 +261,7 @@ def main() -> None:
             row = {"variant": variant, "common": common_recipe(root, args, variant, device)}
             row["batched"] = kubetune(root, args, variant, device, "off")
             row["cached"] = kubetune(root, args, variant, device, "memory")
+            row["cached-disk"] = kubetune(root, args, variant, device, "disk")
             row["full"] = kubetune(root, args, variant, device, "off", full=True)
             row["full-ckpt"] = kubetune(root, args, variant, device, "off", full=True, recompute=True)
             row["encoder"] = encoder_tflops(args, variant, device)
@@ -270,12 +273,12 @@ def main() -> None:
     print(
         f"\n{hardware}, {args.image_size} px, kubetune batch {args.batch} ({args.precision}), {args.steps} timed steps"
     )
-    print(f"{'variant':28} {'mode':9} {'images/s':>9} {'ratio':>7} {'peak GiB':>9}")
+    print(f"{'variant':28} {'mode':11} {'images/s':>9} {'ratio':>7} {'peak GiB':>9}")
     for row in results:
         for mode in MODES:
             r = row[mode]
             peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
-            print(f"{row['variant']:28} {mode:9} {r['images_per_second']:9.2f} {r.get('ratio', 1.0):7.2f} {peak:>9}")
+            print(f"{row['variant']:28} {mode:11} {r['images_per_second']:9.2f} {r.get('ratio', 1.0):7.2f} {peak:>9}")
         e = row["encoder"]
         fraction = f", {100 * e['bf16_peak_fraction']:.1f} % of bf16 peak" if e["bf16_peak_fraction"] else ""
         work = f"{e['gflop_per_batch']:.1f} GFLOP/batch, {e['tflops']:.3f} TFLOP/s"

@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 from kubetune_trainer.annotations import usable_samples
-from kubetune_trainer.config import ModelSpec, PromptSpec
+from kubetune_trainer.config import ModelSpec, PromptSpec, TrainConfig
 from kubetune_trainer.data import Preprocess, PromptedMasks, ResumableSampler, collate
+from kubetune_trainer.distributed import init
 from kubetune_trainer.feature_cache import FeatureCache, fingerprint
 from kubetune_trainer.losses import compute_loss
+from kubetune_trainer.recipe import build_loader
 from kubetune_trainer.sam2_segmenter import Sam2Segmenter
 from kubetune_trainer.sam_segmenter import SamSegmenter
-from torch.utils.data import BatchSampler, DataLoader
 
 from .conftest import write_tiny_sam
 
@@ -30,22 +31,27 @@ def build(family: str, base: Path):
 
 
 def train(
-    module, pre: Preprocess, samples, epochs: int, keyed: bool, flip: bool = True, workers: int = 0, decoded=None
+    module, pre: Preprocess, samples, epochs: int, flip: bool = True, workers: int = 0, decoded=None
 ) -> list[float]:
-    """The trainer's data path (seeded flips, prompts, order; with a disk cache the loader reads
-    warm entries instead of decoding) and plain Adam steps. `decoded` gets the images decoded per epoch."""
-    disk = module.cache.disk if module.cache is not None else None
-    dataset = PromptedMasks(
-        samples, pre, PromptSpec(), seed=0, train=True, keyed=keyed, flip=flip, cached=disk.read if disk else None
+    """The trainer's own DataLoader (seeded flips, prompts, order; cached images not decoded)
+    and plain Adam steps. `decoded` gets the number of images decoded in each epoch."""
+    mode = module.cache.mode if module.cache is not None else "off"
+    config = TrainConfig.model_validate(
+        {
+            "model": {"family": "sam2", "variant": "sam2.1_hiera_tiny", "imageSize": 64, "featureCache": mode},
+            "data": {
+                "source": "file:///unused/",
+                "format": "coco",
+                "train": "-",
+                "numWorkers": workers,
+                "horizontalFlip": flip,
+            },
+            "training": {"batchSize": 2, "seed": 0, "maxSteps": 1},
+            "output": {"uri": "file:///unused/"},
+        }
     )
-    sampler = ResumableSampler(len(samples), 0, 1, seed=0, sticky=keyed)
-    loader = DataLoader(
-        dataset,
-        batch_sampler=BatchSampler(sampler, 2, drop_last=True),
-        collate_fn=collate,
-        num_workers=workers,
-        persistent_workers=workers > 0,
-    )
+    loader = build_loader(samples, config, init(), pre, module.cache)
+    sampler = loader.batch_sampler.sampler
     optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=1e-3)
     module.train()
     losses = []
@@ -69,12 +75,15 @@ def test_cached_training_follows_the_uncached_loss_trajectory(family: str, tiny_
     write_tiny_sam(tmp_path / "base")
     samples = usable_samples("coco", tiny_coco, "train/annotations.json")
     plain, pre = build(family, tmp_path / "base")
-    expected = train(plain, pre, samples, epochs=3, keyed=False)
+    expected = train(plain, pre, samples, epochs=3)
     cached, pre = build(family, tmp_path / "base")
     cached.cache = FeatureCache("memory", "test", torch.device("cpu"))
-    losses = train(cached, pre, samples, epochs=3, keyed=True)
+    decoded: list[int] = []
+    losses = train(cached, pre, samples, epochs=3, workers=2, decoded=decoded)
     assert torch.allclose(torch.tensor(losses), torch.tensor(expected), rtol=1e-4), (losses, expected)
     cache = cached.cache
+    # The sampler flags what the cache holds: only misses are decoded, hits never are.
+    assert decoded[0] == len(samples) // 2 * 2 and sum(decoded) == cache.misses
     # Each (image, flip) is encoded once; everything else came from the cache.
     assert cache.misses == len(cache.memory) <= 2 * len(samples) and cache.hits + cache.misses == 3 * len(samples)
     assert cache.hits >= len(samples)  # by the third epoch most entries are warm
@@ -88,18 +97,18 @@ def test_disk_cache_survives_a_restart_and_is_keyed_by_weights_and_preprocessing
     module, pre = build("sam", tmp_path / "base")
     namespace = fingerprint(module.sam.vision_encoder, pre, "fp32")
     module.cache = FeatureCache("disk", namespace, torch.device("cpu"), tmp_path / "cache")
-    train(module, pre, samples, epochs=1, keyed=True)
+    train(module, pre, samples, epochs=1)
     first = module.cache.misses
     assert first == len(list((tmp_path / "cache" / "features" / namespace).glob("*.safetensors")))
 
     again, pre = build("sam", tmp_path / "base")  # a restarted pod: same weights, same folder
     again.cache = FeatureCache("disk", namespace, torch.device("cpu"), tmp_path / "cache")
-    train(again, pre, samples, epochs=1, keyed=True)
+    train(again, pre, samples, epochs=1)
     assert again.cache.misses == 0 and again.cache.hits == len(samples)
 
     # A torn entry (a writer killed mid-file) is recomputed, not fatal.
     next((tmp_path / "cache" / "features" / namespace).glob("*.safetensors")).write_bytes(b"torn")
-    train(again, pre, samples, epochs=1, keyed=True)
+    train(again, pre, samples, epochs=1)
     assert again.cache.misses == 1
 
     changed = fingerprint(again.sam.vision_encoder, Preprocess(64, "stretch"), "fp32")
@@ -112,11 +121,11 @@ def test_disk_cache_survives_a_restart_and_is_keyed_by_weights_and_preprocessing
 def test_loader_workers_read_warm_disk_entries_instead_of_decoding(tiny_coco: Path, tmp_path: Path) -> None:
     samples = usable_samples("coco", tiny_coco, "train/annotations.json")
     plain, pre = build("sam2", tmp_path)
-    expected = train(plain, pre, samples, epochs=3, keyed=False, flip=False)
+    expected = train(plain, pre, samples, epochs=3, flip=False)
     cached, pre = build("sam2", tmp_path)
     cached.cache = FeatureCache("disk", "test", torch.device("cpu"), tmp_path / "cache")
     decoded: list[int] = []
-    losses = train(cached, pre, samples, epochs=3, keyed=True, flip=False, workers=2, decoded=decoded)
+    losses = train(cached, pre, samples, epochs=3, flip=False, workers=2, decoded=decoded)
     assert torch.allclose(torch.tensor(losses), torch.tensor(expected), rtol=1e-4), (losses, expected)
     per_epoch = len(samples) // 2 * 2
     assert decoded == [per_epoch, 0, 0]  # after the first epoch no image is decoded
@@ -128,7 +137,7 @@ def test_an_item_read_from_the_cache_has_the_decoded_items_masks_and_prompts(tin
     entry = [torch.ones(2, 4, 4)]
     pre = Preprocess(64, "longest-side")
     plain = PromptedMasks(samples, pre, PromptSpec(), 0, True, keyed=True)
-    reading = PromptedMasks(samples, pre, PromptSpec(), 0, True, keyed=True, cached=lambda key: entry)
+    reading = PromptedMasks(samples, pre, PromptSpec(), 0, True, keyed=True, read=lambda key: entry)
     for epoch in range(3):
         for i in range(len(samples)):
             a, b = plain[(epoch, i)], reading[(epoch, i)]
@@ -206,3 +215,16 @@ def test_gradient_checkpointing_gives_the_same_gradients(family: str, tiny_coco:
     encoder = [n for n in grads[0] if "image_encoder" in n or "vision_encoder" in n]
     assert encoder and grads[0].keys() == grads[1].keys()
     assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+
+
+def test_a_skipped_image_whose_entry_is_gone_is_an_error_not_wrong_features() -> None:
+    from kubetune_trainer.feature_cache import cached_features
+
+    cache = FeatureCache("memory", "test", torch.device("cpu"))
+    cache.put("a", [torch.ones(2, 4, 4)])
+    images = torch.zeros(1, 3, 8, 8)  # only row 1 was decoded
+    encode = lambda x: [torch.full((len(x), 2, 4, 4), 2.0)]  # noqa: E731
+    (level,) = cached_features(cache, ["a", "b"], images, encode, decoded=[False, True])
+    assert level[0].eq(1).all() and level[1].eq(2).all() and cache.holds("b")
+    with pytest.raises(RuntimeError, match="vanished"):
+        cached_features(cache, ["a", "c"], images, encode, decoded=[True, False])

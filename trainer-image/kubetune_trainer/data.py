@@ -55,7 +55,7 @@ class Preprocess:
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # [M,3,S,S] normalised: every image except those `features` stands for
+    images: torch.Tensor  # [M,3,S,S] normalised: the decoded images (see `decoded`)
     masks: torch.Tensor  # [N,S,S] bool, N objects over the batch
     coords: torch.Tensor  # [N,P,2]
     labels: torch.Tensor  # [N,P]
@@ -64,11 +64,13 @@ class Batch:
     # Per image: encoder features the loader read from the disk cache instead of decoding the
     # image (None where it had none); None when it read none.
     features: list[list[torch.Tensor] | None] | None = None
+    # Per image: whether `images` holds it (features cached); None when every image was decoded.
+    decoded: list[bool] | None = None
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
         tensors = (self.images, self.masks, self.coords, self.labels, self.image_index)
         features = [None if f is None else [fn(t) for t in f] for f in self.features] if self.features else None
-        return Batch(*(fn(t) for t in tensors), keys=self.keys, features=features)
+        return Batch(*(fn(t) for t in tensors), keys=self.keys, features=features, decoded=self.decoded)
 
     def to(self, device: torch.device) -> Batch:
         nb = device.type == "cuda"
@@ -85,7 +87,11 @@ class Batch:
 
 
 class PromptedMasks(Dataset):
-    """Items are (epoch, index) pairs, so the epoch reaches the workers with each index."""
+    """Items are (epoch, index) pairs, so the epoch reaches the workers with each index.
+
+    With a feature cache an item can skip decoding its image: when the training process already
+    holds the features (a third element, True, set by the sampler for the memory cache) or when
+    `read` finds them on disk (the worker then carries them to the step)."""
 
     def __init__(
         self,
@@ -96,7 +102,7 @@ class PromptedMasks(Dataset):
         train: bool,
         keyed: bool = False,
         flip: bool = True,
-        cached: Callable[[str], list[torch.Tensor] | None] | None = None,
+        read: Callable[[str], list[torch.Tensor] | None] | None = None,
     ) -> None:
         self.samples = samples
         self.pre = pre
@@ -105,29 +111,44 @@ class PromptedMasks(Dataset):
         self.train = train
         self.keyed = keyed  # add each image's feature-cache key
         self.flip = flip
-        self.cached = cached  # key -> features on disk: with them the image is not decoded
+        self.read = read  # key -> features from the disk cache, or None
         self._hashes: dict[int, str] = {}
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: tuple[int, int]) -> dict:
-        epoch, index = key
-        rng = np.random.default_rng([self.seed, epoch + 1, index])
-        sample = self.samples[index]
+    def _rng(self, epoch: int, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, epoch + 1, index])
+
+    def _flipped(self, rng: np.random.Generator) -> bool:
         # Training draws the flip even when flipping is off, so the prompts that follow are the same.
-        flipped = self.train and rng.random() < 0.5 and self.flip
-        item: dict = {}
+        return self.train and rng.random() < 0.5 and self.flip
+
+    def _key(self, index: int, flipped: bool) -> str:
+        if index not in self._hashes:
+            self._hashes[index] = content_key(self.samples[index].image)
+        return self._hashes[index] + ("-flip" if flipped else "")
+
+    def cache_key(self, epoch: int, index: int) -> str:
+        """The feature-cache key item (epoch, index) will carry: image content hash and flip."""
+        return self._key(index, self._flipped(self._rng(epoch, index)))
+
+    def __getitem__(self, key: tuple[int, int] | tuple[int, int, bool]) -> dict:
+        epoch, index, *flag = key
+        held = bool(flag and flag[0])
+        rng = self._rng(epoch, index)
+        sample = self.samples[index]
+        flipped = self._flipped(rng)
+        item: dict = {"features": None}
         if self.keyed:
-            if index not in self._hashes:
-                self._hashes[index] = content_key(sample.image)
-            item["key"] = self._hashes[index] + ("-flip" if flipped else "")
-        features = self.cached(item["key"]) if self.cached and self.keyed else None
-        if features is None:
+            item["key"] = self._key(index, flipped)
+            if self.read and not held:
+                item["features"] = self.read(item["key"])
+        if held or item["features"] is not None:
+            image, (height, width) = None, image_size(sample.image)  # the header only
+        else:
             image = torch.from_numpy(load_image(sample.image)).permute(2, 0, 1)
             height, width = image.shape[1:]
-        else:
-            image, (height, width) = None, image_size(sample.image)  # the header only
         masks = torch.from_numpy(sample.masks(height, width))
         shape = self.pre.shape(height, width)
         masks = resize_masks(masks, shape)
@@ -141,7 +162,7 @@ class PromptedMasks(Dataset):
             masks = masks[torch.from_numpy(rng.choice(len(masks), self.prompts.max_objects, replace=False))]
         # Prompts come from the unpadded masks, so boxes and points stay inside the image.
         coords, labels = make_prompts(masks, self.prompts, rng, perturb=self.train)
-        item.update(image=image, masks=self.pre.pad(masks), coords=coords, labels=labels, features=features)
+        item.update(image=image, masks=self.pre.pad(masks), coords=coords, labels=labels)
         return item
 
 
@@ -160,6 +181,7 @@ def collate(items: list[dict]) -> Batch:
     images = [it["image"] for it in items if it["image"] is not None]
     size = items[0]["masks"].shape[-1]
     features = [it["features"] for it in items]
+    decoded = [it["image"] is not None for it in items]
     return Batch(
         images=torch.stack(images) if images else torch.empty(0, 3, size, size),
         masks=torch.cat([it["masks"] for it in items]),
@@ -168,6 +190,7 @@ def collate(items: list[dict]) -> Batch:
         image_index=torch.cat([torch.full((len(it["masks"]),), i) for i, it in enumerate(items)]),
         keys=[it["key"] for it in items] if "key" in items[0] else None,
         features=features if any(f is not None for f in features) else None,
+        decoded=None if all(decoded) else decoded,
     )
 
 
@@ -176,8 +199,9 @@ def content_key(path) -> str:
     return hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
 
 
-class ResumableSampler(Sampler[tuple[int, int]]):
-    """DistributedSampler order, per epoch, starting at any position: yields (epoch, index).
+class ResumableSampler(Sampler[tuple]):
+    """DistributedSampler order, per epoch, starting at any position: yields (epoch, index), or
+    (epoch, index, held) when `held` is set.
 
     The position (epoch, samples already consumed this epoch) is saved in checkpoints; a resumed
     run continues mid-epoch with the same order it had. `sticky` keeps each rank on the same
@@ -192,6 +216,9 @@ class ResumableSampler(Sampler[tuple[int, int]]):
         self.seed = seed
         self.epoch = 0
         self.start = 0
+        # (epoch, index) -> whether the training process already holds that item's features
+        # (memory feature cache); the item then skips decoding its image.
+        self.held: Callable[[int, int], bool] | None = None
 
     def __len__(self) -> int:
         return len(self.inner) - self.start
@@ -205,8 +232,12 @@ class ResumableSampler(Sampler[tuple[int, int]]):
         generator = torch.Generator().manual_seed(self.seed + 1 + self.epoch)
         return [shard[i] for i in torch.randperm(len(shard), generator=generator).tolist()]
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        return iter([(self.epoch, i) for i in self._order()[self.start :]])
+    def __iter__(self) -> Iterator[tuple[int, int] | tuple[int, int, bool]]:
+        order = self._order()[self.start :]
+        if self.held is None:
+            return iter([(self.epoch, i) for i in order])
+        # Asked as each index is drawn (ahead of the step by the prefetch depth).
+        return ((self.epoch, i, self.held(self.epoch, i)) for i in order)
 
     @property
     def per_epoch(self) -> int:

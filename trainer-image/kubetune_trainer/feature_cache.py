@@ -83,6 +83,10 @@ class FeatureCache:
         self.count(found is not None)
         return found
 
+    def holds(self, key: str) -> bool:
+        """Whether the memory cache has `key` (the loader may then skip decoding that image)."""
+        return key in self.memory
+
     def count(self, hit: bool) -> None:
         if hit:
             self.hits += 1
@@ -102,21 +106,24 @@ def cached_features(
     images: torch.Tensor,
     encode,
     loaded: list[list[torch.Tensor] | None] | None = None,
+    decoded: list[bool] | None = None,
 ) -> list[torch.Tensor]:
     """Per-level [B,...] features for a batch: entries the data loader already read (`loaded`,
-    None where it had none; `images` then holds only the other rows, in order), cached entries,
-    and the rest encoded now (only those images) and stored."""
+    None where it had none), cached entries, and the rest encoded now (only those images) and
+    stored. `images` holds the rows `decoded` marks (all rows when it is None), in order."""
     loaded = loaded or [None] * len(keys)
+    decoded = decoded or [True] * len(keys)
+    image_row = {i: n for n, i in enumerate(i for i, d in enumerate(decoded) if d)}
     found: list[list[torch.Tensor] | None] = []
-    image_row: dict[int, int] = {}
-    for i, (key, entry) in enumerate(zip(keys, loaded, strict=True)):
+    for key, entry in zip(keys, loaded, strict=True):
         if entry is None:
-            image_row[i] = len(image_row)
             entry = cache.get(key)
         else:
             cache.count(hit=True)
         found.append(entry)
     missing = [i for i, f in enumerate(found) if f is None]
+    if any(i not in image_row for i in missing):  # the loader skipped decoding on a promise
+        raise RuntimeError(f"feature cache entries vanished: {[keys[i] for i in missing if i not in image_row]}")
     if missing:
         computed = encode(images[[image_row[i] for i in missing]])
         for row, i in enumerate(missing):

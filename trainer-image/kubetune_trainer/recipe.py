@@ -30,7 +30,7 @@ from .engine import Trainer
 from .errors import DataError
 from .evaluation import evaluate
 from .events import JsonlWriter, TerminalWriter
-from .feature_cache import DiskEntries, FeatureCache, fingerprint
+from .feature_cache import FeatureCache, fingerprint
 from .hooks import CheckpointHook, EvalHook, WriterHook
 from .losses import LOSS_HEADS
 from .schedules import build_scheduler
@@ -91,10 +91,10 @@ def stage_inputs(config: TrainConfig, ctx: DistContext, weights_are_folder: bool
 
 
 def build_loader(
-    samples: list[Sample], config: TrainConfig, ctx: DistContext, pre: Preprocess, disk: DiskEntries | None = None
+    samples: list[Sample], config: TrainConfig, ctx: DistContext, pre: Preprocess, cache: FeatureCache | None = None
 ) -> DataLoader:
-    """The training batches; with a disk feature cache (`disk`) the workers read cached
-    features in place of decoding those images."""
+    """The training batches. With a feature cache, images whose features are cached are not
+    decoded: workers read disk entries themselves; memory entries are flagged by the sampler."""
     cached = config.model.feature_cache != "off"
     dataset = PromptedMasks(
         samples,
@@ -104,9 +104,11 @@ def build_loader(
         train=True,
         keyed=cached,
         flip=config.data.horizontal_flip,
-        cached=disk.read if disk else None,
+        read=cache.disk.read if cache and cache.disk else None,
     )
     sampler = ResumableSampler(len(samples), ctx.rank, ctx.world_size, config.training.seed, sticky=cached)
+    if cache is not None and cache.disk is None:
+        sampler.held = lambda epoch, index: cache.holds(dataset.cache_key(epoch, index))
     batches = BatchSampler(sampler, config.training.batch_size, drop_last=True)
     steps = len(batches) // config.training.grad_accumulation
     if steps == 0:
@@ -129,18 +131,11 @@ def build_loader(
 
 
 def build_eval_loader(
-    samples: list[Sample], config: TrainConfig, ctx: DistContext, pre: Preprocess, disk: DiskEntries | None = None
+    samples: list[Sample], config: TrainConfig, ctx: DistContext, pre: Preprocess, cache: FeatureCache | None = None
 ) -> DataLoader:
     cached = config.model.feature_cache != "off"
-    dataset = PromptedMasks(
-        samples,
-        pre,
-        config.data.prompts,
-        config.training.seed,
-        train=False,
-        keyed=cached,
-        cached=disk.read if disk else None,
-    )
+    read = cache.disk.read if cache and cache.disk else None
+    dataset = PromptedMasks(samples, pre, config.data.prompts, config.training.seed, False, keyed=cached, read=read)
     keys = shard(len(samples), ctx.rank, ctx.world_size)
     return DataLoader(
         keys, batch_size=config.training.batch_size, collate_fn=lambda ks: collate([dataset[k] for k in ks])
@@ -213,8 +208,7 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dic
             gradient_as_bucket_view=True,
             static_graph=config.training.grad_accumulation == 1,
         )
-    disk = module.cache.disk if module.cache else None
-    loader = build_loader(inputs.train, config, ctx, pre, disk)
+    loader = build_loader(inputs.train, config, ctx, pre, module.cache)
     training = config.training
     per_epoch = len(loader) // training.grad_accumulation
     total = training.max_steps or training.epochs * per_epoch
@@ -242,7 +236,7 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dic
 
     eval_hook = None
     if inputs.validation:
-        eval_loader = build_eval_loader(inputs.validation, config, ctx, pre, disk)
+        eval_loader = build_eval_loader(inputs.validation, config, ctx, pre, module.cache)
         # Early stopping switched on by a preset (otx) without evalEvery evaluates every epoch.
         every = training.eval_every or (per_epoch if training.early_stopping else None)
         eval_hook = EvalHook(

@@ -47,7 +47,7 @@ class PromptableModule(nn.Module):
         """image_features, from the feature cache where it has them (some read by the loader)."""
         if self.cache is None or batch.keys is None or self.train_encoder:
             return self.image_features(batch.images)
-        return cached_features(self.cache, batch.keys, batch.images, self.image_features, batch.features)
+        return cached_features(self.cache, batch.keys, batch.images, self.image_features, batch.features, batch.decoded)
 
     def train(self, mode: bool = True) -> PromptableModule:
         super().train(mode)
