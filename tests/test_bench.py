@@ -52,3 +52,14 @@ def test_amp_parity_smoke() -> None:
         "fp32,bf16",
     )
     assert "max loss gap vs fp32" in printed
+
+
+def test_loader_throughput_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "loader.json"
+    args = ["--image-size", "64", "--source-size", "80", "--images", "8", "--batch", "2", "--repeats", "1"]
+    printed = run("loader_throughput.py", *args, "--workers", "0", "--out", str(out))
+    result = json.loads(out.read_text())
+    # The script itself checks that held images reach the step undecoded with their features.
+    for mode in ("decode", "memory-held", "disk-held"):
+        assert result[mode]["images_per_second"] > 0 and f"\n{mode} " in printed
+    assert result["decode"]["ratio"] == 1.0 and result["entry_mib"] > 0

@@ -118,7 +118,7 @@ def test_disk_cache_survives_a_restart_and_is_keyed_by_weights_and_preprocessing
     assert fingerprint(again.sam.vision_encoder, pre, "bf16") != fingerprint(again.sam.vision_encoder, pre, "fp32")
 
 
-def test_loader_workers_read_warm_disk_entries_instead_of_decoding(tiny_coco: Path, tmp_path: Path) -> None:
+def test_loader_workers_do_not_decode_images_the_disk_cache_holds(tiny_coco: Path, tmp_path: Path) -> None:
     samples = usable_samples("coco", tiny_coco, "train/annotations.json")
     plain, pre = build("sam2", tmp_path)
     expected = train(plain, pre, samples, epochs=3, flip=False)
@@ -132,24 +132,35 @@ def test_loader_workers_read_warm_disk_entries_instead_of_decoding(tiny_coco: Pa
     assert cached.cache.misses == per_epoch and cached.cache.hits == 2 * per_epoch
 
 
-def test_an_item_read_from_the_cache_has_the_decoded_items_masks_and_prompts(tiny_coco: Path) -> None:
+def test_a_held_item_has_the_decoded_items_masks_and_prompts(tiny_coco: Path) -> None:
     samples = usable_samples("coco", tiny_coco, "train/annotations.json")
-    entry = [torch.ones(2, 4, 4)]
-    pre = Preprocess(64, "longest-side")
-    plain = PromptedMasks(samples, pre, PromptSpec(), 0, True, keyed=True)
-    reading = PromptedMasks(samples, pre, PromptSpec(), 0, True, keyed=True, read=lambda key: entry)
+    dataset = PromptedMasks(samples, Preprocess(64, "longest-side"), PromptSpec(), 0, True, keyed=True)
     for epoch in range(3):
         for i in range(len(samples)):
-            a, b = plain[(epoch, i)], reading[(epoch, i)]
-            assert a["features"] is None and a["image"].shape == (3, 64, 64)
-            assert b["image"] is None and b["features"] is entry and a["key"] == b["key"]
+            a, b = dataset[(epoch, i)], dataset[(epoch, i, True)]
+            assert a["image"].shape == (3, 64, 64) and b["image"] is None
+            assert a["key"] == b["key"] == dataset.cache_key(epoch, i)
             for name in ("masks", "coords", "labels"):
                 assert torch.equal(a[name], b[name]), (epoch, i, name)
-    batch = collate([reading[(0, 0)], plain[(0, 1)], reading[(0, 2)]])
+    batch = collate([dataset[(0, 0, True)], dataset[(0, 1, False)], dataset[(0, 2, True)]])
     assert batch.num_images == 3 and batch.images.shape == (1, 3, 64, 64)  # only the decoded one
-    assert [f is entry for f in batch.features] == [True, False, True]
-    only_cached = collate([reading[(0, 0)]])
-    assert only_cached.images.shape == (0, 3, 64, 64) and only_cached.num_images == 1
+    assert batch.decoded == [False, True, False] and collate([dataset[(0, 0)]]).decoded is None
+    only_held = collate([dataset[(0, 0, True)]])
+    assert only_held.images.shape == (0, 3, 64, 64) and only_held.num_images == 1
+
+
+def test_only_complete_disk_entries_count_as_held(tmp_path: Path) -> None:
+    cache = FeatureCache("disk", "test", torch.device("cpu"), tmp_path)
+    cache.put("good", [torch.ones(2, 4, 4), torch.zeros(3)])
+    assert cache.holds("good") and not cache.holds("absent")
+    folder = tmp_path / "features" / "test"
+    whole = (folder / "good.safetensors").read_bytes()
+    for name, content in {"empty": b"", "short": whole[:-5], "garbage": b"torn"}.items():
+        (folder / f"{name}.safetensors").write_bytes(content)  # e.g. a node lost power after the rename
+        assert not cache.holds(name), name
+    damaged = whole.replace(b'"shape"', b'"shapX"')  # right length, unreadable
+    (folder / "damaged.safetensors").write_bytes(damaged)
+    assert cache.get("damaged") is None and not (folder / "damaged.safetensors").exists()  # dropped
 
 
 def test_sticky_shards_keep_each_rank_on_its_images() -> None:
@@ -218,6 +229,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(family: str, tiny_coco:
 
 
 def test_a_skipped_image_whose_entry_is_gone_is_an_error_not_wrong_features() -> None:
+    from kubetune_trainer.errors import KubetuneError
     from kubetune_trainer.feature_cache import cached_features
 
     cache = FeatureCache("memory", "test", torch.device("cpu"))
@@ -226,5 +238,5 @@ def test_a_skipped_image_whose_entry_is_gone_is_an_error_not_wrong_features() ->
     encode = lambda x: [torch.full((len(x), 2, 4, 4), 2.0)]  # noqa: E731
     (level,) = cached_features(cache, ["a", "b"], images, encode, decoded=[False, True])
     assert level[0].eq(1).all() and level[1].eq(2).all() and cache.holds("b")
-    with pytest.raises(RuntimeError, match="vanished"):
+    with pytest.raises(KubetuneError, match="unreadable"):
         cached_features(cache, ["a", "c"], images, encode, decoded=[True, False])

@@ -61,16 +61,12 @@ class Batch:
     labels: torch.Tensor  # [N,P]
     image_index: torch.Tensor  # [N] which image each object belongs to
     keys: list[str] | None = None  # per image: content hash (+ flip), for the feature cache
-    # Per image: encoder features the loader read from the disk cache instead of decoding the
-    # image (None where it had none); None when it read none.
-    features: list[list[torch.Tensor] | None] | None = None
-    # Per image: whether `images` holds it (features cached); None when every image was decoded.
+    # Per image: whether `images` holds it (not when its features were cached); None: all do.
     decoded: list[bool] | None = None
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
         tensors = (self.images, self.masks, self.coords, self.labels, self.image_index)
-        features = [None if f is None else [fn(t) for t in f] for f in self.features] if self.features else None
-        return Batch(*(fn(t) for t in tensors), keys=self.keys, features=features, decoded=self.decoded)
+        return Batch(*(fn(t) for t in tensors), keys=self.keys, decoded=self.decoded)
 
     def to(self, device: torch.device) -> Batch:
         nb = device.type == "cuda"
@@ -87,11 +83,9 @@ class Batch:
 
 
 class PromptedMasks(Dataset):
-    """Items are (epoch, index) pairs, so the epoch reaches the workers with each index.
-
-    With a feature cache an item can skip decoding its image: when the training process already
-    holds the features (a third element, True, set by the sampler for the memory cache) or when
-    `read` finds them on disk (the worker then carries them to the step)."""
+    """Items are (epoch, index) pairs, so the epoch reaches the workers with each index. A third
+    element, True, says the feature cache holds the item's image: it is then not decoded (its
+    size comes from the file header); the masks and prompts are made as always."""
 
     def __init__(
         self,
@@ -102,7 +96,6 @@ class PromptedMasks(Dataset):
         train: bool,
         keyed: bool = False,
         flip: bool = True,
-        read: Callable[[str], list[torch.Tensor] | None] | None = None,
     ) -> None:
         self.samples = samples
         self.pre = pre
@@ -111,7 +104,6 @@ class PromptedMasks(Dataset):
         self.train = train
         self.keyed = keyed  # add each image's feature-cache key
         self.flip = flip
-        self.read = read  # key -> features from the disk cache, or None
         self._hashes: dict[int, str] = {}
 
     def __len__(self) -> int:
@@ -139,12 +131,8 @@ class PromptedMasks(Dataset):
         rng = self._rng(epoch, index)
         sample = self.samples[index]
         flipped = self._flipped(rng)
-        item: dict = {"features": None}
-        if self.keyed:
-            item["key"] = self._key(index, flipped)
-            if self.read and not held:
-                item["features"] = self.read(item["key"])
-        if held or item["features"] is not None:
+        item: dict = {"key": self._key(index, flipped)} if self.keyed else {}
+        if held:
             image, (height, width) = None, image_size(sample.image)  # the header only
         else:
             image = torch.from_numpy(load_image(sample.image)).permute(2, 0, 1)
@@ -155,8 +143,10 @@ class PromptedMasks(Dataset):
         if flipped:
             masks = masks.flip(-1)
         if image is not None:
-            image = F.interpolate(image[None].float(), size=shape, mode="bilinear", antialias=True, align_corners=False)
-            image = image[0].flip(-1) if flipped else image[0]
+            image = image.float()
+            if image.shape[1:] != shape:  # at the model's size already: interpolation is the identity
+                image = F.interpolate(image[None], size=shape, mode="bilinear", antialias=True, align_corners=False)[0]
+            image = image.flip(-1) if flipped else image
             image = self.pre.pad(self.pre.normalise(image))
         if self.train and len(masks) > self.prompts.max_objects:
             masks = masks[torch.from_numpy(rng.choice(len(masks), self.prompts.max_objects, replace=False))]
@@ -169,7 +159,9 @@ class PromptedMasks(Dataset):
 def resize_masks(masks: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     """[K,H,W] bool -> [K,h,w] bool by area; an object thinner than a pixel keeps the pixels
     it touches, so no non-empty mask becomes empty (an object without pixels has no prompt)."""
-    shape = (size, size) if isinstance(size, int) else size
+    shape = (size, size) if isinstance(size, int) else tuple(size)
+    if tuple(masks.shape[-2:]) == shape:
+        return masks.bool()
     coverage = F.interpolate(masks[None].float(), size=shape, mode="area")[0]
     majority = coverage > 0.5
     vanished = ~majority.flatten(1).any(dim=1)
@@ -180,7 +172,6 @@ def resize_masks(masks: torch.Tensor, size: int | tuple[int, int]) -> torch.Tens
 def collate(items: list[dict]) -> Batch:
     images = [it["image"] for it in items if it["image"] is not None]
     size = items[0]["masks"].shape[-1]
-    features = [it["features"] for it in items]
     decoded = [it["image"] is not None for it in items]
     return Batch(
         images=torch.stack(images) if images else torch.empty(0, 3, size, size),
@@ -189,7 +180,6 @@ def collate(items: list[dict]) -> Batch:
         labels=torch.cat([it["labels"] for it in items]),
         image_index=torch.cat([torch.full((len(it["masks"]),), i) for i, it in enumerate(items)]),
         keys=[it["key"] for it in items] if "key" in items[0] else None,
-        features=features if any(f is not None for f in features) else None,
         decoded=None if all(decoded) else decoded,
     )
 
@@ -216,8 +206,8 @@ class ResumableSampler(Sampler[tuple]):
         self.seed = seed
         self.epoch = 0
         self.start = 0
-        # (epoch, index) -> whether the training process already holds that item's features
-        # (memory feature cache); the item then skips decoding its image.
+        # (epoch, index) -> whether the feature cache holds that item's features; the item then
+        # skips decoding its image. Asked as indices are drawn, ahead of the step.
         self.held: Callable[[int, int], bool] | None = None
 
     def __len__(self) -> int:
@@ -236,7 +226,6 @@ class ResumableSampler(Sampler[tuple]):
         order = self._order()[self.start :]
         if self.held is None:
             return iter([(self.epoch, i) for i in order])
-        # Asked as each index is drawn (ahead of the step by the prefetch depth).
         return ((self.epoch, i, self.held(self.epoch, i)) for i in order)
 
     @property

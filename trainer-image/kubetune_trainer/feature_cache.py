@@ -7,12 +7,14 @@ encoder's weights, the preprocessing (size, resize mode, mean, std) and the dtyp
 in. Change any of them and the old entries are simply never looked up again.
 
 `memory` keeps entries on the training device; `disk` writes one safetensors file per entry to
-the node-local cache folder, shared by the node's ranks and kept across restarts.
+the node-local cache folder, shared by the node's ranks and kept across restarts. Either way the
+data loader is told which images are cached and does not decode them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import astuple
 from pathlib import Path
@@ -23,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .data import Preprocess
+from .errors import KubetuneError
 
 log = structlog.get_logger(__name__)
 
@@ -38,25 +41,43 @@ def fingerprint(encoder: nn.Module, pre: Preprocess, precision: str) -> str:
 
 
 class DiskEntries:
-    """The disk cache's files: one safetensors file per key, written atomically. Plain paths, so
-    DataLoader workers read entries too and skip decoding the images they stand for."""
+    """The disk cache's files: one safetensors file per key, written atomically."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
 
+    def _path(self, key: str) -> Path:
+        return self.folder / f"{key}.safetensors"
+
+    def has(self, key: str) -> bool:
+        """A complete entry is there: the file is as long as its header says (a node that lost
+        power after the rename can leave an empty or short file). Reads about a kilobyte."""
+        try:
+            with self._path(key).open("rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                length = int.from_bytes(fh.read(8), "little")
+                if size < 8 or length > size - 8:
+                    return False
+                header = json.loads(fh.read(length))
+        except (OSError, ValueError):
+            return False
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        return size == 8 + length + end
+
     def read(self, key: str, device: str = "cpu") -> list[torch.Tensor] | None:
-        path = self.folder / f"{key}.safetensors"
+        path = self._path(key)
         if not path.is_file():
             return None
         try:
             tensors = load_file(path, device=device)
-        except Exception:  # damaged on disk: recompute it
-            log.warning("unreadable feature cache entry; recomputing", path=str(path))
+        except Exception:  # damaged on disk: drop it, so it is computed again
+            log.warning("unreadable feature cache entry; removed", path=str(path))
+            path.unlink(missing_ok=True)
             return None
         return [tensors[str(i)] for i in range(len(tensors))]
 
     def write(self, key: str, features: list[torch.Tensor]) -> None:
-        path = self.folder / f"{key}.safetensors"
+        path = self._path(key)
         partial = path.with_suffix(f".{os.getpid()}.part")
         save_file({str(i): f.contiguous().cpu() for i, f in enumerate(features)}, partial)
         os.replace(partial, path)  # atomic: another rank of the node never reads half a file
@@ -78,20 +99,17 @@ class FeatureCache:
         self.hits = 0
         self.misses = 0
 
+    def holds(self, key: str) -> bool:
+        """Whether `key` is cached: the data loader then does not decode that image."""
+        return key in self.memory if self.disk is None else self.disk.has(key)
+
     def get(self, key: str) -> list[torch.Tensor] | None:
         found = self.memory.get(key) if self.disk is None else self.disk.read(key, str(self.device))
-        self.count(found is not None)
-        return found
-
-    def holds(self, key: str) -> bool:
-        """Whether the memory cache has `key` (the loader may then skip decoding that image)."""
-        return key in self.memory
-
-    def count(self, hit: bool) -> None:
-        if hit:
-            self.hits += 1
-        else:
+        if found is None:
             self.misses += 1
+        else:
+            self.hits += 1
+        return found
 
     def put(self, key: str, features: list[torch.Tensor]) -> None:
         if self.disk is None:
@@ -101,29 +119,18 @@ class FeatureCache:
 
 
 def cached_features(
-    cache: FeatureCache,
-    keys: list[str],
-    images: torch.Tensor,
-    encode,
-    loaded: list[list[torch.Tensor] | None] | None = None,
-    decoded: list[bool] | None = None,
+    cache: FeatureCache, keys: list[str], images: torch.Tensor, encode, decoded: list[bool] | None = None
 ) -> list[torch.Tensor]:
-    """Per-level [B,...] features for a batch: entries the data loader already read (`loaded`,
-    None where it had none), cached entries, and the rest encoded now (only those images) and
-    stored. `images` holds the rows `decoded` marks (all rows when it is None), in order."""
-    loaded = loaded or [None] * len(keys)
+    """Per-level [B,...] features for a batch: cached entries as they are, the rest encoded now
+    (only those images) and stored. `images` holds the rows `decoded` marks (all rows when it
+    is None), in order: the loader does not decode images the cache held when it drew them."""
     decoded = decoded or [True] * len(keys)
     image_row = {i: n for n, i in enumerate(i for i, d in enumerate(decoded) if d)}
-    found: list[list[torch.Tensor] | None] = []
-    for key, entry in zip(keys, loaded, strict=True):
-        if entry is None:
-            entry = cache.get(key)
-        else:
-            cache.count(hit=True)
-        found.append(entry)
+    found = [cache.get(k) for k in keys]
     missing = [i for i, f in enumerate(found) if f is None]
-    if any(i not in image_row for i in missing):  # the loader skipped decoding on a promise
-        raise RuntimeError(f"feature cache entries vanished: {[keys[i] for i in missing if i not in image_row]}")
+    lost = [keys[i] for i in missing if i not in image_row]
+    if lost:  # a disk entry damaged after the loader checked it (now removed)
+        raise KubetuneError(f"feature cache entries became unreadable: {lost}; a restart computes them again")
     if missing:
         computed = encode(images[[image_row[i] for i in missing]])
         for row, i in enumerate(missing):

@@ -93,8 +93,8 @@ def stage_inputs(config: TrainConfig, ctx: DistContext, weights_are_folder: bool
 def build_loader(
     samples: list[Sample], config: TrainConfig, ctx: DistContext, pre: Preprocess, cache: FeatureCache | None = None
 ) -> DataLoader:
-    """The training batches. With a feature cache, images whose features are cached are not
-    decoded: workers read disk entries themselves; memory entries are flagged by the sampler."""
+    """The training batches. With a feature cache the sampler flags the images it holds, and
+    the workers do not decode them."""
     cached = config.model.feature_cache != "off"
     dataset = PromptedMasks(
         samples,
@@ -104,10 +104,9 @@ def build_loader(
         train=True,
         keyed=cached,
         flip=config.data.horizontal_flip,
-        read=cache.disk.read if cache and cache.disk else None,
     )
     sampler = ResumableSampler(len(samples), ctx.rank, ctx.world_size, config.training.seed, sticky=cached)
-    if cache is not None and cache.disk is None:
+    if cache is not None:
         sampler.held = lambda epoch, index: cache.holds(dataset.cache_key(epoch, index))
     batches = BatchSampler(sampler, config.training.batch_size, drop_last=True)
     steps = len(batches) // config.training.grad_accumulation
@@ -133,12 +132,16 @@ def build_loader(
 def build_eval_loader(
     samples: list[Sample], config: TrainConfig, ctx: DistContext, pre: Preprocess, cache: FeatureCache | None = None
 ) -> DataLoader:
+    """This rank's share of the validation split, in order; images the cache holds are not decoded."""
     cached = config.model.feature_cache != "off"
-    read = cache.disk.read if cache and cache.disk else None
-    dataset = PromptedMasks(samples, pre, config.data.prompts, config.training.seed, False, keyed=cached, read=read)
+    dataset = PromptedMasks(samples, pre, config.data.prompts, config.training.seed, train=False, keyed=cached)
+
+    def item(epoch: int, index: int) -> dict:
+        return dataset[(epoch, index, cache is not None and cache.holds(dataset.cache_key(epoch, index)))]
+
     keys = shard(len(samples), ctx.rank, ctx.world_size)
     return DataLoader(
-        keys, batch_size=config.training.batch_size, collate_fn=lambda ks: collate([dataset[k] for k in ks])
+        keys, batch_size=config.training.batch_size, collate_fn=lambda ks: collate([item(*k) for k in ks])
     )
 
 

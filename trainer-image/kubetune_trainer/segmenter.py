@@ -44,10 +44,10 @@ class PromptableModule(nn.Module):
         raise NotImplementedError
 
     def encode(self, batch: Batch) -> list[torch.Tensor]:
-        """image_features, from the feature cache where it has them (some read by the loader)."""
+        """image_features, from the feature cache where it has them."""
         if self.cache is None or batch.keys is None or self.train_encoder:
             return self.image_features(batch.images)
-        return cached_features(self.cache, batch.keys, batch.images, self.image_features, batch.features, batch.decoded)
+        return cached_features(self.cache, batch.keys, batch.images, self.image_features, batch.decoded)
 
     def train(self, mode: bool = True) -> PromptableModule:
         super().train(mode)
