@@ -65,7 +65,8 @@ def run(root: Path, args: argparse.Namespace, precision: str) -> dict:
     weights = Path(args.checkpoint.removeprefix("file://")) if args.checkpoint else None
     model = Sam2Segmenter().build(config.model, weights).to(ctx.device)
     samples = usable_samples("coco", root, "train/annotations.json")
-    loader = build_loader(samples, config, ctx, Sam2Segmenter().preprocess(config.model, weights))
+    pre = Sam2Segmenter().preprocess(config.model, weights)
+    loader = build_loader(samples, config, ctx, pre, target_size=model.mask_side(config.model.image_size))
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], config, ctx.world_size)
     trainer = Trainer(
         model,

@@ -60,13 +60,14 @@ def make_config(root: Path, args: argparse.Namespace, cache: str) -> TrainConfig
     ).with_defaults()
 
 
-def entry_shapes(args: argparse.Namespace) -> list[torch.Tensor]:
-    """One image's encoder output levels, as the cache stores them."""
+def entry_and_mask_side(args: argparse.Namespace) -> tuple[list[torch.Tensor], int]:
+    """One image's encoder output levels, as the cache stores them, and the masks' side."""
     config = make_config(Path("/unused"), args, "off")
     module = Sam2Segmenter().build(config.model, None).eval()
     with torch.no_grad():
         levels = module.image_features(torch.zeros(1, 3, args.image_size, args.image_size))
-    return [level[0].to(DTYPES[args.precision]).contiguous() for level in levels]
+    entry = [level[0].to(DTYPES[args.precision]).contiguous() for level in levels]
+    return entry, module.mask_side(args.image_size)
 
 
 def epoch_seconds(loader, cache: FeatureCache | None) -> tuple[float, int]:
@@ -95,7 +96,7 @@ def main() -> None:
     args = parser.parse_args()
     args.batch = min(args.batch, args.images)
     ctx = init()
-    entry = entry_shapes(args)
+    entry, mask_side = entry_and_mask_side(args)
     entry_mib = sum(t.numel() * t.element_size() for t in entry) / 2**20
     epochs: dict[str, list[float]] = {m: [] for m in MODES}
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,7 +110,7 @@ def main() -> None:
             cache = None
             if cache_mode != "off":
                 cache = FeatureCache(cache_mode, "bench", torch.device("cpu"), Path(tmp) / "cache")
-            loader = build_loader(samples, config, ctx, pre, cache)
+            loader = build_loader(samples, config, ctx, pre, cache, mask_side)
             if cache is not None:
                 for index in range(len(samples)):
                     cache.put(loader.dataset.cache_key(0, index), entry)  # flips are off: one key per image

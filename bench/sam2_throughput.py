@@ -190,7 +190,8 @@ def kubetune(
     pre = Sam2Segmenter().preprocess(config.model, None)
     if cache != "off":
         module.cache = FeatureCache(cache, f"bench-{variant}", device, root / "cache")
-    loader = build_loader(usable_samples("coco", root, "train/annotations.json"), config, ctx, pre, module.cache)
+    samples = usable_samples("coco", root, "train/annotations.json")
+    loader = build_loader(samples, config, ctx, pre, module.cache, module.mask_side(args.image_size))
     optimizer = build_optimizer([p for p in module.parameters() if p.requires_grad], config, 1)
     trainer = Trainer(
         module,

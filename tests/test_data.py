@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from kubetune_trainer.annotations import usable_samples
 from kubetune_trainer.config import PromptSpec
@@ -52,3 +53,44 @@ def test_thin_objects_survive_downscaling() -> None:
     small = resize_masks(masks, 32)
     assert small[0].any()
     assert small[1].sum() == 13 * 13  # cells 7..19 are covered by more than half
+
+
+def test_targets_at_the_logits_size_give_the_same_loss_and_prompts(tiny_coco: Path) -> None:
+    """Masks leave the workers at the mask logits' side: same prompts, same loss, 16× fewer bytes."""
+    from kubetune_trainer.losses import compute_loss
+    from kubetune_trainer.segmenter import Predictions
+
+    samples = usable_samples("coco", tiny_coco, "train/annotations.json")
+    pre, prompts = Preprocess(64, "longest-side"), PromptSpec(type="box+points", perturbation=3)
+    full = PromptedMasks(samples, pre, prompts, seed=2, train=True)
+    small = PromptedMasks(samples, pre, prompts, seed=2, train=True, target_size=16)
+    for epoch in range(2):
+        batches = [collate([ds[(epoch, i)] for i in range(len(samples))]) for ds in (full, small)]
+        big, little = batches
+        assert little.masks.shape[1:] == (16, 16) and little.masks.dtype == torch.bool
+        assert torch.equal(big.coords, little.coords) and torch.equal(big.labels, little.labels)
+        torch.manual_seed(epoch)
+        n = len(big.masks)
+        preds = Predictions(torch.randn(n, 3, 16, 16), torch.rand(n, 3), torch.randn(n, 1))
+        for preset in ("sam2", "otx", "dicece"):
+            a, b = compute_loss(preds, big.masks, preset).total, compute_loss(preds, little.masks, preset).total
+            assert torch.equal(a, b), preset
+    coarse = Predictions(torch.randn(n, 3, 32, 32), torch.rand(n, 3), torch.randn(n, 1))
+    with pytest.raises(ValueError, match="coarser than the mask logits"):
+        compute_loss(coarse, little.masks, "sam2")
+
+
+def test_integer_target_downsampling_equals_area_interpolation() -> None:
+    import torch.nn.functional as F
+    from kubetune_trainer.data import resize_targets
+
+    torch.manual_seed(0)
+    for shape, size in [
+        ((5, 64, 64), (16, 16)),
+        ((3, 60, 90), (20, 30)),
+        ((2, 64, 64), (4, 4)),
+        ((4, 50, 50), (16, 16)),
+    ]:
+        masks = torch.rand(shape) > torch.rand(1)  # varied densities, exact half-covered cells included
+        area = F.interpolate(masks[:, None].float(), size=size, mode="area")[:, 0] > 0.5
+        assert torch.equal(resize_targets(masks, size), area), (shape, size)  # 16×16 cells: int32 counts

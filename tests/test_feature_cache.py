@@ -50,7 +50,7 @@ def train(
             "output": {"uri": "file:///unused/"},
         }
     )
-    loader = build_loader(samples, config, init(), pre, module.cache)
+    loader = build_loader(samples, config, init(), pre, module.cache, module.mask_side(64))
     sampler = loader.batch_sampler.sampler
     optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=1e-3)
     module.train()
@@ -240,3 +240,14 @@ def test_a_skipped_image_whose_entry_is_gone_is_an_error_not_wrong_features() ->
     assert level[0].eq(1).all() and level[1].eq(2).all() and cache.holds("b")
     with pytest.raises(KubetuneError, match="unreadable"):
         cached_features(cache, ["a", "c"], images, encode, decoded=[True, False])
+
+
+@pytest.mark.parametrize("family", ["sam2", "sam"])
+def test_targets_come_at_the_side_of_the_mask_logits(family: str, tiny_coco: Path, tmp_path: Path) -> None:
+    write_tiny_sam(tmp_path / "base")  # patch size 8: SAM's logits are 32 px at 64, SAM2's 16
+    module, pre = build(family, tmp_path / "base")
+    samples = usable_samples("coco", tiny_coco, "train/annotations.json")
+    dataset = PromptedMasks(samples, pre, PromptSpec(), 0, True, target_size=module.mask_side(64))
+    batch = collate([dataset[(0, 0)], dataset[(0, 1)]])
+    with torch.no_grad():
+        assert module(batch).mask_logits.shape[-2:] == batch.masks.shape[-2:] == (module.mask_side(64),) * 2

@@ -11,9 +11,9 @@ import torch
 from kubetune.synthetic import write_coco_dataset
 from kubetune_trainer.annotations import Sample, usable_samples
 from kubetune_trainer.config import ModelSpec, PromptSpec, TrainConfig
-from kubetune_trainer.data import Batch, Preprocess, PromptedMasks, collate
+from kubetune_trainer.data import Batch, Preprocess, PromptedMasks, collate, resize_targets
 from kubetune_trainer.errors import ConfigError
-from kubetune_trainer.losses import LOSS_HEADS, compute_loss, dice_loss, kept_logits, mask_iou, resize_targets
+from kubetune_trainer.losses import LOSS_HEADS, compute_loss, dice_loss, kept_logits, mask_iou
 from kubetune_trainer.recipe import freeze_unused
 from kubetune_trainer.sam_segmenter import SamSegmenter, split_prompts
 from kubetune_trainer.segmenter import Predictions
@@ -206,7 +206,7 @@ def test_otx_and_dicece_presets() -> None:
     iou = torch.rand(3, 1)
     masks = torch.rand(3, 16, 16) > 0.6
     otx = compute_loss(_preds(logits, iou), masks, "otx")
-    t = resize_targets(masks, (16, 16))
+    t = resize_targets(masks, (16, 16)).float()
     focal = sigmoid_focal_loss(logits[:, 0], t, alpha=0.25, gamma=2.0, reduction="none").mean((1, 2)).mean()
     expected = 20 * focal + dice_loss(logits[:, 0], t).mean() + ((iou[:, 0] - mask_iou(logits[:, 0], t)) ** 2).mean()
     assert torch.allclose(otx.total, expected) and set(otx.parts) == {"loss_focal", "loss_dice", "loss_iou"}

@@ -56,7 +56,7 @@ class Preprocess:
 @dataclass
 class Batch:
     images: torch.Tensor  # [M,3,S,S] normalised: the decoded images (see `decoded`)
-    masks: torch.Tensor  # [N,S,S] bool, N objects over the batch
+    masks: torch.Tensor  # [N,S,S] bool, N objects over the batch (training: at the logits' side)
     coords: torch.Tensor  # [N,P,2]
     labels: torch.Tensor  # [N,P]
     image_index: torch.Tensor  # [N] which image each object belongs to
@@ -96,6 +96,7 @@ class PromptedMasks(Dataset):
         train: bool,
         keyed: bool = False,
         flip: bool = True,
+        target_size: int | None = None,
     ) -> None:
         self.samples = samples
         self.pre = pre
@@ -104,6 +105,9 @@ class PromptedMasks(Dataset):
         self.train = train
         self.keyed = keyed  # add each image's feature-cache key
         self.flip = flip
+        # Masks go out at this side (the model's mask logits: 16× fewer bytes to move than at the
+        # input size) after the prompts are drawn at full resolution; None: at the input size.
+        self.target_size = target_size
         self._hashes: dict[int, str] = {}
 
     def __len__(self) -> int:
@@ -152,7 +156,10 @@ class PromptedMasks(Dataset):
             masks = masks[torch.from_numpy(rng.choice(len(masks), self.prompts.max_objects, replace=False))]
         # Prompts come from the unpadded masks, so boxes and points stay inside the image.
         coords, labels = make_prompts(masks, self.prompts, rng, perturb=self.train)
-        item.update(image=image, masks=self.pre.pad(masks), coords=coords, labels=labels)
+        masks = self.pre.pad(masks)
+        if self.target_size is not None:
+            masks = resize_targets(masks, (self.target_size, self.target_size))
+        item.update(image=image, masks=masks, coords=coords, labels=labels)
         return item
 
 
@@ -167,6 +174,22 @@ def resize_masks(masks: torch.Tensor, size: int | tuple[int, int]) -> torch.Tens
     vanished = ~majority.flatten(1).any(dim=1)
     majority[vanished] = coverage[vanished] > 0
     return majority
+
+
+def resize_targets(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[N,S,S] bool masks -> [N,h,w] bool at the prediction's size: pixels more than half covered.
+    Exact integer counts when the size divides evenly (the usual 4×: a few times faster than
+    area interpolation, which gives the same result)."""
+    (h, w), (th, tw) = masks.shape[-2:], size
+    if (h, w) == (th, tw):
+        return masks.bool()
+    if masks.dtype == torch.bool and h % th == 0 and w % tw == 0:
+        fh, fw = h // th, w // tw
+        dtype = torch.uint8 if fh * fw < 256 else torch.int32
+        counts = masks.view(torch.uint8).unflatten(-1, (tw, fw)).sum(-1, dtype=dtype)  # [N,h,tw]
+        counts = counts.unflatten(-2, (th, fh)).sum(-2, dtype=dtype)  # [N,th,tw]
+        return counts > fh * fw // 2
+    return F.interpolate(masks[:, None].float(), size=size, mode="area")[:, 0] > 0.5
 
 
 def collate(items: list[dict]) -> Batch:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss
 
+from .data import resize_targets
 from .segmenter import Predictions
 
 
@@ -25,12 +26,6 @@ from .segmenter import Predictions
 class LossTerms:
     total: torch.Tensor
     parts: dict[str, torch.Tensor]
-
-
-def resize_targets(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """[N,S,S] bool masks -> [N,h,w] float in {0,1} at the prediction's size (area > 0.5)."""
-    resized = F.interpolate(masks[:, None].float(), size=size, mode="area")[:, 0]
-    return (resized > 0.5).float()
 
 
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
@@ -95,7 +90,9 @@ def kept_logits(preds: Predictions, reduction: str) -> torch.Tensor:
 
 def compute_loss(preds: Predictions, masks: torch.Tensor, preset: str, reduction: str = "min-loss") -> LossTerms:
     size = preds.mask_logits.shape[-2:]
-    targets = resize_targets(masks, size)
+    if masks.shape[-1] < size[-1]:
+        raise ValueError(f"target masks ({tuple(masks.shape[-2:])}) are coarser than the mask logits ({tuple(size)})")
+    targets = resize_targets(masks, size).float()
     c = reduce_candidates(preds, targets, reduction)
     rows = torch.arange(len(c.chosen), device=c.chosen.device)
     logits, iou_pred = c.logits[rows, c.chosen], c.iou_pred[rows, c.chosen]

@@ -91,10 +91,15 @@ def stage_inputs(config: TrainConfig, ctx: DistContext, weights_are_folder: bool
 
 
 def build_loader(
-    samples: list[Sample], config: TrainConfig, ctx: DistContext, pre: Preprocess, cache: FeatureCache | None = None
+    samples: list[Sample],
+    config: TrainConfig,
+    ctx: DistContext,
+    pre: Preprocess,
+    cache: FeatureCache | None = None,
+    target_size: int | None = None,
 ) -> DataLoader:
-    """The training batches. With a feature cache the sampler flags the images it holds, and
-    the workers do not decode them."""
+    """The training batches, their masks at `target_size` (the model's mask logits) when given.
+    With a feature cache the sampler flags the images it holds, and the workers do not decode them."""
     cached = config.model.feature_cache != "off"
     dataset = PromptedMasks(
         samples,
@@ -104,6 +109,7 @@ def build_loader(
         train=True,
         keyed=cached,
         flip=config.data.horizontal_flip,
+        target_size=target_size,
     )
     sampler = ResumableSampler(len(samples), ctx.rank, ctx.world_size, config.training.seed, sticky=cached)
     if cache is not None:
@@ -211,7 +217,7 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dic
             gradient_as_bucket_view=True,
             static_graph=config.training.grad_accumulation == 1,
         )
-    loader = build_loader(inputs.train, config, ctx, pre, module.cache)
+    loader = build_loader(inputs.train, config, ctx, pre, module.cache, module.mask_side(config.model.image_size))
     training = config.training
     per_epoch = len(loader) // training.grad_accumulation
     total = training.max_steps or training.epochs * per_epoch

@@ -37,6 +37,10 @@ class SamModule(PromptableModule):
         with torch.set_grad_enabled(self.train_encoder and torch.is_grad_enabled()):
             return [self.sam.vision_encoder(images).last_hidden_state]
 
+    def mask_side(self, image_size: int) -> int:
+        """Four times the embedding's side, which the checkpoint's patch size sets."""
+        return image_size // self.sam.config.vision_config.patch_size * 4
+
     def forward(self, batch: Batch, multimask: bool = True) -> Predictions:
         embeddings = self.encode(batch)[0]
         points, labels, boxes = split_prompts(batch.coords, batch.labels)

@@ -43,6 +43,11 @@ class PromptableModule(nn.Module):
         """The frozen (or trained) image encoder's output levels, [B,...] each."""
         raise NotImplementedError
 
+    def mask_side(self, image_size: int) -> int:
+        """The side of the mask logits (training targets are delivered at it): the decoders of
+        SAM and SAM2 upscale a stride-16 image embedding four times."""
+        return image_size // 4
+
     def encode(self, batch: Batch) -> list[torch.Tensor]:
         """image_features, from the feature cache where it has them."""
         if self.cache is None or batch.keys is None or self.train_encoder:
