@@ -145,8 +145,10 @@ def test_a_held_item_has_the_decoded_items_masks_and_prompts(tiny_coco: Path) ->
     batch = collate([dataset[(0, 0, True)], dataset[(0, 1, False)], dataset[(0, 2, True)]])
     assert batch.num_images == 3 and batch.images.shape == (1, 3, 64, 64)  # only the decoded one
     assert batch.decoded == [False, True, False] and collate([dataset[(0, 0)]]).decoded is None
+    dataset.target_size = 16  # masks at the logits' side do not shrink the (empty) image tensor
     only_held = collate([dataset[(0, 0, True)]])
     assert only_held.images.shape == (0, 3, 64, 64) and only_held.num_images == 1
+    assert only_held.images.dtype == torch.uint8 and only_held.extents.shape == (0, 2)
 
 
 def test_only_complete_disk_entries_count_as_held(tmp_path: Path) -> None:

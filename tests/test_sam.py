@@ -73,18 +73,19 @@ def test_preprocessing_matches_sam_image_processor(tmp_path: Path) -> None:
     mask[20:70, 30:120] = True
     sample = Sample(path, lambda h, w: mask[None])
     pre = Preprocess(64, "longest-side")
-    ours = PromptedMasks([sample], pre, PromptSpec(perturbation=0), seed=0, train=False)[(-1, 0)]
+    item = PromptedMasks([sample], pre, PromptSpec(perturbation=0), seed=0, train=False)[(-1, 0)]
+    batch = collate([item])
+    assert batch.images.dtype == torch.uint8  # the loader moves bytes; the model normalises
+    ours = pre.model_input(batch.images, batch.extents)[0]
     processor = SamImageProcessor(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64})
     theirs = processor(images=Image.fromarray(pixels), return_tensors="pt")["pixel_values"][0]
     assert pre.shape(90, 150) == (38, 64) == tuple(processor(images=Image.fromarray(pixels))["reshaped_input_sizes"][0])
-    assert ours["image"].shape == theirs.shape == (3, 64, 64)
-    assert torch.equal(ours["image"][:, 38:], torch.zeros(3, 26, 64)) and torch.equal(
-        theirs[:, 38:], ours["image"][:, 38:]
-    )
-    assert (ours["image"] - theirs).abs().mean() < 0.02  # the same resize up to rounding
-    assert not ours["masks"][:, 38:].any() and ours["masks"].shape == (1, 64, 64)
+    assert ours.shape == theirs.shape == (3, 64, 64)
+    assert torch.equal(ours[:, 38:], torch.zeros(3, 26, 64)) and torch.equal(theirs[:, 38:], ours[:, 38:])
+    assert (ours - theirs).abs().mean() < 0.02  # the same resize up to rounding
+    assert not item["masks"][:, 38:].any() and item["masks"].shape == (1, 64, 64)
     # The box prompt lies inside the resized image (coordinates of the model input, as SamProcessor scales them).
-    box = ours["coords"].view(-1)
+    box = item["coords"].view(-1)
     assert torch.allclose(box, torch.tensor([30, 20, 120, 70]) * 64 / 150, atol=1)
 
 
@@ -95,10 +96,11 @@ def test_prompts_reach_samodel_as_its_own_processor_lays_them_out(base: Path) ->
     module = SamSegmenter().build(SPEC.model_copy(update={"checkpoint": f"file://{base}"}), base).eval()
     reference = SamModel.from_pretrained(base).eval()
     torch.manual_seed(0)
-    images = torch.randn(2, 3, 64, 64)
+    raw = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    images = module.pre.model_input(raw, None)  # what SamProcessor would hand SamModel
     coords = torch.tensor([[[4.0, 6.0], [30.0, 40.0], [10.0, 20.0]], [[20.0, 8.0], [60.0, 50.0], [40.0, 30.0]]])
     labels = torch.tensor([[2, 3, 1], [2, 3, 1]])
-    batch = Batch(images, torch.zeros(2, 64, 64, dtype=torch.bool), coords, labels, torch.tensor([1, 0]))
+    batch = Batch(raw, torch.zeros(2, 64, 64, dtype=torch.bool), coords, labels, torch.tensor([1, 0]))
     with torch.no_grad():
         ours = module(batch, multimask=True)
         for row, image in enumerate((1, 0)):

@@ -43,10 +43,19 @@ class Preprocess:
         scale = self.size / max(height, width)
         return int(height * scale + 0.5), int(width * scale + 0.5)
 
-    def normalise(self, image: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return (image / 255.0 - mean) / std
+    def model_input(self, images: torch.Tensor, extents: torch.Tensor | None) -> torch.Tensor:
+        """[M,3,S,S] uint8 zero-padded images (extents: [M,2] resized height, width; None: the
+        whole square) -> rescaled and normalised, padding zero (as SamProcessor pads after
+        normalising). Done on the model's device: the loader moves a quarter of the bytes."""
+        mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
+        x = (images.float() / 255.0 - mean) / std
+        if extents is not None and self.resize != "stretch":
+            side = torch.arange(self.size, device=images.device)
+            rows = side[None, :] < extents[:, :1]  # [M,S]
+            cols = side[None, :] < extents[:, 1:]
+            x = x * (rows[:, :, None] & cols[:, None, :])[:, None]
+        return x
 
     def pad(self, tensor: torch.Tensor) -> torch.Tensor:
         """Zero-pad the last two dims to size × size (bottom and right)."""
@@ -55,7 +64,7 @@ class Preprocess:
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # [M,3,S,S] normalised: the decoded images (see `decoded`)
+    images: torch.Tensor  # [M,3,S,S] uint8, zero-padded: the decoded images (see `decoded`)
     masks: torch.Tensor  # [N,S,S] bool, N objects over the batch (training: at the logits' side)
     coords: torch.Tensor  # [N,P,2]
     labels: torch.Tensor  # [N,P]
@@ -63,10 +72,12 @@ class Batch:
     keys: list[str] | None = None  # per image: content hash (+ flip), for the feature cache
     # Per image: whether `images` holds it (not when its features were cached); None: all do.
     decoded: list[bool] | None = None
+    extents: torch.Tensor | None = None  # [M,2] each image's resized (height, width) before padding
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
         tensors = (self.images, self.masks, self.coords, self.labels, self.image_index)
-        return Batch(*(fn(t) for t in tensors), keys=self.keys, decoded=self.decoded)
+        extents = fn(self.extents) if self.extents is not None else None
+        return Batch(*(fn(t) for t in tensors), keys=self.keys, decoded=self.decoded, extents=extents)
 
     def to(self, device: torch.device) -> Batch:
         nb = device.type == "cuda"
@@ -147,11 +158,10 @@ class PromptedMasks(Dataset):
         if flipped:
             masks = masks.flip(-1)
         if image is not None:
-            image = image.float()
             if image.shape[1:] != shape:  # at the model's size already: interpolation is the identity
-                image = F.interpolate(image[None], size=shape, mode="bilinear", antialias=True, align_corners=False)[0]
-            image = image.flip(-1) if flipped else image
-            image = self.pre.pad(self.pre.normalise(image))
+                image = F.interpolate(image[None].float(), shape, mode="bilinear", antialias=True, align_corners=False)
+                image = image[0].round_().clamp_(0, 255).to(torch.uint8)  # as SamProcessor's PIL resize
+            image = self.pre.pad(image.flip(-1) if flipped else image)  # uint8: normalised on the device
         if self.train and len(masks) > self.prompts.max_objects:
             masks = masks[torch.from_numpy(rng.choice(len(masks), self.prompts.max_objects, replace=False))]
         # Prompts come from the unpadded masks, so boxes and points stay inside the image.
@@ -159,7 +169,7 @@ class PromptedMasks(Dataset):
         masks = self.pre.pad(masks)
         if self.target_size is not None:
             masks = resize_targets(masks, (self.target_size, self.target_size))
-        item.update(image=image, masks=masks, coords=coords, labels=labels)
+        item.update(image=image, extent=shape, side=self.pre.size, masks=masks, coords=coords, labels=labels)
         return item
 
 
@@ -194,10 +204,13 @@ def resize_targets(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def collate(items: list[dict]) -> Batch:
     images = [it["image"] for it in items if it["image"] is not None]
-    size = items[0]["masks"].shape[-1]
     decoded = [it["image"] is not None for it in items]
+    extents = [it["extent"] for it in items if it["image"] is not None]
     return Batch(
-        images=torch.stack(images) if images else torch.empty(0, 3, size, size),
+        images=torch.stack(images)
+        if images
+        else torch.empty(0, 3, items[0]["side"], items[0]["side"], dtype=torch.uint8),
+        extents=torch.tensor(extents, dtype=torch.long).view(-1, 2),
         masks=torch.cat([it["masks"] for it in items]),
         coords=torch.cat([it["coords"] for it in items]),
         labels=torch.cat([it["labels"] for it in items]),

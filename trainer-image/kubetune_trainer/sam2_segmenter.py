@@ -87,7 +87,7 @@ class Sam2Segmenter:
             "prompt_encoder": [m for n, m in sam.sam_prompt_encoder.named_children() if n != "mask_downscaling"],
             "image_encoder": [sam.image_encoder],
         }
-        return Sam2Module(sam, train_encoder=set_trainable(sam, parts, spec))
+        return Sam2Module(sam, set_trainable(sam, parts, spec), self.preprocess(spec, weights))
 
     def preprocess(self, spec: ModelSpec, weights: Path | None) -> Preprocess:
         """SAM2ImagePredictor's steps: a square resize, ImageNet mean and std."""

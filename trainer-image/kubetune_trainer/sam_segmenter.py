@@ -167,7 +167,7 @@ class SamSegmenter:
             "prompt_encoder": [m for n, m in sam.prompt_encoder.named_children() if n != "mask_embed"],
             "image_encoder": [sam.vision_encoder],
         }
-        return SamModule(sam, train_encoder=set_trainable(sam, parts, spec))
+        return SamModule(sam, set_trainable(sam, parts, spec), self.preprocess(spec, weights))
 
     def preprocess(self, spec: ModelSpec, weights: Path | None) -> Preprocess:
         """SamProcessor's steps; mean and std from the folder's preprocessor_config.json if any."""

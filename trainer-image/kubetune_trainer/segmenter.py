@@ -33,10 +33,11 @@ class PromptableModule(nn.Module):
 
     encoder_name: str  # the image encoder's attribute on the wrapped model
 
-    def __init__(self, sam: nn.Module, train_encoder: bool) -> None:
+    def __init__(self, sam: nn.Module, train_encoder: bool, pre: Preprocess) -> None:
         super().__init__()
         self.sam = sam
         self.train_encoder = train_encoder
+        self.pre = pre  # the loader's uint8 images become model input here, on the device
         self.cache: FeatureCache | None = None  # set by the recipe for model.featureCache
 
     def image_features(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -50,9 +51,10 @@ class PromptableModule(nn.Module):
 
     def encode(self, batch: Batch) -> list[torch.Tensor]:
         """image_features, from the feature cache where it has them."""
+        pixels = self.pre.model_input(batch.images, batch.extents)
         if self.cache is None or batch.keys is None or self.train_encoder:
-            return self.image_features(batch.images)
-        return cached_features(self.cache, batch.keys, batch.images, self.image_features, batch.decoded)
+            return self.image_features(pixels)
+        return cached_features(self.cache, batch.keys, pixels, self.image_features, batch.decoded)
 
     def train(self, mode: bool = True) -> PromptableModule:
         super().train(mode)
