@@ -1,4 +1,4 @@
-"""The torch side of the data: resize, normalise, pad, pick objects, make prompts, batch.
+"""The torch side of the data: resize, pad, pick objects, make prompts, batch (and normalise, on the device).
 
 Randomness (flips, which objects, prompt jitter) comes from a generator seeded by
 (seed, epoch, index), so a resumed run sees exactly the batches it would have seen, whatever the
@@ -28,8 +28,9 @@ EVAL_EPOCH = -1
 
 @dataclass(frozen=True)
 class Preprocess:
-    """How an image becomes model input (SamProcessor's steps): resize, rescale to [0, 1],
-    normalise, and with longest-side resizing pad bottom and right with zeros to size × size."""
+    """How an image becomes model input (SamProcessor's steps): resize and, with longest-side
+    resizing, pad bottom and right to size × size (in the loader, uint8); rescale to [0, 1],
+    normalise and keep the padding zero (`model_input`, on the model's device)."""
 
     size: int
     resize: str = "stretch"  # stretch | longest-side
