@@ -11,6 +11,7 @@ import os
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,13 @@ def stage_inputs(config: TrainConfig, ctx: DistContext, weights_are_folder: bool
     return Inputs(train, val, files.weights, files.downloaded_bytes)
 
 
+def held_by(cache: FeatureCache | None, dataset: PromptedMasks) -> Callable[[int, int], bool] | None:
+    """(epoch, index) -> whether the cache holds that item's features, so it need not be decoded."""
+    if cache is None:
+        return None
+    return lambda epoch, index: cache.holds(dataset.cache_key(epoch, index))
+
+
 def build_loader(
     samples: list[Sample],
     config: TrainConfig,
@@ -112,8 +120,7 @@ def build_loader(
         target_size=target_size,
     )
     sampler = ResumableSampler(len(samples), ctx.rank, ctx.world_size, config.training.seed, sticky=cached)
-    if cache is not None:
-        sampler.held = lambda epoch, index: cache.holds(dataset.cache_key(epoch, index))
+    sampler.held = held_by(cache, dataset)
     batches = BatchSampler(sampler, config.training.batch_size, drop_last=True)
     steps = len(batches) // config.training.grad_accumulation
     if steps == 0:
@@ -142,8 +149,10 @@ def build_eval_loader(
     cached = config.model.feature_cache != "off"
     dataset = PromptedMasks(samples, pre, config.data.prompts, config.training.seed, train=False, keyed=cached)
 
+    held = held_by(cache, dataset)
+
     def item(epoch: int, index: int) -> dict:
-        return dataset[(epoch, index, cache is not None and cache.holds(dataset.cache_key(epoch, index)))]
+        return dataset[(epoch, index, held is not None and held(epoch, index))]
 
     keys = shard(len(samples), ctx.rank, ctx.world_size)
     return DataLoader(
@@ -197,7 +206,7 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dic
     torch.manual_seed(config.training.seed)  # identical random init on every rank and restart
     random.seed(config.training.seed)
     module = segmenter.build(config.model, inputs.weights).to(ctx.device)
-    pre = segmenter.preprocess(config.model, inputs.weights)
+    pre = module.pre  # how this model's images are prepared (read from the weights by build)
     frozen = freeze_unused(segmenter, module, config)
     if config.model.gradient_checkpointing:
         segmenter.checkpoint_encoder(module)
@@ -317,19 +326,19 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dic
         "wall_seconds": time.time() - started,
     }
     if ctx.is_main:
-        _publish(output, segmenter, module, pre, config, report, workdir)
+        _publish(output, segmenter, module, config, report, workdir)
     distributed.barrier()
     return report
 
 
 def _publish(
-    output: ObjectStore, segmenter: Segmenter, module, pre: Preprocess, config: TrainConfig, report: dict, workdir: Path
+    output: ObjectStore, segmenter: Segmenter, module, config: TrainConfig, report: dict, workdir: Path
 ) -> None:
     """Final weights in the family's native format, the config, the metric log, the report and
     its human-readable summary (the before → after table)."""
     final = workdir / "final"
     final.mkdir()
-    name = segmenter.save_native(module, final, pre)
+    name = segmenter.save_native(module, final)
     for path in sorted(p for p in final.rglob("*") if p.is_file()):
         output.upload(path, f"final/{path.relative_to(final).as_posix()}")
     report["final_model"] = f"{output.uri}final/{name}"

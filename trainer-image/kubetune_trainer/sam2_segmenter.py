@@ -106,7 +106,7 @@ class Sam2Segmenter:
         for block in model.sam.image_encoder.trunk.blocks:
             block.forward = _recomputed(block.forward)
 
-    def save_native(self, model: nn.Module, folder: Path, pre: Preprocess) -> str:
+    def save_native(self, model: nn.Module, folder: Path) -> str:
         """Meta's {"model": state_dict}, which `build_sam2(config, ckpt_path=...)` loads."""
         inner = model.module if hasattr(model, "module") else model
         torch.save({"model": inner.sam.state_dict()}, folder / "model.pt")

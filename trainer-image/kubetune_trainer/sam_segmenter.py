@@ -197,13 +197,14 @@ class SamSegmenter:
         """transformers' own gradient checkpointing of the vision layers."""
         model.sam.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
-    def save_native(self, model: nn.Module, folder: Path, pre: Preprocess) -> str:
+    def save_native(self, model: nn.Module, folder: Path) -> str:
         """`SamModel.from_pretrained(folder/model)` and `SamProcessor.from_pretrained` both work."""
         from transformers import SamImageProcessor, SamProcessor
 
         inner = model.module if hasattr(model, "module") else model
         target = folder / FINAL_FOLDER
         inner.sam.save_pretrained(target)
+        pre = inner.pre
         size = pre.size
         image_processor = SamImageProcessor(
             size={"longest_edge": size},

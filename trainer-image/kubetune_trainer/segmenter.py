@@ -80,9 +80,10 @@ class Segmenter(Protocol):
     def checkpoint_encoder(self, model: nn.Module) -> None:
         """Recompute the image encoder's blocks in backward (model.gradientCheckpointing)."""
 
-    def save_native(self, model: nn.Module, folder: Path, pre: Preprocess) -> str:
-        """Write the weights into `folder` in the format the family's own loader reads; return the
-        name of what was written (a file, or a folder ending in /)."""
+    def save_native(self, model: nn.Module, folder: Path) -> str:
+        """Write the weights (and the model's preprocessing, where the format has a place for it)
+        into `folder` in the format the family's own loader reads; return the name of what was
+        written (a file, or a folder ending in /)."""
 
 
 def set_trainable(model: nn.Module, parts: dict[str, list[nn.Module]], spec: ModelSpec) -> bool:
