@@ -59,7 +59,7 @@ def skipped_count(writer: PrometheusWriter) -> float:
     raise AssertionError("kubetune_amp_skipped_steps_total not exported")
 
 
-def test_inf_gradient_is_skipped_and_counted(trainer: Trainer) -> None:
+def test_inf_gradient_is_skipped_and_counted(trainer: Trainer, tiny_coco: Path) -> None:
     writer = PrometheusWriter("amp-test", "test", 0, "sam2")
     probe = trainer.unwrapped.sam.sam_mask_decoder.iou_prediction_head.layers[0].weight
     before = {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters() if p.requires_grad}
@@ -79,6 +79,11 @@ def test_inf_gradient_is_skipped_and_counted(trainer: Trainer) -> None:
     assert not torch.equal(probe, before["sam.sam_mask_decoder.iou_prediction_head.layers.0.weight"])
     exposition = generate_latest(writer.registry).decode()
     assert 'kubetune_amp_grad_scale{family="sam2",job="amp-test",namespace="test",rank="0"} 32768.0' in exposition
+    # The run's count (the report's amp_skipped_steps) survives a checkpoint and resume.
+    assert trainer.state.skipped_steps == 1
+    resumed = make_trainer(tiny_coco, "fp16")
+    resumed.load_state_dict(trainer.state_dict())
+    assert resumed.state.skipped_steps == 1
 
 
 def test_gradient_accumulation_consumes_micro_batches(tiny_coco: Path) -> None:

@@ -136,6 +136,12 @@ def maybe_no_sync(model: torch.nn.Module, skip_sync: bool) -> Iterator[None]:
 
 
 def gpu_memory(device: torch.device) -> dict[str, int]:
+    """Allocated and reserved now, and the peak allocation since the process started (the
+    headroom a larger batch would need)."""
     if device.type != "cuda":
         return {}
-    return {"allocated": torch.cuda.memory_allocated(device), "reserved": torch.cuda.memory_reserved(device)}
+    return {
+        "allocated": torch.cuda.memory_allocated(device),
+        "reserved": torch.cuda.memory_reserved(device),
+        "peak": torch.cuda.max_memory_allocated(device),
+    }

@@ -45,6 +45,7 @@ class TrainState:
     baseline: dict[str, float] | None = None  # the base model's validation result (step 0)
     evals_without_improvement: int = 0
     stopped_early: bool = False
+    skipped_steps: int = 0  # optimizer steps dropped for non-finite gradients (AMP), whole run
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -183,6 +184,7 @@ class Trainer:
         s.observe("data_wait_seconds", waited)
         s.inc("images", images)
         if skipped:
+            self.state.skipped_steps += 1
             s.inc("amp/skipped_steps")
             log.warning("skipped a step with non-finite gradients", step=self.state.step)
 
@@ -207,6 +209,7 @@ class Trainer:
                 "evals_without_improvement": s.evals_without_improvement,
                 "baseline": s.baseline,
             },
+            "amp": {"skipped_steps": s.skipped_steps},
             "rng": rng,
             "world_size": self.ctx.world_size,
         }
@@ -232,6 +235,7 @@ class Trainer:
         self.state.best = state["early_stopping"]["best"]
         self.state.evals_without_improvement = state["early_stopping"]["evals_without_improvement"]
         self.state.baseline = state["early_stopping"].get("baseline")
+        self.state.skipped_steps = state.get("amp", {}).get("skipped_steps", 0)
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate((3, tuple(state["rng"]["python"]), None))
         if "cuda" in state["rng"] and torch.cuda.is_available():

@@ -72,6 +72,7 @@ class JsonlWriter:
         if not changed:
             return
         self._written.update(changed)
+        changed.pop("step", None)  # the step scalar is a float; the row's own step stays an int
         self._fh.write(json.dumps({"step": snap.step, "time": time.time(), **changed}) + "\n")
         self._fh.flush()
 

@@ -313,6 +313,7 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dic
         "total_steps": total,
         "epochs": trainer.state.epoch,
         "stopped_early": trainer.state.stopped_early,
+        "amp_skipped_steps": trainer.state.skipped_steps,
         "evaluations": eval_hook.history if eval_hook else [],
         "baseline": trainer.state.baseline,
         "final": {k: v for k, v in final.items() if k != "step"} if final else None,
