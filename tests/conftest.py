@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import socket
@@ -10,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kubetune.local import kill_tree
 from kubetune.s3server import client, local_s3, upload_tree
 from kubetune.synthetic import write_coco_dataset
 
@@ -115,31 +115,6 @@ def start_run(tmp_path):
     for proc in procs:
         kill_tree(proc.pid)
         proc.wait()
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process and all its descendants, as a node failure would.
-
-    torchrun starts its workers in sessions of their own, so killing the process group is not
-    enough to take a whole local run down.
-    """
-    import signal
-
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    todo, victims = [pid], []
-    while todo:
-        current = todo.pop()
-        victims.append(current)
-        todo.extend(children.get(current, []))
-    for victim in victims:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(victim, signal.SIGKILL)
 
 
 def write_tiny_sam(folder: Path, seed: int = 123) -> dict:

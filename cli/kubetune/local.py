@@ -3,7 +3,9 @@ the pods use (`kubetune_trainer.launch`), with c10d rendezvous on loopback."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -57,3 +59,26 @@ def run_local(config: TrainConfig, nproc: int, env: dict[str, str] | None = None
         merged = {**os.environ, **(env or {})}
         merged.setdefault("OMP_NUM_THREADS", str(max((os.cpu_count() or 1) // nproc, 1)))
         return subprocess.call(torchrun_command(config_path, nproc), env=merged)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants, as a node failure would.
+
+    torchrun starts its workers in sessions of their own, so killing the process group is not
+    enough to take a whole local run down.
+    """
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    todo, victims = [pid], []
+    while todo:
+        current = todo.pop()
+        victims.append(current)
+        todo.extend(children.get(current, []))
+    for victim in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGKILL)
