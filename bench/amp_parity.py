@@ -116,15 +116,20 @@ def main() -> None:
         results = {p: run(root, args, p) for p in args.precisions.split(",")}
 
     base = results.get("fp32")
+    n = min(args.compare_steps, args.steps)
+    for name, r in results.items():
+        if base is not None and name != "fp32":
+            pairs = zip(r["losses"][:n], base["losses"][:n], strict=True)
+            r["max_loss_gap_vs_fp32"] = max(abs(a - b) / max(abs(b), 1e-8) for a, b in pairs)
+            r["compared_steps"] = n
     print(f"\n{args.variant} @ {args.image_size}px, batch {args.batch_size}, trainable {args.trainable}")
     print("step  " + "  ".join(f"{p:>10}" for p in results))
     for step in range(min(args.compare_steps, args.steps)):
         print(f"{step + 1:>4}  " + "  ".join(f"{r['losses'][step]:>10.5f}" for r in results.values()))
     for name, r in results.items():
         line = f"{name}: {r['images_per_second']:.2f} images/s"
-        if base is not None and name != "fp32":
-            n = min(args.compare_steps, args.steps)
-            gap = max(abs(a - b) / max(abs(b), 1e-8) for a, b in zip(r["losses"][:n], base["losses"][:n], strict=True))
+        if "max_loss_gap_vs_fp32" in r:
+            gap = r["max_loss_gap_vs_fp32"]
             line += f", {r['images_per_second'] / base['images_per_second']:.2f}x fp32, max loss gap vs fp32 {gap:.2%}"
         if r["peak_memory_bytes"]:
             line += f", peak memory {r['peak_memory_bytes'] / 2**30:.1f} GiB"

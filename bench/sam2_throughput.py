@@ -17,8 +17,12 @@ On the same synthetic images (4 objects each), model and frozen image encoder:
 Prints images/s, the ratio to the common recipe, peak GPU memory, and the encoder forward's
 TFLOP/s (FLOPs counted by torch.utils.flop_counter) against the GPU's dense bf16 peak.
 
+`--family sam` measures SAM (v1, transformers' SamModel, random weights of the named size) through
+the same trainer modes; the common recipe is SAM2's predictor, so there ratios are to `batched`.
+
     uv run python bench/sam2_throughput.py --out bench/results/sam2-h200.json   # tiny and base_plus
     uv run python bench/sam2_throughput.py --image-size 64 --images 8 --batch 2 --steps 4 --warmup 1   # CPU smoke
+    uv run python bench/sam2_throughput.py --family sam --variants vit-base --modes batched,cached
 """
 
 from __future__ import annotations
@@ -40,13 +44,14 @@ from kubetune_trainer.distributed import autocast, init
 from kubetune_trainer.engine import Trainer
 from kubetune_trainer.feature_cache import FeatureCache
 from kubetune_trainer.recipe import build_loader, build_optimizer
-from kubetune_trainer.sam2_segmenter import Sam2Segmenter
 from kubetune_trainer.schedules import build_scheduler
+from kubetune_trainer.segmenter import segmenter_for
 from torch.utils.flop_counter import FlopCounterMode
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, by device-name fragment.
 BF16_PEAK = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1}
 OBJECTS = 4
+DEFAULT_VARIANTS = {"sam2": "sam2.1_hiera_tiny,sam2.1_hiera_base_plus", "sam": "vit-base"}
 MODES = ("common", "batched", "cached", "cached-disk", "full", "full-ckpt")
 
 
@@ -86,7 +91,7 @@ def make_config(
     return TrainConfig.model_validate(
         {
             "model": {
-                "family": "sam2",
+                "family": args.family,
                 "variant": variant,
                 "imageSize": args.image_size,
                 "featureCache": cache,
@@ -115,7 +120,7 @@ def make_config(
 
 def build_model(config: TrainConfig, device: torch.device):
     torch.manual_seed(0)
-    return Sam2Segmenter().build(config.model, None).to(device)
+    return segmenter_for(config.model).build(config.model, None).to(device)
 
 
 def common_recipe(root: Path, args: argparse.Namespace, variant: str, device: torch.device) -> dict:
@@ -186,8 +191,8 @@ def kubetune(
     ctx = init()
     module = build_model(config, device)
     if recompute:
-        Sam2Segmenter().checkpoint_encoder(module)
-    pre = Sam2Segmenter().preprocess(config.model, None)
+        segmenter_for(config.model).checkpoint_encoder(module)
+    pre = module.pre
     if cache != "off":
         module.cache = FeatureCache(cache, f"bench-{variant}", device, root / "cache")
     samples = usable_samples("coco", root, "train/annotations.json")
@@ -215,10 +220,18 @@ def kubetune(
     return result
 
 
+def measure(mode: str, root: Path, args: argparse.Namespace, variant: str, device: torch.device) -> dict:
+    if mode == "common":
+        return common_recipe(root, args, variant, device)
+    cache = {"cached": "memory", "cached-disk": "disk"}.get(mode, "off")
+    return kubetune(root, args, variant, device, cache, full=mode.startswith("full"), recompute=mode == "full-ckpt")
+
+
 def encoder_tflops(args: argparse.Namespace, variant: str, device: torch.device) -> dict:
     """The frozen image encoder's forward on one batch: FLOPs counted, then timed."""
     config = make_config(Path("/unused"), args, variant, "off")
-    encoder = build_model(config, device).sam.image_encoder.eval()
+    module = build_model(config, device)
+    encoder = getattr(module.sam, module.encoder_name).eval()
     images = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
     with torch.no_grad(), autocast(args.precision, device):
         counter = FlopCounterMode(display=False)
@@ -240,9 +253,22 @@ def encoder_tflops(args: argparse.Namespace, variant: str, device: torch.device)
     return {"gflop_per_batch": flops / 1e9, "tflops": tflops, "bf16_peak_fraction": tflops / peak if peak else None}
 
 
+def write(args: argparse.Namespace, hardware: str, results: list[dict]) -> None:
+    meta = {
+        "date": datetime.now(UTC).date().isoformat(),
+        "hardware": hardware,
+        "args": vars(args) | {"out": str(args.out)},
+    }
+    partial = args.out.with_name(args.out.name + ".partial")
+    partial.write_text(json.dumps({**meta, "results": results}, indent=1) + "\n")
+    partial.replace(args.out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", default="sam2.1_hiera_tiny,sam2.1_hiera_base_plus")
+    parser.add_argument("--family", default="sam2", choices=["sam2", "sam"])
+    parser.add_argument("--variants", default=None, help=f"default: {DEFAULT_VARIANTS}")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"a subset of {','.join(MODES)}")
     parser.add_argument("--image-size", type=int, default=1024)
     parser.add_argument("--images", type=int, default=64, help="synthetic training images")
     parser.add_argument("--batch", type=int, default=16, help="images per step for kubetune")
@@ -253,30 +279,35 @@ def main() -> None:
     parser.add_argument("--precision", default=None, help="kubetune's precision (default: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
+    modes = [m for m in MODES if m in args.modes.split(",")]
+    if unknown := set(args.modes.split(",")) - set(MODES):
+        parser.error(f"unknown modes {sorted(unknown)}; choose from {','.join(MODES)}")
+    if args.family != "sam2" and "common" in modes:
+        parser.error("the common recipe is SAM2's (SAM2ImagePredictor); leave 'common' out of --modes for sam")
+    args.variants = args.variants or DEFAULT_VARIANTS[args.family]
     device = init().device
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU"
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         root = write_coco_dataset(Path(tmp), train=args.images, val=1, size=args.image_size, seed=0)
         for variant in args.variants.split(","):
-            row = {"variant": variant, "common": common_recipe(root, args, variant, device)}
-            row["batched"] = kubetune(root, args, variant, device, "off")
-            row["cached"] = kubetune(root, args, variant, device, "memory")
-            row["cached-disk"] = kubetune(root, args, variant, device, "disk")
-            row["full"] = kubetune(root, args, variant, device, "off", full=True)
-            row["full-ckpt"] = kubetune(root, args, variant, device, "off", full=True, recompute=True)
+            row = {"variant": variant, "base": modes[0]}
+            for mode in modes:
+                row[mode] = measure(mode, root, args, variant, device)
             row["encoder"] = encoder_tflops(args, variant, device)
-            base = row["common"]["images_per_second"]
-            for mode in MODES[1:]:
+            base = row[modes[0]]["images_per_second"]
+            for mode in modes[1:]:
                 row[mode]["ratio"] = row[mode]["images_per_second"] / base
             results.append(row)
-    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU"
+            if args.out:  # after every variant, so a run cut off still leaves what it measured
+                write(args, hardware, results)
     print(
         f"\n{hardware}, {args.image_size} px, kubetune batch {args.batch} ({args.precision}), {args.steps} timed steps"
     )
-    print(f"{'variant':28} {'mode':11} {'images/s':>9} {'ratio':>7} {'peak GiB':>9}")
+    print(f"{'variant':28} {'mode':11} {'images/s':>9} {'ratio':>7} {'peak GiB':>9}   (ratios to {modes[0]})")
     for row in results:
-        for mode in MODES:
+        for mode in modes:
             r = row[mode]
             peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
             print(f"{row['variant']:28} {mode:11} {r['images_per_second']:9.2f} {r.get('ratio', 1.0):7.2f} {peak:>9}")
@@ -284,13 +315,6 @@ def main() -> None:
         fraction = f", {100 * e['bf16_peak_fraction']:.1f} % of bf16 peak" if e["bf16_peak_fraction"] else ""
         work = f"{e['gflop_per_batch']:.1f} GFLOP/batch, {e['tflops']:.3f} TFLOP/s"
         print(f"{row['variant']:28} encoder forward: {work}{fraction}")
-    if args.out:
-        meta = {
-            "date": datetime.now(UTC).date().isoformat(),
-            "hardware": hardware,
-            "args": vars(args) | {"out": str(args.out)},
-        }
-        args.out.write_text(json.dumps({**meta, "results": results}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""The benchmark scripts run end to end at CPU sizes (their GPU numbers are recorded in bench/)."""
+"""The benchmark scripts run end to end at CPU sizes (their GPU numbers are recorded in bench/).
+
+sam2_throughput.py and amp_parity.py run as stages of the GPU kit's CPU dry run (test_gpu_kit.py)."""
 
 from __future__ import annotations
 
@@ -19,39 +21,6 @@ def run(script: str, *args: str) -> str:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
-
-
-def test_sam2_throughput_smoke(tmp_path: Path) -> None:
-    out = tmp_path / "sam2.json"
-    args = ["--variants", "sam2.1_hiera_tiny", "--image-size", "64", "--images", "8", "--batch", "2"]
-    printed = run("sam2_throughput.py", *args, "--steps", "3", "--warmup", "1", "--workers", "0", "--out", str(out))
-    (row,) = json.loads(out.read_text())["results"]
-    for mode in ("common", "batched", "cached", "cached-disk", "full", "full-ckpt"):
-        assert row[mode]["images_per_second"] > 0 and f" {mode} " in printed
-    assert row["batched"]["ratio"] == row["batched"]["images_per_second"] / row["common"]["images_per_second"]
-    # The warm epoch encodes each of the 8 images once; the timed steps only hit the cache.
-    for mode in ("cached", "cached-disk"):
-        assert row[mode]["cache_misses"] == 8 and row[mode]["cache_hits"] == 2 * (1 + 3), mode
-    assert row["encoder"]["gflop_per_batch"] > 0 and row["encoder"]["tflops"] > 0
-
-
-def test_amp_parity_smoke() -> None:
-    printed = run(
-        "amp_parity.py",
-        "--image-size",
-        "64",
-        "--steps",
-        "3",
-        "--warmup",
-        "1",
-        "--batch-size",
-        "2",
-        "--workers",
-        "0",
-        "--precisions",
-        "fp32,bf16",
-    )
-    assert "max loss gap vs fp32" in printed
 
 
 def test_loader_throughput_smoke(tmp_path: Path) -> None:
