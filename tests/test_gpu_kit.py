@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import tomllib
@@ -122,6 +123,19 @@ def test_goals_are_judged_on_the_measured_ratios() -> None:
         "bf16 loss within 2 % of fp32 over the first 30 steps": False,
     }
     assert kit.parse_stages("1-3,6") == [1, 2, 3, 6]
+
+
+def test_a_stage_past_its_cap_is_cut_off_with_every_process_it_started(tmp_path: Path) -> None:
+    import time
+
+    marker = f"sleep {os.getpid() % 1000 + 7000}"  # a command line no other test runs
+    with (tmp_path / "stages.log").open("w") as log:
+        k = kit.Kit(tmp_path, False, time.time() + 60, log, stage_deadline=time.time() + 2)
+        with pytest.raises(kit.Failed, match="time cap"):
+            # the second sleep starts a session of its own, as torchrun's workers do
+            k.run(["bash", "-c", f"{marker} & setsid {marker} & wait"])
+    survivors = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True, check=False).stdout
+    assert survivors == ""
 
 
 @pytest.mark.slow

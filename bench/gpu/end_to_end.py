@@ -257,10 +257,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="CPU sizes (64 px, a handful of images)")
     parser.add_argument("--nproc-per-node", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: by size)")
     parser.add_argument("--budget-s", type=float, default=600, help="give up after this long")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     size = SIZES["tiny" if args.tiny else "gpu"]
+    if args.workers is not None:
+        size = {**size, "workers": args.workers}
     deadline = time.time() + args.budget_s
     problems: list[str] = []
     result: dict = {"sizes": size}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
+
+from kubetune.local import kill_tree
 
 HERE = Path(__file__).resolve().parent
 BENCH = HERE.parent
@@ -44,12 +46,20 @@ class Skipped(Exception):
 
 @dataclass
 class Kit:
-    out: Path
     work: Path
     tiny: bool
     deadline: float
     log: TextIO
     stage_deadline: float = 0.0
+
+    @property
+    def workers(self) -> int:
+        """DataLoader workers: 8 on the GPU machine, none at CPU sizes, and fewer where /dev/shm
+        (which carries their batches) is too small for 1024 px batches in flight."""
+        if self.tiny:
+            return 0
+        shm = shutil.disk_usage("/dev/shm").total if Path("/dev/shm").is_dir() else 0
+        return 8 if shm >= 8 * 2**30 else 2 if shm >= 2 * 2**30 else 0
 
     def run(self, argv: list[str], env: dict[str, str] | None = None) -> int:
         """Run a command (its own process group) under what is left of the stage's cap; output
@@ -68,7 +78,7 @@ class Kit:
         try:
             return proc.wait(timeout=max(left, 1))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)  # torchrun's workers live in sessions of their own
             proc.wait()
             raise Failed(f"cut off at the stage's time cap ({argv[1] if len(argv) > 1 else argv[0]})") from None
 
@@ -115,7 +125,8 @@ def environment_summary(f: dict) -> str:
 
 def end_to_end(kit: Kit) -> dict:
     budget = str(int(kit.stage_deadline - time.time() - 10))
-    return kit.script(HERE / "end_to_end.py", *(["--tiny"] if kit.tiny else []), "--budget-s", budget)
+    args = ["--tiny"] if kit.tiny else []
+    return kit.script(HERE / "end_to_end.py", *args, "--workers", str(kit.workers), "--budget-s", budget)
 
 
 def end_to_end_summary(f: dict) -> str:
@@ -142,8 +153,7 @@ SAM_ARGS = {
 
 def throughput(args: list[str]) -> Callable[[Kit], dict]:
     def measure(kit: Kit) -> dict:
-        workers = ["--workers", "0"] if kit.tiny else []
-        return kit.script(BENCH / "sam2_throughput.py", *args[size(kit)], *workers)
+        return kit.script(BENCH / "sam2_throughput.py", *args[size(kit)], "--workers", str(kit.workers))
 
     return measure
 
@@ -171,7 +181,7 @@ AMP_ARGS = {
 
 
 def amp_parity(kit: Kit) -> dict:
-    return kit.script(BENCH / "amp_parity.py", *AMP_ARGS[size(kit)], "--workers", "0" if kit.tiny else "8")
+    return kit.script(BENCH / "amp_parity.py", *AMP_ARGS[size(kit)], "--workers", str(kit.workers))
 
 
 def amp_summary(f: dict) -> str:
@@ -189,7 +199,7 @@ def amp_summary(f: dict) -> str:
 D2_ARGS = {
     "gpu": [
         *("--variant", "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml", "--size", "800", "--batch", "8"),
-        *("--iters", "60", "--warmup", "10", "--images", "64", "--workers", "8", "--precision", "fp16", "--s3"),
+        *("--iters", "60", "--warmup", "10", "--images", "64", "--precision", "fp16", "--s3"),
     ],
     "tiny": ["--iters", "6", "--warmup", "2", "--images", "8", "--s3"],
 }
@@ -225,7 +235,7 @@ def detectron2(kit: Kit) -> dict:
         started = time.time()
         build_detectron2(kit)
         built = round(time.time() - started, 1)
-    figures = kit.script(BENCH / "d2_iteration_time.py", *D2_ARGS[size(kit)])
+    figures = kit.script(BENCH / "d2_iteration_time.py", *D2_ARGS[size(kit)], "--workers", str(kit.workers))
     return figures | ({"build_seconds": built} if built else {})
 
 
@@ -327,6 +337,7 @@ def markdown(record: dict) -> str:
 class Recorder:
     out: Path
     mode: str
+    workers: int
     stages: list[dict] = field(default_factory=list)
 
     def write(self) -> None:
@@ -335,6 +346,7 @@ class Recorder:
         record = {
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "mode": self.mode,
+            "dataloader_workers": self.workers,
             "machine": environment_summary(env) if env else None,
             "stages": self.stages,
             "goals": goals(by_name),
@@ -386,9 +398,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     deadline = time.time() + (args.deadline_s or (1800 if args.tiny else 540))
     wanted = parse_stages(args.stages)
-    recorder = Recorder(args.out, "cpu-dry-run" if args.tiny else "gpu")
     with (args.out / "stages.log").open("a") as log, tempfile.TemporaryDirectory() as tmp:
-        kit = Kit(args.out, Path(tmp), args.tiny, deadline, log)
+        kit = Kit(Path(tmp), args.tiny, deadline, log)
+        recorder = Recorder(args.out, "cpu-dry-run" if args.tiny else "gpu", kit.workers)
         for stage in (s for s in STAGES if s.number in wanted):
             entry = run_stage(stage, kit)
             recorder.stages.append(entry)
