@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
+import secrets
 import subprocess
 import sys
 import tomllib
@@ -125,17 +125,38 @@ def test_goals_are_judged_on_the_measured_ratios() -> None:
     assert kit.parse_stages("1-3,6") == [1, 2, 3, 6]
 
 
+def test_a_second_command_adds_its_stages_to_the_first_ones_results(tmp_path: Path) -> None:
+    def entry(number: int, name: str, seconds: float) -> dict:
+        return {"number": number, "name": name, "status": "ok", "seconds": seconds, "figures": {}, "error": None}
+
+    first = kit.Recorder(tmp_path, "gpu", 8)
+    first.add(entry(1, "environment", 1.0))
+    first.add(entry(2, "end-to-end", 2.0))
+    second = kit.Recorder(tmp_path, "gpu", 8)
+    second.add(entry(6, "detectron2", 6.0))
+    second.add(entry(2, "end-to-end", 9.0))  # run again: replaces the first command's entry
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert [(s["number"], s["seconds"]) for s in record["stages"]] == [(1, 1.0), (2, 9.0), (6, 6.0)]
+    assert "| 6 detectron2 | ok |" in (tmp_path / "results.md").read_text()
+    assert kit.Recorder(tmp_path, "cpu-dry-run", 0).stages == []  # another mode starts afresh
+
+
 def test_a_stage_past_its_cap_is_cut_off_with_every_process_it_started(tmp_path: Path) -> None:
     import time
 
-    marker = f"sleep {os.getpid() % 1000 + 7000}"  # a command line no other test runs
+    marker = f"sleep {secrets.randbelow(10**6) + 10**7}"  # a command line nothing else runs
     with (tmp_path / "stages.log").open("w") as log:
         k = kit.Kit(tmp_path, False, time.time() + 60, log, stage_deadline=time.time() + 2)
         with pytest.raises(kit.Failed, match="time cap"):
             # the second sleep starts a session of its own, as torchrun's workers do
             k.run(["bash", "-c", f"{marker} & setsid {marker} & wait"])
-    survivors = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True, check=False).stdout
-    assert survivors == ""
+    survivors = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            survivors += [cmdline] if cmdline.read_bytes().replace(b"\0", b" ").strip() == marker.encode() else []
+        except OSError:  # gone meanwhile
+            continue
+    assert survivors == []
 
 
 @pytest.mark.slow

@@ -146,11 +146,8 @@ def artifact(package: dict, tags: list[Tag]) -> Locked:
 
 
 def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def download(item: Locked, folder: Path) -> Path:

@@ -320,7 +320,7 @@ def markdown(record: dict) -> str:
         "| --- | --- | --- | --- |",
     ]
     for s in record["stages"]:
-        detail = s["summary"] or ""
+        detail = s.get("summary") or ""
         if s["error"]:
             detail = (detail + "<br>" if detail else "") + "**" + s["error"].splitlines()[0][:300] + "**"
         lines.append(f"| {s['number']} {s['name']} | {s['status']} | {s['seconds']:.0f} | {detail} |")
@@ -339,6 +339,21 @@ class Recorder:
     mode: str
     workers: int
     stages: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        """Stages recorded in --out by an earlier command of the same mode are kept (the round's
+        second command adds stage 6 to the first's 1-5); a stage run again replaces its entry."""
+        previous = self.out / "results.json"
+        if previous.is_file():
+            record = json.loads(previous.read_text())
+            if record.get("mode") == self.mode:
+                self.stages = record["stages"]
+
+    def add(self, entry: dict) -> None:
+        self.stages = sorted(
+            [s for s in self.stages if s["number"] != entry["number"]] + [entry], key=lambda s: s["number"]
+        )
+        self.write()
 
     def write(self) -> None:
         by_name = {s["name"]: s for s in self.stages}
@@ -367,6 +382,7 @@ def run_stage(stage: Stage, kit: Kit) -> dict:
     left = kit.deadline - time.time()
     cap = min(stage.cap_s[size(kit)], left - 5)
     entry = {"number": stage.number, "name": stage.name, "status": "", "seconds": 0.0, "figures": {}, "error": None}
+    entry["summary"] = ""
     if cap < 15:
         entry |= {"status": "not run", "error": f"out of time ({left:.0f} s left of the command's deadline)"}
         return entry
@@ -403,8 +419,7 @@ def main() -> None:
         recorder = Recorder(args.out, "cpu-dry-run" if args.tiny else "gpu", kit.workers)
         for stage in (s for s in STAGES if s.number in wanted):
             entry = run_stage(stage, kit)
-            recorder.stages.append(entry)
-            recorder.write()
+            recorder.add(entry)
             print(f"stage {stage.number} {stage.name}: {entry['status']} in {entry['seconds']:.0f} s", flush=True)
             if entry["error"]:
                 print(f"  {entry['error'].splitlines()[0][:400]}", flush=True)
