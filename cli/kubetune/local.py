@@ -65,8 +65,22 @@ def kill_tree(pid: int) -> None:
     """SIGKILL a process and all its descendants, as a node failure would.
 
     torchrun starts its workers in sessions of their own, so killing the process group is not
-    enough to take a whole local run down.
+    enough to take a whole local run down. The tree is stopped first, until no new descendant
+    appears: a process that forks between a scan of /proc and the kill would otherwise escape.
     """
+    stopped: set[int] = set()
+    while new := _descendants(pid) - stopped:
+        for victim in new:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGSTOP)
+        stopped |= new
+    for victim in stopped:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGKILL)
+
+
+def _descendants(pid: int) -> set[int]:
+    """`pid` and every live process below it, from the parent links in /proc."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -74,11 +88,9 @@ def kill_tree(pid: int) -> None:
         except OSError:
             continue
         children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    todo, victims = [pid], []
+    found, todo = set(), [pid]
     while todo:
         current = todo.pop()
-        victims.append(current)
+        found.add(current)
         todo.extend(children.get(current, []))
-    for victim in victims:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(victim, signal.SIGKILL)
+    return found
