@@ -151,11 +151,14 @@ def test_a_stage_past_its_cap_is_cut_off_with_every_process_it_started(tmp_path:
             # the second sleep starts a session of its own, as torchrun's workers do
             k.run(["bash", "-c", f"{marker} & setsid {marker} & wait"])
     survivors = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+    for proc in Path("/proc").glob("[0-9]*"):
         try:
-            survivors += [cmdline] if cmdline.read_bytes().replace(b"\0", b" ").strip() == marker.encode() else []
-        except OSError:  # gone meanwhile
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").strip()
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):  # gone meanwhile
             continue
+        if cmdline == marker.encode() and state != "Z":
+            survivors.append(proc.name)
     assert survivors == []
 
 

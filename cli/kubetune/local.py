@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from kubetune_operator.specs import FineTuneJob
@@ -61,12 +62,13 @@ def run_local(config: TrainConfig, nproc: int, env: dict[str, str] | None = None
         return subprocess.call(torchrun_command(config_path, nproc), env=merged)
 
 
-def kill_tree(pid: int) -> None:
+def kill_tree(pid: int, timeout_s: float = 10.0) -> None:
     """SIGKILL a process and all its descendants, as a node failure would.
 
     torchrun starts its workers in sessions of their own, so killing the process group is not
     enough to take a whole local run down. The tree is stopped first, until no new descendant
     appears: a process that forks between a scan of /proc and the kill would otherwise escape.
+    Returns once every victim is gone (or a zombie: it holds no memory, GPU memory included).
     """
     stopped: set[int] = set()
     while new := _descendants(pid) - stopped:
@@ -77,6 +79,17 @@ def kill_tree(pid: int) -> None:
     for victim in stopped:
         with contextlib.suppress(ProcessLookupError):
             os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + timeout_s
+    while any(_running(victim) for victim in stopped) and time.monotonic() < deadline:
+        time.sleep(0.01)  # SIGKILL is delivered asynchronously
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def _descendants(pid: int) -> set[int]:
