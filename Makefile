@@ -30,14 +30,18 @@ detectron2: setup
 demo: setup
 	$(UV) run --frozen kubetune demo
 
+# The import contracts (pyproject.toml, [tool.importlinter]) first: a broken layer fails fast.
 test: setup system-deps
+	$(UV) run --frozen lint-imports --no-cache
 	$(UV) run --frozen pytest $(PYTEST_ARGS)
 
 test-fast: setup
+	$(UV) run --frozen lint-imports --no-cache
 	$(UV) run --frozen pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: setup
 	$(UV) run --frozen ruff check .
+	$(UV) run --frozen lint-imports --no-cache
 
 lock:
 	$(UV) lock

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 from kubetune.synthetic import write_coco_dataset
-from kubetune_trainer.annotations import usable_samples
 from kubetune_trainer.config import TrainConfig
-from kubetune_trainer.distributed import init
-from kubetune_trainer.engine import Trainer
-from kubetune_trainer.recipe import build_loader, build_optimizer
-from kubetune_trainer.sam2_segmenter import Sam2Segmenter
-from kubetune_trainer.schedules import build_scheduler
+from kubetune_trainer.datasets.readers import usable_samples
+from kubetune_trainer.promptable.engine import Trainer
+from kubetune_trainer.promptable.models.sam2 import Sam2Segmenter
+from kubetune_trainer.promptable.recipe import build_loader, build_optimizer
+from kubetune_trainer.promptable.schedules import build_scheduler
+from kubetune_trainer.training.distributed import init
 
 
 def make_config(root: Path, args: argparse.Namespace, precision: str) -> TrainConfig:

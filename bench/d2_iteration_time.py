@@ -75,9 +75,10 @@ def baseline(args, root: Path) -> list[float]:
 
 def kubetune(args, root: Path, out: Path, endpoint: str | None) -> tuple[list[float], float]:
     """The whole job; returns seconds per iteration and the mean data wait over the mean step."""
-    from kubetune_trainer import distributed, recipe
     from kubetune_trainer.config import TrainConfig
-    from kubetune_trainer.telemetry import PrometheusWriter
+    from kubetune_trainer.d2 import recipe
+    from kubetune_trainer.metrics.prometheus import PrometheusWriter
+    from kubetune_trainer.training import distributed
 
     config = TrainConfig.model_validate(
         {

@@ -32,12 +32,12 @@ from pathlib import Path
 
 import torch
 from kubetune.synthetic import write_coco_dataset
-from kubetune_trainer.annotations import usable_samples
 from kubetune_trainer.config import TrainConfig
-from kubetune_trainer.distributed import init
-from kubetune_trainer.feature_cache import FeatureCache
-from kubetune_trainer.recipe import build_loader
-from kubetune_trainer.sam2_segmenter import Sam2Segmenter
+from kubetune_trainer.datasets.readers import usable_samples
+from kubetune_trainer.promptable.feature_cache import FeatureCache
+from kubetune_trainer.promptable.models.sam2 import Sam2Segmenter
+from kubetune_trainer.promptable.recipe import build_loader
+from kubetune_trainer.training.distributed import init
 
 MODES = ("decode", "memory-held", "disk-held")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

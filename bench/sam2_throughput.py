@@ -38,14 +38,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from kubetune.synthetic import write_coco_dataset
-from kubetune_trainer.annotations import load_image, usable_samples
 from kubetune_trainer.config import TrainConfig
-from kubetune_trainer.distributed import autocast, init
-from kubetune_trainer.engine import Trainer
-from kubetune_trainer.feature_cache import FeatureCache
-from kubetune_trainer.recipe import build_loader, build_optimizer
-from kubetune_trainer.schedules import build_scheduler
-from kubetune_trainer.segmenter import segmenter_for
+from kubetune_trainer.datasets.readers import load_image, usable_samples
+from kubetune_trainer.promptable.engine import Trainer
+from kubetune_trainer.promptable.feature_cache import FeatureCache
+from kubetune_trainer.promptable.models.registry import segmenter_for
+from kubetune_trainer.promptable.recipe import build_loader, build_optimizer
+from kubetune_trainer.promptable.schedules import build_scheduler
+from kubetune_trainer.training.distributed import autocast, init
 from torch.utils.flop_counter import FlopCounterMode
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, by device-name fragment.

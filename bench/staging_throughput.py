@@ -28,8 +28,8 @@ from pathlib import Path
 from boto3.s3.transfer import TransferConfig, TransferManager
 from kubetune.s3server import client, local_s3
 from kubetune_trainer.config import StorageSpec
-from kubetune_trainer.staging import stage
-from kubetune_trainer.storage import open_store
+from kubetune_trainer.storage.staging import stage
+from kubetune_trainer.storage.stores import open_store
 
 
 def make_objects(s3, bucket: str, args: argparse.Namespace) -> int:

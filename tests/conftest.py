@@ -140,7 +140,7 @@ def write_tiny_sam(folder: Path, seed: int = 123) -> dict:
         prompt_encoder_config={"hidden_size": 32, "image_size": 64, "patch_size": 8, "mask_input_channels": 4},
         mask_decoder_config={"hidden_size": 32, "mlp_dim": 64, "num_attention_heads": 2, "iou_head_hidden_dim": 32},
     )
-    from kubetune_trainer.sam_segmenter import reset_positional_encoding
+    from kubetune_trainer.promptable.models.sam import reset_positional_encoding
 
     torch.manual_seed(seed)
     model = SamModel(config)

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from kubetune_trainer.annotations import usable_samples
 from kubetune_trainer.config import TrainConfig
-from kubetune_trainer.data import Preprocess
-from kubetune_trainer.distributed import init
-from kubetune_trainer.engine import Trainer
-from kubetune_trainer.recipe import build_loader, build_optimizer
-from kubetune_trainer.sam2_segmenter import Sam2Segmenter
-from kubetune_trainer.schedules import build_scheduler
-from kubetune_trainer.telemetry import PrometheusWriter
+from kubetune_trainer.datasets.readers import usable_samples
+from kubetune_trainer.metrics.prometheus import PrometheusWriter
+from kubetune_trainer.promptable.data import Preprocess
+from kubetune_trainer.promptable.engine import Trainer
+from kubetune_trainer.promptable.models.sam2 import Sam2Segmenter
+from kubetune_trainer.promptable.recipe import build_loader, build_optimizer
+from kubetune_trainer.promptable.schedules import build_scheduler
+from kubetune_trainer.training.distributed import init
 from prometheus_client import generate_latest
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from kubetune_trainer.annotations import load_image, read_split, usable_samples
+from kubetune_trainer.datasets.readers import load_image, read_split, usable_samples
 from kubetune_trainer.errors import DataError
 from PIL import Image
 

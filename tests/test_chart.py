@@ -10,7 +10,7 @@ import helm_python as helm
 import kubernetes_validate
 import pytest
 import yaml
-from kubetune_operator.monitoring import alerts_yaml, dashboard_json
+from kubetune_operator.manifests.monitoring import alerts_yaml, dashboard_json
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "kubetune"

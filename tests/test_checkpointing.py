@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from kubetune_trainer.checkpointing import Checkpointer
 from kubetune_trainer.config import StorageSpec
 from kubetune_trainer.errors import KubetuneError
-from kubetune_trainer.storage import open_store
+from kubetune_trainer.storage.checkpoints import Checkpointer
+from kubetune_trainer.storage.stores import open_store
 
 
 @pytest.fixture(params=["file", "s3"])
@@ -78,8 +78,8 @@ def test_loads_refuse_pickled_code(output, tmp_path: Path) -> None:
 def test_the_metric_log_inside_a_checkpoint_ends_at_its_step(tiny_coco: Path, tmp_path: Path) -> None:
     """A kill right after a checkpoint completes must not lose history: the log the resumed run
     continues is the one inside the checkpoint, and it already holds the checkpoint step's row."""
-    from kubetune_trainer.events import JsonlWriter
-    from kubetune_trainer.hooks import CheckpointHook, WriterHook
+    from kubetune_trainer.metrics.events import JsonlWriter
+    from kubetune_trainer.promptable.hooks import CheckpointHook, WriterHook
 
     from .test_amp import make_trainer
 

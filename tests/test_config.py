@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 from kubetune_operator.specs import FineTuneJob
-from kubetune_trainer.config import TrainConfig
-from kubetune_trainer.main import describe_validation_error
+from kubetune_trainer.config import TrainConfig, describe_validation_error
 from pydantic import ValidationError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,9 +10,9 @@ import kubernetes_validate
 import pytest
 import yaml
 from jsonschema import Draft4Validator
-from kubetune_operator.crd import build_crd, crd_yaml
+from kubetune_operator.manifests.crd import build_crd, crd_yaml
 from kubetune_operator.specs import FineTuneJob
-from kubetune_trainer.main import describe_validation_error
+from kubetune_trainer.config import describe_validation_error
 from pydantic import ValidationError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,14 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from kubetune_trainer.config import SAM2_DEFAULTS, OptimizerSpec, TrainParameters
-from kubetune_trainer.d2_bridge import RunShape, bridge
-from kubetune_trainer.d2_datasets import read_via, read_voc, via_class, voc_instances
-from kubetune_trainer.d2_plan import DatasetFacts, plan
-from kubetune_trainer.d2_schema import check_overrides, check_variant
-from kubetune_trainer.data import ResumableStream
+from kubetune_trainer.config import SAM2_DEFAULTS, OptimizerSpec, TrainParameters, describe_validation_error
+from kubetune_trainer.config.detectron2_keys import check_overrides, check_variant
+from kubetune_trainer.d2.bridge import RunShape, bridge
+from kubetune_trainer.d2.datasets import read_via, read_voc, via_class, voc_instances
+from kubetune_trainer.d2.plan import DatasetFacts, plan
+from kubetune_trainer.d2.sampler import ResumableStream
 from kubetune_trainer.errors import ConfigError, DataError
-from kubetune_trainer.main import describe_validation_error
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pydantic import ValidationError
@@ -382,9 +381,11 @@ def test_resumable_stream_resumes_and_shards(world: int) -> None:
 def test_modules_work_without_detectron2() -> None:
     code = (
         "import sys; sys.modules['detectron2'] = None\n"  # `import detectron2` now raises ImportError
-        "from kubetune_trainer import config, d2_bridge, d2_datasets, d2_plan, d2_schema\n"
-        "d2_schema.check_variant(sys.argv[1])\n"
-        "assert d2_schema.check_overrides({'SOLVER.BASE_LR': 1}) == {'SOLVER.BASE_LR': 1.0}\n"
+        "from kubetune_trainer import config\n"
+        "from kubetune_trainer.config import detectron2_keys\n"
+        "from kubetune_trainer.d2 import bridge, datasets, plan, sampler\n"
+        "detectron2_keys.check_variant(sys.argv[1])\n"
+        "assert detectron2_keys.check_overrides({'SOLVER.BASE_LR': 1}) == {'SOLVER.BASE_LR': 1.0}\n"
         "assert not [m for m in sys.modules if m.startswith('detectron2.')]\n"
     )
     done = subprocess.run([sys.executable, "-c", code, VARIANT], capture_output=True, text=True, timeout=60)

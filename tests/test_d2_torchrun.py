@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from kubetune.s3server import upload_tree
-from kubetune_trainer.d2_runtime import INSTALL_HINT, require_detectron2
+from kubetune_trainer.d2.build import INSTALL_HINT, require_detectron2
 from kubetune_trainer.errors import ConfigError
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
@@ -197,9 +197,10 @@ def test_unknown_override_fails_before_writing(start_run, s3, s3_endpoint, tiny_
 @needs_d2
 def test_config_snapshot_matches_installed_detectron2() -> None:
     """detectron2_config.json (what validates overrides without detectron2) is what detectron2 says;
-    regenerate it with `python -m kubetune_trainer.d2_schema` after moving the pin."""
+    regenerate it with `python -m kubetune_trainer.d2.schema` after moving the pin."""
     from detectron2.structures import BoxMode
-    from kubetune_trainer import d2_datasets, d2_schema
+    from kubetune_trainer.config import detectron2_keys
+    from kubetune_trainer.d2 import datasets, schema
 
-    assert d2_schema.generate() == d2_schema.snapshot()
-    assert d2_datasets.XYXY_ABS == BoxMode.XYXY_ABS
+    assert schema.generate() == detectron2_keys.snapshot()
+    assert datasets.XYXY_ABS == BoxMode.XYXY_ABS

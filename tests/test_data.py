@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from kubetune_trainer.annotations import usable_samples
 from kubetune_trainer.config import PromptSpec
-from kubetune_trainer.data import Preprocess, PromptedMasks, ResumableSampler, collate, resize_masks, shard
+from kubetune_trainer.datasets.readers import usable_samples
+from kubetune_trainer.promptable.data import Preprocess, PromptedMasks, ResumableSampler, collate, resize_masks, shard
 
 
 def test_items_are_deterministic_per_epoch_and_index(tiny_coco: Path) -> None:
@@ -57,8 +57,8 @@ def test_thin_objects_survive_downscaling() -> None:
 
 def test_targets_at_the_logits_size_give_the_same_loss_and_prompts(tiny_coco: Path) -> None:
     """Masks leave the workers at the mask logits' side: same prompts, same loss, 16× fewer bytes."""
-    from kubetune_trainer.losses import compute_loss
-    from kubetune_trainer.segmenter import Predictions
+    from kubetune_trainer.promptable.losses import compute_loss
+    from kubetune_trainer.promptable.models.base import Predictions
 
     samples = usable_samples("coco", tiny_coco, "train/annotations.json")
     pre, prompts = Preprocess(64, "longest-side"), PromptSpec(type="box+points", perturbation=3)
@@ -82,7 +82,7 @@ def test_targets_at_the_logits_size_give_the_same_loss_and_prompts(tiny_coco: Pa
 
 def test_integer_target_downsampling_equals_area_interpolation() -> None:
     import torch.nn.functional as F
-    from kubetune_trainer.data import resize_targets
+    from kubetune_trainer.promptable.data import resize_targets
 
     torch.manual_seed(0)
     for shape, size in [

@@ -6,15 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from kubetune_trainer.annotations import usable_samples
 from kubetune_trainer.config import ModelSpec, PromptSpec, TrainConfig
-from kubetune_trainer.data import Preprocess, PromptedMasks, ResumableSampler, collate
-from kubetune_trainer.distributed import init
-from kubetune_trainer.feature_cache import FeatureCache, fingerprint
-from kubetune_trainer.losses import compute_loss
-from kubetune_trainer.recipe import build_loader
-from kubetune_trainer.sam2_segmenter import Sam2Segmenter
-from kubetune_trainer.sam_segmenter import SamSegmenter
+from kubetune_trainer.datasets.readers import usable_samples
+from kubetune_trainer.promptable.data import Preprocess, PromptedMasks, ResumableSampler, collate
+from kubetune_trainer.promptable.feature_cache import FeatureCache, fingerprint
+from kubetune_trainer.promptable.losses import compute_loss
+from kubetune_trainer.promptable.models.sam import SamSegmenter
+from kubetune_trainer.promptable.models.sam2 import Sam2Segmenter
+from kubetune_trainer.promptable.recipe import build_loader
+from kubetune_trainer.training.distributed import init
 
 from .conftest import write_tiny_sam
 
@@ -232,7 +232,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(family: str, tiny_coco:
 
 def test_a_skipped_image_whose_entry_is_gone_is_an_error_not_wrong_features() -> None:
     from kubetune_trainer.errors import KubetuneError
-    from kubetune_trainer.feature_cache import cached_features
+    from kubetune_trainer.promptable.feature_cache import cached_features
 
     cache = FeatureCache("memory", "test", torch.device("cpu"))
     cache.put("a", [torch.ones(2, 4, 4)])

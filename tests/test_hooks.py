@@ -5,9 +5,9 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from kubetune_trainer.config import EarlyStoppingSpec
-from kubetune_trainer.engine import TrainState
-from kubetune_trainer.events import EventStorage
-from kubetune_trainer.hooks import EvalHook
+from kubetune_trainer.metrics.events import EventStorage
+from kubetune_trainer.promptable.engine import TrainState
+from kubetune_trainer.promptable.hooks import EvalHook
 
 
 def drive(values: list[float], early: EarlyStoppingSpec | None, every: int = 10) -> tuple[EvalHook, SimpleNamespace]:
@@ -51,7 +51,7 @@ def test_baseline_is_the_step_zero_evaluation_and_survives_a_resume() -> None:
 
 
 def test_summary_table_compares_base_and_fine_tuned() -> None:
-    from kubetune_trainer.summary import comparison, markdown
+    from kubetune_trainer.metrics.report import comparison, markdown
 
     before = {"f1": 0.2, "dice": 0.25, "miou": 0.15, "loss": 2.0}
     after = {"f1": 0.6, "dice": 0.55, "miou": 0.4, "loss": 0.5}

@@ -37,7 +37,7 @@ def test_images_run_as_non_root_with_the_launchers() -> None:
 
 def test_detectron2_is_pinned_to_one_commit_everywhere() -> None:
     """The extra, the lock and the install hint name the same upstream commit, not a branch."""
-    from kubetune_trainer.d2_runtime import DETECTRON2_COMMIT, INSTALL_HINT
+    from kubetune_trainer.d2.build import DETECTRON2_COMMIT, INSTALL_HINT
 
     pinned = re.findall(r"detectron2\.git@([0-9a-f]{40})\b", (ROOT / "pyproject.toml").read_text())
     locked = re.findall(r"detectron2\.git\?rev=([0-9a-f]{40})#", (ROOT / "uv.lock").read_text())
@@ -96,13 +96,13 @@ def import_with_only(extras: set[str], code: str, tmp: Path) -> set[str]:
 
 
 def test_operator_entrypoint_needs_only_declared_modules_and_no_torch(tmp_path: Path) -> None:
-    code = "import kubetune.cli, kubetune_operator.handlers, kubetune_operator.monitoring"
+    code = "import kubetune.cli, kubetune_operator.handlers, kubetune_operator.manifests.monitoring"
     modules = import_with_only({"operator"}, code, tmp_path)
     assert "torch" not in modules and "kopf" in modules
 
 
 def test_trainer_entrypoint_needs_only_declared_modules(tmp_path: Path) -> None:
-    code = "import kubetune_trainer.launch, kubetune_trainer.main, kubetune_trainer.recipe\n"
-    code += "import kubetune_trainer.sam2_segmenter"
+    code = "import kubetune_trainer.launch, kubetune_trainer.main, kubetune_trainer.promptable.recipe\n"
+    code += "import kubetune_trainer.promptable.models.sam2"
     modules = import_with_only({"trainer"}, code + "\nimport sam2.build_sam", tmp_path)
     assert {"torch", "sam2", "boto3", "prometheus_client"} <= modules

@@ -206,8 +206,8 @@ def test_format_duration() -> None:
 
 def test_baseline_metric_travels_from_the_trainer_to_status() -> None:
     """The trainer's own exposition (a real registry) read by the operator's parser."""
-    from kubetune_trainer.events import EventStorage
-    from kubetune_trainer.telemetry import PrometheusWriter
+    from kubetune_trainer.metrics.events import EventStorage
+    from kubetune_trainer.metrics.prometheus import PrometheusWriter
     from prometheus_client import generate_latest
 
     writer = PrometheusWriter("j", "n", 0, "sam")

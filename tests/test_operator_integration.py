@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 from kubetune.s3server import free_port
-from kubetune_trainer.events import Snapshot
-from kubetune_trainer.telemetry import PrometheusWriter
+from kubetune_trainer.metrics.events import Snapshot
+from kubetune_trainer.metrics.prometheus import PrometheusWriter
 from prometheus_client.parser import text_string_to_metric_families
 
 from .kube_emulator import start_kopf, stop_kopf, wait_for

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 from kubetune.s3server import free_port
-from kubetune_operator.monitoring import ALERTS, PANELS
+from kubetune_operator.manifests.monitoring import ALERTS, PANELS
 from kubetune_operator.telemetry import OperatorMetrics
-from kubetune_trainer.telemetry import PrometheusWriter
+from kubetune_trainer.metrics.prometheus import PrometheusWriter
 
 from .conftest import tiny_spec
 from .kube_emulator import start_kopf, stop_kopf, wait_for

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 from kubetune_trainer.config import PromptSpec, ScheduleSpec
-from kubetune_trainer.losses import compute_loss, dice_loss, mask_iou
-from kubetune_trainer.prompts import boxes_from_masks, make_prompts
-from kubetune_trainer.schedules import lr_factor
-from kubetune_trainer.segmenter import Predictions
+from kubetune_trainer.promptable.losses import compute_loss, dice_loss, mask_iou
+from kubetune_trainer.promptable.models.base import Predictions
+from kubetune_trainer.promptable.prompts import boxes_from_masks, make_prompts
+from kubetune_trainer.promptable.schedules import lr_factor
 
 
 def square_masks() -> torch.Tensor:

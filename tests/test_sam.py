@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 from kubetune.synthetic import write_coco_dataset
-from kubetune_trainer.annotations import Sample, usable_samples
 from kubetune_trainer.config import ModelSpec, PromptSpec, TrainConfig
-from kubetune_trainer.data import Batch, Preprocess, PromptedMasks, collate, resize_targets
+from kubetune_trainer.datasets.readers import Sample, usable_samples
 from kubetune_trainer.errors import ConfigError
-from kubetune_trainer.losses import LOSS_HEADS, compute_loss, dice_loss, kept_logits, mask_iou
-from kubetune_trainer.recipe import freeze_unused
-from kubetune_trainer.sam_segmenter import SamSegmenter, split_prompts
-from kubetune_trainer.segmenter import Predictions
+from kubetune_trainer.promptable.data import Batch, Preprocess, PromptedMasks, collate, resize_targets
+from kubetune_trainer.promptable.losses import LOSS_HEADS, compute_loss, dice_loss, kept_logits, mask_iou
+from kubetune_trainer.promptable.models.base import Predictions
+from kubetune_trainer.promptable.models.sam import SamSegmenter, split_prompts
+from kubetune_trainer.promptable.recipe import freeze_unused
 from PIL import Image, ImageFilter
 from torchvision.ops import sigmoid_focal_loss
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from kubetune_trainer.config import ModelSpec
 from kubetune_trainer.errors import ConfigError
-from kubetune_trainer.sam2_segmenter import Sam2Segmenter
+from kubetune_trainer.promptable.models.sam2 import Sam2Segmenter
 
 SPEC = ModelSpec(family="sam2", variant="sam2.1_hiera_tiny", imageSize=64)
 

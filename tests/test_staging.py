@@ -8,8 +8,8 @@ import pytest
 from boto3.s3.transfer import TransferConfig
 from kubetune_trainer.config import StorageSpec
 from kubetune_trainer.errors import ConfigError
-from kubetune_trainer.staging import INDEX_NAME, fetch_object, stage
-from kubetune_trainer.storage import etag_matches, open_store
+from kubetune_trainer.storage.staging import INDEX_NAME, fetch_object, stage
+from kubetune_trainer.storage.stores import etag_matches, open_store
 
 
 def test_stage_downloads_then_skips(s3_endpoint: str, tiny_coco_s3: str, tiny_coco: Path, tmp_path: Path) -> None:

@@ -130,7 +130,7 @@ def test_two_process_run_on_s3(start_run, s3, s3_endpoint: str, tiny_coco_s3: st
 def make_base_weights(path: Path) -> dict[str, torch.Tensor]:
     """A Meta-format checkpoint unlike the trainer's own seeded init (seed 123, not 0)."""
     from kubetune_trainer.config import ModelSpec
-    from kubetune_trainer.sam2_segmenter import Sam2Segmenter
+    from kubetune_trainer.promptable.models.sam2 import Sam2Segmenter
 
     torch.manual_seed(123)
     model = Sam2Segmenter().build(ModelSpec(family="sam2", variant="sam2.1_hiera_tiny", imageSize=64), None)

@@ -44,9 +44,9 @@ REQUIRED = [
     "kubetune.cli",
     "kubetune.s3server",
     "kubetune_operator.specs",
-    "kubetune_trainer.recipe",
-    "kubetune_trainer.sam2_segmenter",
-    "kubetune_trainer.sam_segmenter",
+    "kubetune_trainer.promptable.recipe",
+    "kubetune_trainer.promptable.models.sam2",
+    "kubetune_trainer.promptable.models.sam",
 ]
 OPTIONAL = ["detectron2", "fvcore", "yacs", "cv2", "pkg_resources"]
 DISTRIBUTIONS = [

@@ -56,14 +56,14 @@ def _render(args: argparse.Namespace) -> int:
 
 
 def _crd(args: argparse.Namespace) -> int:
-    from kubetune_operator.crd import crd_yaml
+    from kubetune_operator.manifests.crd import crd_yaml
 
     print(crd_yaml(), end="")
     return 0
 
 
 def _monitoring(args: argparse.Namespace) -> int:
-    from kubetune_operator.monitoring import alerts_yaml, dashboard_json
+    from kubetune_operator.manifests.monitoring import alerts_yaml, dashboard_json
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "dashboard.json").write_text(dashboard_json())

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 from kubetune_operator.specs import FineTuneJob
+from kubetune_trainer.config import environment
 
 from .local import default_nproc, run_local
 from .s3server import client, download_prefix, local_s3, upload_tree
@@ -83,7 +84,7 @@ def run_demo(out: Path, steps: int = 120, nproc: int | None = None, checkpoint: 
             s3.upload_file(str(checkpoint), "models", checkpoint.name)
             weights = f"s3://models/{checkpoint.name}"
         job = demo_job(endpoint, steps, weights, gpu=torch.cuda.is_available())
-        env = {"KUBETUNE_CACHE_DIR": str(Path(tmp) / "cache"), "KUBETUNE_METRICS_PORT": "0"}
+        env = {environment.CACHE_DIR: str(Path(tmp) / "cache"), environment.METRICS_PORT: "0"}
         code = run_local(job.train_config(default_namespace="local"), nproc or default_nproc(), env)
         if code != 0:
             print(f"[demo] training failed with exit code {code}")

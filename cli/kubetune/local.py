@@ -13,8 +13,7 @@ import time
 from pathlib import Path
 
 from kubetune_operator.specs import FineTuneJob
-from kubetune_trainer.config import TrainConfig
-from kubetune_trainer.main import load_validated
+from kubetune_trainer.config import TrainConfig, load_validated
 
 
 def load_spec(path: Path) -> FineTuneJob:

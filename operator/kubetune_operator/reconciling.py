@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from kubetune_trainer.main import describe_validation_error
+from kubetune_trainer.config import describe_validation_error
 from pydantic import ValidationError
 
 from .kube import KubeClient, scrape_metrics

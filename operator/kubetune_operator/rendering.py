@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from kubetune_trainer.config import environment
 from kubetune_trainer.errors import EXIT_BAD_INPUT
 
 from .settings import OperatorSettings
@@ -150,9 +151,9 @@ def _resources(ftj: FineTuneJob) -> dict[str, Any]:
 
 def _env(ftj: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
-        {"name": "KUBETUNE_CACHE_DIR", "value": CACHE_DIR},
-        {"name": "KUBETUNE_METRICS_PORT", "value": str(settings.trainer.metrics_port)},
-        {"name": "KUBETUNE_LOG_FORMAT", "value": "json"},
+        {"name": environment.CACHE_DIR, "value": CACHE_DIR},
+        {"name": environment.METRICS_PORT, "value": str(settings.trainer.metrics_port)},
+        {"name": environment.LOG_FORMAT, "value": "json"},
         {"name": "HOME", "value": "/tmp"},  # read-only root: libraries that write to ~ use /tmp
         {"name": "TMPDIR", "value": "/tmp"},
     ]

@@ -3,6 +3,7 @@ built in `main` and passed down, never read at import time."""
 
 from __future__ import annotations
 
+from kubetune_trainer.config import environment
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -14,7 +15,7 @@ class TrainerDefaults(BaseModel):
     """S3 endpoint for FineTuneJobs that do not set spec.storage.endpoint."""
     credentials_secret: str | None = None
     """Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY when spec.storage.credentialsSecret is unset."""
-    metrics_port: int = 9400
+    metrics_port: int = environment.DEFAULT_METRICS_PORT
     """Port of the trainer's Prometheus endpoint (local rank 0; rank r serves port + r)."""
     rendezvous_port: int = 29400
     """torchrun c10d rendezvous port on pod index 0."""

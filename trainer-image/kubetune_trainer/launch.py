@@ -12,7 +12,7 @@ import sys
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import get_args_parser, run
 
-from .errors import EXIT_BAD_INPUT, EXIT_RETRYABLE
+from kubetune_trainer.errors import EXIT_BAD_INPUT, EXIT_RETRYABLE
 
 
 def main(argv: list[str] | None = None) -> int:

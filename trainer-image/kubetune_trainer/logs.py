@@ -8,14 +8,17 @@ import sys
 
 import structlog
 
+from kubetune_trainer.config import environment
+
 
 def configure(rank: int | None = None) -> None:
     """Route structlog and stdlib logging to stderr; JSON unless stderr is a terminal.
 
     KUBETUNE_LOG_FORMAT=json|console overrides the guess; KUBETUNE_LOG_LEVEL sets the level.
     """
-    fmt = os.environ.get("KUBETUNE_LOG_FORMAT") or ("console" if sys.stderr.isatty() else "json")
-    level = getattr(logging, os.environ.get("KUBETUNE_LOG_LEVEL", "INFO").upper(), logging.INFO)
+    fmt = os.environ.get(environment.LOG_FORMAT) or ("console" if sys.stderr.isatty() else "json")
+    level_name = os.environ.get(environment.LOG_LEVEL, environment.DEFAULT_LOG_LEVEL).upper()
+    level = getattr(logging, level_name, logging.INFO)
     renderer = (
         structlog.processors.JSONRenderer()
         if fmt == "json"

@@ -1,4 +1,6 @@
-"""Trainer entry point (what torchrun runs): parse config -> build -> train -> clean up.
+"""Trainer entry point (what torchrun runs): parse config -> pick the family's recipe -> train ->
+clean up. Every failure ends as an exit code the Job understands (see `errors`) and a one-line
+reason where Kubernetes shows it.
 
 torchrun --nproc-per-node 2 -m kubetune_trainer --config train.json
 """
@@ -6,64 +8,37 @@ torchrun --nproc-per-node 2 -m kubetune_trainer --config train.json
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import TypeVar
 
 import structlog
-import yaml
-from pydantic import BaseModel, ValidationError
 
-from . import logs
-from .config import TrainConfig
-from .errors import EXIT_OK, EXIT_RETRYABLE, ConfigError, KubetuneError, write_termination_reason
+from kubetune_trainer import logs
+from kubetune_trainer.config import TrainConfig, environment, load_validated
+from kubetune_trainer.errors import EXIT_OK, EXIT_RETRYABLE, KubetuneError
 
 log = structlog.get_logger("kubetune_trainer")
-METRICS_PORT_ENV = "KUBETUNE_METRICS_PORT"
-M = TypeVar("M", bound=BaseModel)
-
-
-def load_validated(path: Path, model: type[M]) -> M:
-    """Read a YAML or JSON document (YAML is a superset of JSON) and validate it with `model`."""
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{path} does not exist") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML or JSON: {exc}") from exc
-    try:
-        return model.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(f"{path}: {describe_validation_error(exc)}") from exc
-
-
-def describe_validation_error(exc: ValidationError) -> str:
-    """'training.batchSize: Input should be greater than or equal to 1; ...' — one line."""
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
-        parts.append(f"{where}: {err['msg']}" if where else err["msg"])
-    return "; ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kubetune_trainer", description=__doc__)
     parser.add_argument("--config", required=True, type=Path, help="TrainConfig JSON (the operator's ConfigMap)")
     args = parser.parse_args(argv)
-    rank = int(os.environ.get("RANK", 0))
-    logs.configure(rank)
+    logs.configure(int(os.environ.get("RANK", 0)))
     ctx = None
     try:
         config = load_validated(args.config, TrainConfig)
         structlog.contextvars.bind_contextvars(job=config.job.name)
-        from . import distributed, recipe
-        from .telemetry import PrometheusWriter
+        from kubetune_trainer.metrics.prometheus import PrometheusWriter
+        from kubetune_trainer.training import distributed
 
+        run = recipe_for(config.model.family)
         ctx = distributed.init()
         metrics = PrometheusWriter(config.job.name, config.job.namespace, ctx.rank, config.model.family)
         _serve_metrics(metrics, ctx.local_rank)
-        recipe.run(config, ctx, metrics)
+        run(config, ctx, metrics)
         return EXIT_OK
     except KubetuneError as exc:
         log.error("training failed", reason=str(exc), exit_code=exc.exit_code)
@@ -75,13 +50,40 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_RETRYABLE
     finally:
         if ctx is not None:
-            from . import distributed
+            from kubetune_trainer.training import distributed
 
             distributed.cleanup()
 
 
+def recipe_for(family: str):
+    """The family's `run(config, ctx, metrics)`: Detectron2's, or the promptable one (SAM2, SAM).
+    Imported here, so a SAM2 job never imports detectron2 and a Detectron2 job never imports sam2."""
+    if family == "detectron2":
+        from kubetune_trainer.d2.build import require_detectron2
+
+        require_detectron2()  # a clear exit 2 where it is not installed
+        from kubetune_trainer.d2 import recipe
+    else:
+        from kubetune_trainer.promptable import recipe
+    return recipe.run
+
+
+def write_termination_reason(reason: str) -> None:
+    """Write a one-line reason where the kubelet reads it; silently skip when there is no such file.
+
+    Kubernetes only creates /dev/termination-log inside containers; a local run has none.
+    """
+    default = Path(environment.DEFAULT_TERMINATION_LOG)
+    path = Path(os.environ.get(environment.TERMINATION_LOG, default))
+    if not path.parent.is_dir() or (path == default and not path.exists()):
+        return
+    line = " ".join(reason.split())[:4000]  # kubelet keeps at most 4096 bytes
+    with contextlib.suppress(OSError):  # failing to explain must not hide the failure
+        path.write_text(line + "\n")
+
+
 def _serve_metrics(metrics, local_rank: int) -> None:
-    base = int(os.environ.get(METRICS_PORT_ENV, "9400"))
+    base = int(os.environ.get(environment.METRICS_PORT, environment.DEFAULT_METRICS_PORT))
     if base <= 0:
         return
     try:

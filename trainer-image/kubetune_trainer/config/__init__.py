@@ -1,0 +1,63 @@
+"""The training parameters, torch-free: the spec sections and family defaults (`specs`), reading
+and describing them (`loading`), Detectron2's config keys as data (`detectron2_keys`) and the
+KUBETUNE_* variables (`environment`). The operator and the CLI import only this package and
+`kubetune_trainer.errors`."""
+
+from kubetune_trainer.config.loading import describe_validation_error, load_validated
+from kubetune_trainer.config.specs import (
+    DETECTRON2_FORMATS,
+    DETECTRON2_METRICS,
+    FAMILY_DEFAULTS,
+    OTX_EARLY_STOPPING,
+    SAM2_DEFAULTS,
+    SAM2_VARIANTS,
+    SAM_DEFAULTS,
+    SAM_VARIANTS,
+    SAM_VISION,
+    URI_SCHEMES,
+    DataSpec,
+    EarlyStoppingSpec,
+    FamilyDefaults,
+    JobIdentity,
+    ModelSpec,
+    OptimizerSpec,
+    OutputSpec,
+    PromptSpec,
+    ScheduleSpec,
+    Section,
+    StorageSpec,
+    Trainable,
+    TrainConfig,
+    TrainingSpec,
+    TrainParameters,
+)
+
+__all__ = [
+    "DETECTRON2_FORMATS",
+    "DETECTRON2_METRICS",
+    "DataSpec",
+    "EarlyStoppingSpec",
+    "FAMILY_DEFAULTS",
+    "FamilyDefaults",
+    "JobIdentity",
+    "ModelSpec",
+    "OTX_EARLY_STOPPING",
+    "OptimizerSpec",
+    "OutputSpec",
+    "PromptSpec",
+    "SAM2_DEFAULTS",
+    "SAM2_VARIANTS",
+    "SAM_DEFAULTS",
+    "SAM_VARIANTS",
+    "SAM_VISION",
+    "ScheduleSpec",
+    "Section",
+    "StorageSpec",
+    "TrainConfig",
+    "TrainParameters",
+    "Trainable",
+    "TrainingSpec",
+    "URI_SCHEMES",
+    "describe_validation_error",
+    "load_validated",
+]

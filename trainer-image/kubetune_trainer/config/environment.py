@@ -1,0 +1,21 @@
+"""The KUBETUNE_* variables the trainer reads, with their defaults: one place for the names the
+trainer and the operator's rendering (which sets them in every pod) both use."""
+
+from __future__ import annotations
+
+CACHE_DIR = "KUBETUNE_CACHE_DIR"
+"""Node-local folder for staged data, base weights and disk feature-cache entries."""
+DEFAULT_CACHE_DIR = "~/.cache/kubetune"
+
+METRICS_PORT = "KUBETUNE_METRICS_PORT"
+"""Prometheus port of local rank 0; local rank r serves METRICS_PORT + r; 0 disables."""
+DEFAULT_METRICS_PORT = 9400
+
+LOG_FORMAT = "KUBETUNE_LOG_FORMAT"
+"""json or console; unset: json unless stderr is a terminal."""
+LOG_LEVEL = "KUBETUNE_LOG_LEVEL"
+DEFAULT_LOG_LEVEL = "INFO"
+
+TERMINATION_LOG = "KUBETUNE_TERMINATION_LOG"
+"""Where a fatal error's one-line reason goes (Kubernetes reads /dev/termination-log)."""
+DEFAULT_TERMINATION_LOG = "/dev/termination-log"

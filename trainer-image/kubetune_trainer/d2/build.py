@@ -1,0 +1,172 @@
+"""The edge between kubetune and an installed detectron2: the install check, dataset
+registration, the merged config, the model and Detectron2's own trainer for the chosen precision."""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+from torch import nn
+
+from kubetune_trainer.config import TrainConfig
+from kubetune_trainer.d2.datasets import Split, finish_split, read_via, read_voc
+from kubetune_trainer.d2.plan import ZOO_KEYS, DatasetFacts, Detectron2Plan, plan
+from kubetune_trainer.errors import ConfigError, DataError
+from kubetune_trainer.training.distributed import AUTOCAST_DTYPES, DistContext
+
+log = structlog.get_logger(__name__)
+DETECTRON2_COMMIT = "02b5c4e295e990042a714712c21dc79b731e8833"
+INSTALL_HINT = (
+    "model.family detectron2 needs detectron2, which is not installed here. It is not on PyPI: the "
+    "kubetune trainer image includes it; elsewhere install it from its git source with torch already "
+    "present and a C++ compiler, e.g. `uv sync --extra detectron2` in a kubetune checkout, or "
+    "`pip install --no-build-isolation 'setuptools<81' "
+    f"'git+https://github.com/facebookresearch/detectron2.git@{DETECTRON2_COMMIT}'`"
+)
+TRAIN, VALIDATION = "kubetune_train", "kubetune_validation"
+
+
+def require_detectron2() -> None:
+    try:
+        import detectron2  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(INSTALL_HINT) from exc
+
+
+def read_splits(config: TrainConfig, root: Path) -> tuple[Split, Split | None]:
+    """Read, check and register the train (and validation) split under Detectron2's catalogs."""
+    data = config.data
+    train = _read(data.format, root, data.train, True, None)
+    val = _read(data.format, root, data.validation, False, train.classes) if data.validation else None
+    for name, split in ((TRAIN, train), (VALIDATION, val)):
+        if split is not None:
+            _register(name, split)
+    return train, val
+
+
+def _read(fmt: str, root: Path, split: str, train: bool, classes: list[str] | None) -> Split:
+    if fmt == "via":
+        return read_via(root, split, train, classes)
+    if fmt == "voc":
+        return read_voc(root, split, train)
+    return _read_coco(root / split, train, classes)
+
+
+def _read_coco(path: Path, train: bool, classes: list[str] | None) -> Split:
+    """Detectron2's own COCO loader (contiguous category ids, polygons and RLE as given)."""
+    from detectron2.data import MetadataCatalog
+    from detectron2.data.datasets import load_coco_json
+
+    if not path.is_file():
+        raise DataError(f"annotation file {path} does not exist")
+    probe = f"kubetune_probe_{path.name}_{train}"
+    with contextlib.suppress(KeyError):
+        MetadataCatalog.remove(probe)
+    image_root = path.parent / "images" if (path.parent / "images").is_dir() else path.parent
+    try:
+        records = load_coco_json(str(path), str(image_root), dataset_name=probe)
+    except (KeyError, ValueError, TypeError, AssertionError) as exc:
+        raise DataError(f"{path} is not a usable COCO file: {type(exc).__name__}: {exc}") from exc
+    names = list(MetadataCatalog.get(probe).thing_classes)
+    if classes is not None and names != classes:
+        raise DataError(f"{path} has categories {names}, the train split {classes}; they must be the same")
+    kept = [r for r in records if Path(r["file_name"]).is_file()]
+    skipped = Counter({"missing image file": len(records) - len(kept)} if len(kept) < len(records) else {})
+    return finish_split(kept, names, skipped, f"coco file {path}", train)
+
+
+def _register(name: str, split: Split) -> None:
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+    with contextlib.suppress(KeyError):
+        MetadataCatalog.remove(name)
+    records = split.records
+    DatasetCatalog.register(name, lambda: records)
+    MetadataCatalog.get(name).set(thing_classes=split.classes, evaluator_type="coco")
+
+
+def build_cfg(
+    config: TrainConfig, train: Split, val: Split | None, weights: Path | None, ctx: DistContext, workdir: Path
+):
+    """The zoo config, then the FineTuneJob's mapping, then model.overrides (`d2_plan`)."""
+    from detectron2 import model_zoo
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    cfg.merge_from_file(model_zoo.get_config_file(config.model.variant))
+    zoo = {key: _get(cfg, key) for key in ZOO_KEYS}
+    facts = DatasetFacts(len(train.records), len(train.classes), train.has_rle, val is not None)
+    if facts.train_images < ctx.world_size:
+        raise DataError(f"the train split has {facts.train_images} images, fewer than the {ctx.world_size} processes")
+    job_plan = plan(config, zoo, facts, ctx.world_size, str(weights) if weights else "")
+    try:
+        cfg.merge_from_list(job_plan.merge_list())
+    except (ValueError, KeyError, AssertionError) as exc:
+        raise ConfigError(f"model.overrides: {exc}") from exc
+    cfg.DATASETS.TRAIN = (TRAIN,)
+    cfg.DATASETS.TEST = (VALIDATION,) if val is not None else ()
+    cfg.MODEL.DEVICE = ctx.device.type
+    cfg.OUTPUT_DIR = str(workdir)
+    cfg.freeze()
+    return cfg, job_plan
+
+
+def _get(cfg: Any, key: str) -> Any:
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def build_optimizer(cfg: Any, model: nn.Module, job_plan: Detectron2Plan, config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD exactly as Detectron2 builds it; AdamW over the same parameter groups and clipping."""
+    from detectron2.solver import build_optimizer as d2_build_optimizer
+    from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+
+    if job_plan.optimizer == "sgd":
+        return d2_build_optimizer(cfg, model)
+    params = get_default_optimizer_params(
+        model, base_lr=cfg.SOLVER.BASE_LR, weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM
+    )
+    adamw = maybe_add_gradient_clipping(cfg, torch.optim.AdamW)
+    return adamw(
+        params, lr=cfg.SOLVER.BASE_LR, betas=config.training.optimizer.betas, weight_decay=cfg.SOLVER.WEIGHT_DECAY
+    )
+
+
+class Autocast(nn.Module):
+    """Runs the wrapped model's forward under autocast: bf16 with Detectron2's SimpleTrainer on
+    the CPU, where its AMPTrainer (CUDA only) cannot run."""
+
+    def __init__(self, inner: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.inner, self.device_type, self.dtype = inner, device.type, dtype
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            return self.inner(*args, **kwargs)
+
+
+def build_trainer(
+    model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, precision: str, device: torch.device
+):
+    """fp16: Detectron2's AMPTrainer with a GradScaler; bf16: AMPTrainer without one on a GPU;
+    fp32 (and bf16 on the CPU): its SimpleTrainer."""
+    from detectron2.engine import AMPTrainer, SimpleTrainer
+
+    if precision == "fp32":
+        return SimpleTrainer(model, loader, optimizer)
+    if device.type == "cuda":
+        scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+        return AMPTrainer(model, loader, optimizer, grad_scaler=scaler, precision=AUTOCAST_DTYPES[precision])
+    if precision == "fp16":
+        raise ConfigError(
+            "training.precision fp16 for detectron2 needs a GPU (Detectron2's AMPTrainer); use bf16 or fp32 on the CPU"
+        )
+    return SimpleTrainer(Autocast(model, device, torch.bfloat16), loader, optimizer)

@@ -1,0 +1,232 @@
+"""Detectron2 hooks that give a Detectron2 job kubetune's behaviour: atomic S3 checkpoints with
+resume, COCO evaluation with best tracking and early stopping, Visualizer images, and the
+Prometheus/metrics.jsonl names of DESIGN.md (through `d2_bridge`)."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+from detectron2.engine import HookBase
+
+from kubetune_trainer.config import EarlyStoppingSpec
+from kubetune_trainer.d2.bridge import RunShape, bridge
+from kubetune_trainer.metrics.events import EventStorage, EventWriter
+from kubetune_trainer.storage.checkpoints import Checkpointer
+from kubetune_trainer.storage.stores import ObjectStore
+from kubetune_trainer.training import distributed
+
+log = structlog.get_logger(__name__)
+
+
+class EarlyStop(BaseException):  # noqa: N818 — not an error: Detectron2's loop must not log it as one
+    """Raised from after_step to end Detectron2's loop (which has no stop flag); its after_train
+    hooks still run."""
+
+
+class Progress(HookBase):
+    """Completed iterations, known to every later hook (Detectron2's `iter` is 0-based and is
+    only advanced past the last iteration when the loop ends normally)."""
+
+    def __init__(self) -> None:
+        self.completed = 0
+
+    def before_train(self) -> None:
+        self.completed = self.trainer.start_iter
+
+    def after_step(self) -> None:
+        self.completed = self.trainer.iter + 1
+
+
+class CheckpointHook(HookBase):
+    """Rank 0 writes model + trainer state (iteration, optimizer, scheduler, scaler, data position)
+    every `period` iterations and at the end, with the same manifest scheme as SAM2 jobs."""
+
+    def __init__(
+        self,
+        progress: Progress,
+        checkpointer: Checkpointer,
+        period: int,
+        state: Callable[[int], dict[str, Any]],
+        extras: dict[str, Path],
+        is_writer: bool,
+        on_saved: Callable[[int], None],
+        events: EventStorage,
+    ) -> None:
+        self.progress, self.checkpointer, self.period = progress, checkpointer, period
+        self.state, self.extras, self.is_writer = state, extras, is_writer
+        self.on_saved, self.events = on_saved, events
+        self.last_saved = -1
+        self.last_uri: str | None = None
+
+    def before_train(self) -> None:
+        self.last_saved = self.trainer.start_iter
+        if self.last_saved:
+            self.trainer.storage.put_scalar("checkpoint/last_step", self.last_saved, smoothing_hint=False)
+
+    def _save(self) -> None:
+        step = self.progress.completed
+        if step == self.last_saved or step == 0:
+            return
+        self.last_saved = step
+        if self.is_writer:
+            saved = self.checkpointer.save(step, self.state(step), self.extras)
+            self.last_uri = saved.uri
+            self.events.observe("checkpoint_seconds", saved.seconds)
+            self.events.inc("s3_bytes/upload", saved.bytes)
+            self.on_saved(step)
+        self.trainer.storage.put_scalar("checkpoint/last_step", step, smoothing_hint=False)
+        distributed.barrier()
+
+    def after_step(self) -> None:
+        if self.progress.completed % self.period == 0:
+            self._save()
+
+    def after_train(self) -> None:
+        self._save()
+
+
+class EvalHook(HookBase):
+    """COCO AP on the validation split every `period` iterations and at the end, on every rank
+    (inference is sharded, the result broadcast); tracks the best value and stops early."""
+
+    def __init__(
+        self,
+        progress: Progress,
+        period: int,
+        evaluate: Callable[[], dict[str, float]],
+        metric: str,
+        early: EarlyStoppingSpec | None,
+    ) -> None:
+        self.progress, self.period, self.evaluate = progress, period, evaluate
+        self.metric, self.early = metric, early
+        self.best: float | None = None
+        self.bad_evals = 0
+        self.history: list[dict[str, float]] = []
+        self.stopped_early = False
+        self._last = -1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "bad_evals": self.bad_evals, "history": self.history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.bad_evals, self.history = state["best"], state["bad_evals"], list(state["history"])
+
+    def _run(self) -> None:
+        step = self.progress.completed
+        if step == self._last:
+            return
+        self._last = step
+        result = distributed.broadcast_object(self.evaluate())
+        self.history.append({"step": step, **result})
+        storage = self.trainer.storage
+        storage.put_scalars(**{f"eval/{k}": v for k, v in result.items()}, smoothing_hint=False)
+        log.info("evaluation", step=step, **{k: round(v, 5) for k, v in result.items()})
+        value = result.get(self.metric, math.nan)
+        margin = self.early.min_delta if self.early else 0.0
+        if not math.isnan(value) and (self.best is None or value > self.best + margin):
+            self.best, self.bad_evals = value, 0
+        else:
+            self.bad_evals += 1
+        if self.best is not None:
+            storage.put_scalar(f"best/{self.metric}", self.best, smoothing_hint=False)
+        if self.early and self.bad_evals >= self.early.patience and not self.stopped_early:
+            log.info("early stopping", metric=self.metric, best=self.best, patience=self.early.patience)
+            self.stopped_early = True
+            raise EarlyStop
+
+    def after_step(self) -> None:
+        if (
+            self.period
+            and self.progress.completed % self.period == 0
+            and self.progress.completed < self.trainer.max_iter
+        ):
+            self._run()
+
+    def after_train(self) -> None:
+        if not self.stopped_early:
+            self._run()
+
+
+class BridgeHook(HookBase):
+    """After every iteration: Detectron2's latest scalars, plus what kubetune's hooks recorded in
+    `events` (checkpoint times, S3 bytes, skipped fp16 steps), → kubetune's writers."""
+
+    def __init__(
+        self,
+        progress: Progress,
+        shape: RunShape,
+        writers: list[EventWriter],
+        device: torch.device,
+        events: EventStorage,
+    ) -> None:
+        self.progress, self.shape, self.writers, self.device, self.events = progress, shape, writers, device, events
+        self.scale: float | None = None
+
+    def _flush(self, iteration: int, final: bool = False) -> None:
+        storage = self.trainer.storage
+        scaler = getattr(self.trainer, "grad_scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            scale = scaler.get_scale()
+            if self.scale is not None and scale < self.scale:
+                self.events.inc("amp/skipped_steps")
+            self.scale = scale
+            storage.put_scalar("amp/grad_scale", scale, smoothing_hint=False)
+        for kind, value in distributed.gpu_memory(self.device).items():
+            storage.put_scalar(f"gpu_memory/{kind}", value, smoothing_hint=False)
+        snap = bridge(storage.latest(), iteration, self.shape)
+        if final:  # the last iteration was already counted; only what came after it is new
+            snap.observations, snap.increments = {}, {}
+        extra = self.events.drain()
+        for key, values in extra.observations.items():
+            snap.observations.setdefault(key, []).extend(values)
+        for key, amount in extra.increments.items():
+            snap.increments[key] = snap.increments.get(key, 0.0) + amount
+        for writer in self.writers:
+            writer.write(snap)
+
+    def after_step(self) -> None:
+        self._flush(self.trainer.iter)
+
+    def after_train(self) -> None:
+        self._flush(self.progress.completed - 1, final=True)
+        for writer in self.writers:
+            writer.close()
+
+
+def draw_predictions(cfg: Any, model: torch.nn.Module, records: list[dict], metadata: Any, out: Path) -> list[Path]:
+    """Detectron2's Visualizer over the model's predictions for a few images."""
+    import numpy as np
+    from detectron2.data import DatasetMapper
+    from detectron2.utils.visualizer import Visualizer
+    from PIL import Image
+
+    mapper = DatasetMapper(cfg, is_train=False)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for record in records:
+            inputs = mapper(dict(record))
+            instances = model([inputs])[0]["instances"].to("cpu")
+            rgb = np.asarray(Image.open(record["file_name"]).convert("RGB"))
+            drawn = Visualizer(rgb, metadata).draw_instance_predictions(instances).get_image()
+            path = out / f"{Path(record['file_name']).stem}.png"
+            Image.fromarray(drawn).save(path)
+            paths.append(path)
+    model.train(was_training)
+    return paths
+
+
+def upload_visualizations(
+    output: ObjectStore, step: int, cfg: Any, model: torch.nn.Module, records: list[dict], metadata: Any
+) -> None:
+    with tempfile.TemporaryDirectory(prefix="kubetune-vis-") as tmp:
+        for path in draw_predictions(cfg, model, records, metadata, Path(tmp)):
+            output.upload(path, f"checkpoints/step-{step:08d}/visualizations/{path.name}")

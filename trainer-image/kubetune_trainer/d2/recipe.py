@@ -1,0 +1,230 @@
+"""A Detectron2 fine-tune under torchrun: kubetune's staging, checkpoints, metrics and report
+around Detectron2's own model, data pipeline, optimizer, scheduler, trainer and COCOEvaluator.
+
+torchrun has already created the process group (`distributed.init`); Detectron2's communication
+helpers use it as is, plus the per-machine group they need. No second launcher.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.engine import hooks as d2_hooks
+from detectron2.evaluation import COCOEvaluator, inference_on_dataset
+from detectron2.modeling import build_model
+from detectron2.solver import build_lr_scheduler
+from detectron2.utils import comm
+from detectron2.utils.events import CommonMetricPrinter, JSONWriter
+from detectron2.utils.logger import setup_logger
+from torch.nn.parallel import DistributedDataParallel
+
+from kubetune_trainer.config import TrainConfig
+from kubetune_trainer.d2.bridge import RunShape
+from kubetune_trainer.d2.build import TRAIN, VALIDATION, build_cfg, build_optimizer, build_trainer, read_splits
+from kubetune_trainer.d2.datasets import Split
+from kubetune_trainer.d2.hooks import BridgeHook, CheckpointHook, EarlyStop, EvalHook, Progress, upload_visualizations
+from kubetune_trainer.d2.sampler import ResumableStream
+from kubetune_trainer.metrics.events import METRICS_FILE, EventStorage, JsonlWriter
+from kubetune_trainer.metrics.prometheus import PrometheusWriter
+from kubetune_trainer.storage.checkpoints import Checkpointer
+from kubetune_trainer.storage.stores import ObjectStore, open_store
+from kubetune_trainer.training import distributed
+from kubetune_trainer.training.distributed import DistContext
+from kubetune_trainer.training.inputs import cache_root, stage_files
+
+log = structlog.get_logger(__name__)
+D2_METRICS_FILE = "metrics.json"  # Detectron2's own JSONWriter output, for users who expect it
+VISUALIZED_IMAGES = 4
+
+
+def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dict[str, Any]:
+    started = time.time()
+    setup_logger(name="detectron2", distributed_rank=ctx.rank, abbrev_name="d2")
+    distributed.check_precision(config.training.precision, ctx.device)
+    if ctx.world_size > 1 and comm._LOCAL_PROCESS_GROUP is None:
+        comm.create_local_process_group(ctx.local_world_size)
+    files = stage_files(config, ctx)
+    train, val = read_splits(config, files.root)
+    output = open_store(config.output.uri, config.storage)
+    checkpointer = Checkpointer(output, cache_root(), config.output.keep_last)
+    latest = distributed.broadcast_object(checkpointer.latest() if ctx.is_main else None) or 0
+    workdir = Path(tempfile.mkdtemp(prefix="kubetune-d2-"))
+    cfg, job_plan = build_cfg(config, train, val, files.weights, ctx, workdir)
+    masks = bool(cfg.MODEL.MASK_ON)  # the merged config, overrides included, says what the model predicts
+    metric = _early_metric(config, masks)
+
+    torch.manual_seed(config.training.seed)  # identical init everywhere; DDP also broadcasts it
+    module = build_model(cfg)
+    if files.weights is not None:
+        DetectionCheckpointer(module).load(str(files.weights))
+    else:
+        log.warning("model.checkpoint is not set: training from random weights, expect a much slower start")
+    model = module
+    if ctx.world_size > 1:
+        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        model = DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+    optimizer = build_optimizer(cfg, module, job_plan, config)
+    per_rank = job_plan.total_batch // ctx.world_size
+    sampler = ResumableStream(len(train.records), ctx.rank, ctx.world_size, config.training.seed, latest * per_rank)
+    loader = build_detection_train_loader(cfg, sampler=sampler)
+    trainer = build_trainer(model, loader, optimizer, config.training.precision, ctx.device)
+
+    progress = Progress()
+    events = EventStorage()
+    events.inc("s3_bytes/download", files.downloaded_bytes)
+    metrics_log, d2_log = workdir / METRICS_FILE, workdir / D2_METRICS_FILE
+    vis_records = (val or train).records[:VISUALIZED_IMAGES]
+    vis_metadata = MetadataCatalog.get(VALIDATION if val else TRAIN)
+
+    def state(step: int) -> dict[str, Any]:
+        return {"model": module.state_dict(), "trainer": trainer.state_dict(), "step": step}
+
+    def on_saved(step: int) -> None:
+        upload_visualizations(output, step, cfg, module, vis_records, vis_metadata)
+
+    # The metric logs travel inside each checkpoint, so a resumed run continues one history.
+    logs = {METRICS_FILE: metrics_log, D2_METRICS_FILE: d2_log}
+    ckpt_hook = CheckpointHook(
+        progress, checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, state, logs, ctx.is_main, on_saved, events
+    )
+    shape = RunShape(job_plan.total_batch, ctx.world_size, len(train.records), job_plan.max_iter)
+    writers: list = [metrics] + ([JsonlWriter(metrics_log)] if ctx.is_main else [])
+    hook_list = [
+        progress,
+        d2_hooks.IterationTimer(),
+        d2_hooks.LRScheduler(optimizer, build_lr_scheduler(cfg, optimizer)),
+    ]
+    eval_hook = None
+    if val is not None and cfg.TEST.EVAL_PERIOD:
+        evaluate = lambda: _evaluate(cfg, module, masks, workdir, trainer)  # noqa: E731
+        eval_hook = EvalHook(progress, cfg.TEST.EVAL_PERIOD, evaluate, metric, config.training.early_stopping)
+        hook_list.append(eval_hook)
+    # Metrics are written before the checkpoint, so its copy of the log includes its own step.
+    hook_list += [BridgeHook(progress, shape, writers, ctx.device, events), ckpt_hook]
+    if ctx.is_main:
+        printers = [CommonMetricPrinter(job_plan.max_iter), JSONWriter(str(d2_log))]
+        hook_list.append(d2_hooks.PeriodicWriter(printers, period=20))
+    trainer.register_hooks(hook_list)
+
+    if latest:
+        saved = distributed.leader_first(ctx, lambda: checkpointer.load(latest))
+        module.load_state_dict(saved["model"])
+        trainer.load_state_dict(saved["trainer"])
+        log.info("resumed", step=latest, uri=f"{output.uri}checkpoints/step-{latest:08d}/")
+        if ctx.is_main:
+            for path in logs.values():
+                checkpointer.fetch_extra(latest, path.name, path)
+    log.info(
+        "training",
+        family="detectron2",
+        variant=config.model.variant,
+        images=len(train.records),
+        classes=train.classes,
+        total_batch=job_plan.total_batch,
+        max_iter=job_plan.max_iter,
+        start_iter=latest,
+        base_lr=cfg.SOLVER.BASE_LR,
+        precision=config.training.precision,
+        world_size=ctx.world_size,
+        device=str(ctx.device),
+    )
+    with contextlib.suppress(EarlyStop):
+        trainer.train(latest, job_plan.max_iter)
+    report = {
+        "job": config.job.name,
+        "family": "detectron2",
+        "variant": config.model.variant,
+        "steps": progress.completed,
+        "total_steps": job_plan.max_iter,
+        "epochs": progress.completed * job_plan.total_batch // len(train.records),
+        "stopped_early": bool(eval_hook and eval_hook.stopped_early),
+        "evaluations": [_json_safe(row) for row in eval_hook.history] if eval_hook else [],
+        "best": {"metric": metric, "value": _json_safe(eval_hook.best)} if eval_hook else None,
+        "last_checkpoint": ckpt_hook.last_uri,
+        "final_model": f"{output.uri}final/model_final.pth",
+        "classes": train.classes,
+        "wall_seconds": time.time() - started,
+    }
+    if ctx.is_main:
+        _publish(output, cfg, module, config, train, report, workdir)
+    distributed.barrier()
+    return report
+
+
+def _early_metric(config: TrainConfig, masks: bool) -> str:
+    default = "segm_ap" if masks else "bbox_ap"
+    early = config.training.early_stopping
+    metric = early.metric if early and early.metric else default
+    if metric == "segm_ap" and not masks:
+        from kubetune_trainer.errors import ConfigError
+
+        raise ConfigError(f"training.earlyStopping.metric segm_ap needs a mask model; {config.model.variant} has none")
+    return metric
+
+
+def _evaluate(cfg: Any, module: torch.nn.Module, masks: bool, workdir: Path, trainer: Any) -> dict[str, float]:
+    """COCO bbox (and segm) AP on the validation split, as fractions; rank 0 holds the result."""
+    tasks = ("bbox", "segm") if masks else ("bbox",)
+    evaluator = COCOEvaluator(
+        VALIDATION,
+        tasks=tasks,
+        distributed=True,
+        output_dir=str(workdir / "eval"),
+        max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
+    )
+    results = inference_on_dataset(module, build_detection_test_loader(cfg, VALIDATION), evaluator)
+    module.train()
+    if not comm.is_main_process():
+        return {}
+    flat = {f"{task}/{name}": value for task, values in results.items() for name, value in values.items()}
+    trainer.storage.put_scalars(**flat, smoothing_hint=False)  # Detectron2's names, for metrics.json
+    out = {}
+    for task in tasks:
+        for name in ("AP", "AP50", "AP75"):
+            out[f"{task}_{name.lower()}"] = results.get(task, {}).get(name, math.nan) / 100.0
+    return out
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def _publish(
+    output: ObjectStore,
+    cfg: Any,
+    module: torch.nn.Module,
+    config: TrainConfig,
+    train: Split,
+    report: dict,
+    workdir: Path,
+) -> None:
+    """What DefaultPredictor needs (weights + config.yaml), the class names, logs and the report."""
+    final = workdir / "final"
+    final.mkdir()
+    DetectionCheckpointer(module, save_dir=str(final)).save("model_final")
+    predict_cfg = cfg.clone()
+    predict_cfg.defrost()
+    predict_cfg.MODEL.WEIGHTS = "model_final.pth"  # next to config.yaml once downloaded
+    predict_cfg.DATASETS.TRAIN, predict_cfg.DATASETS.TEST = (), ()
+    (final / "config.yaml").write_text(predict_cfg.dump())
+    (final / "classes.json").write_text(json.dumps(train.classes))
+    for name in ("model_final.pth", "config.yaml", "classes.json"):
+        output.upload(final / name, f"final/{name}")
+    output.put_bytes(config.model_dump_json(by_alias=True, indent=1).encode(), "final/config.json")
+    for name in (METRICS_FILE, D2_METRICS_FILE):
+        if (workdir / name).exists():
+            output.upload(workdir / name, name)
+    output.put_bytes(json.dumps(report, indent=1).encode(), "report.json")
+    log.info("published", model=report["final_model"], report=f"{output.uri}report.json")

@@ -1,0 +1,243 @@
+"""The training loop and nothing else: batches in, one (mixed-precision) optimizer step out.
+
+Evaluation, checkpoints and metric writing are hooks (before_train / after_step / after_train).
+AMP lives in `run_step`: autocast for the forward, a GradScaler for fp16, skipped steps counted.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from kubetune_trainer.config import TrainingSpec
+from kubetune_trainer.metrics.events import EventStorage
+from kubetune_trainer.promptable.data import Batch, ResumableSampler
+from kubetune_trainer.promptable.losses import compute_loss
+from kubetune_trainer.training import distributed
+from kubetune_trainer.training.distributed import DistContext
+
+log = structlog.get_logger(__name__)
+
+
+class Hook:
+    def before_train(self, trainer: Trainer) -> None: ...
+    def after_step(self, trainer: Trainer) -> None: ...
+    def after_train(self, trainer: Trainer) -> None: ...
+
+
+@dataclass
+class TrainState:
+    """Everything besides weights and optimizer that a resumed run needs to continue exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    best: float | None = None
+    baseline: dict[str, float] | None = None  # the base model's validation result (step 0)
+    evals_without_improvement: int = 0
+    stopped_early: bool = False
+    skipped_steps: int = 0  # optimizer steps dropped for non-finite gradients (AMP), whole run
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        loader: DataLoader,
+        spec: TrainingSpec,
+        total_steps: int,
+        ctx: DistContext,
+        multimask: bool,
+        reduction: str = "min-loss",
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.loader = loader
+        self.sampler: ResumableSampler = loader.batch_sampler.sampler  # type: ignore[union-attr]
+        self.spec = spec
+        self.total_steps = total_steps
+        self.ctx = ctx
+        self.multimask = multimask
+        self.reduction = reduction
+        self.scaler = distributed.grad_scaler(spec.precision, ctx.device)
+        self.state = TrainState()
+        self.storage = EventStorage()
+        self.hooks: list[Hook] = []
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self._batches: Iterator[Batch] | None = None
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self.model.module if hasattr(self.model, "module") else self.model
+
+    def train(self) -> None:
+        self.model.train()
+        for hook in self.hooks:
+            hook.before_train(self)
+        while self.state.step < self.total_steps and not self.state.stopped_early:
+            self.run_step()
+            for hook in self.hooks:
+                hook.after_step(self)
+        for hook in self.hooks:
+            hook.after_train(self)
+
+    def _next_batch(self) -> Batch:
+        """The next batch, rolling over epochs; the position is tracked for checkpoints."""
+        while True:
+            if self._batches is None:
+                self.sampler.epoch = self.state.epoch
+                self.sampler.start = self.state.batches_in_epoch * self.loader.batch_sampler.batch_size
+                self._batches = iter(self.loader)
+            try:
+                batch = next(self._batches)
+            except StopIteration:
+                self._batches = None
+                self.state.epoch += 1
+                self.state.batches_in_epoch = 0
+                continue
+            self.state.batches_in_epoch += 1
+            return batch
+
+    def run_step(self) -> None:
+        start = time.perf_counter()
+        waited = 0.0
+        accum = self.spec.grad_accumulation
+        loss_sum = torch.zeros((), device=self.ctx.device)
+        parts: dict[str, torch.Tensor] = {}
+        images = 0
+        for micro in range(accum):
+            tick = time.perf_counter()
+            batch = self._next_batch().to(self.ctx.device)
+            waited += time.perf_counter() - tick
+            images += batch.num_images
+            with distributed.maybe_no_sync(self.model, micro < accum - 1):
+                with distributed.autocast(self.spec.precision, self.ctx.device):
+                    preds = self.model(batch, self.multimask)
+                terms = compute_loss(preds, batch.masks, self.spec.loss, self.reduction)
+                self.scaler.scale(terms.total / accum).backward()
+            loss_sum += terms.total.detach() / accum
+            for k, v in terms.parts.items():
+                parts[k] = parts.get(k, 0) + v.detach() / accum
+        skipped = self._optimizer_step()
+        self.scheduler.step()
+        self.state.step += 1
+        self._record(loss_sum, parts, images, skipped, time.perf_counter() - start, waited)
+
+    def _optimizer_step(self) -> bool:
+        """Unscale, clip, step. True when the step was skipped for non-finite gradients."""
+        self.scaler.unscale_(self.optimizer)
+        clip = self.spec.grad_clip if self.spec.grad_clip is not None else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        if self.scaler.is_enabled():
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)  # skips the update itself on inf/NaN
+            self.scaler.update()
+            skipped = self.scaler.get_scale() < scale  # the scale only backs off on inf/NaN
+        else:
+            skipped = not torch.isfinite(norm).item()  # a CPU-GPU sync point, once per step
+            if not skipped:
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return skipped
+
+    def _record(
+        self,
+        loss: torch.Tensor,
+        parts: dict[str, torch.Tensor],
+        images: int,
+        skipped: bool,
+        seconds: float,
+        waited: float,
+    ) -> None:
+        keys = sorted(parts)
+        packed = torch.stack([loss, *(parts[k] for k in keys)]).float()
+        distributed.all_reduce(packed)
+        packed /= self.ctx.world_size
+        values = packed.tolist()
+        s = self.storage
+        s.step = self.state.step
+        s.put(loss=values[0], **dict(zip(keys, values[1:], strict=True)))
+        s.put(
+            step=self.state.step,
+            total_steps=self.total_steps,
+            epoch=self.state.epoch,
+            lr=self.optimizer.param_groups[0]["lr"],
+            images_per_second=images * self.ctx.world_size / seconds,
+        )
+        if self.scaler.is_enabled():
+            s.put(**{"amp/grad_scale": self.scaler.get_scale()})
+        s.put_prefixed("gpu_memory", distributed.gpu_memory(self.ctx.device))
+        s.observe("step_seconds", seconds)
+        s.observe("data_wait_seconds", waited)
+        s.inc("images", images)
+        if skipped:
+            self.state.skipped_steps += 1
+            s.inc("amp/skipped_steps")
+            log.warning("skipped a step with non-finite gradients", step=self.state.step)
+
+    # -- checkpoint state -------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Trainable weights only: frozen ones come back from the base weights on resume."""
+        trainable = {n for n, p in self.unwrapped.named_parameters() if p.requires_grad}
+        weights = {k: v for k, v in self.unwrapped.state_dict().items() if k in trainable}
+        rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state(self.ctx.device)
+        s = self.state
+        return {
+            "model": weights,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "position": {"step": s.step, "epoch": s.epoch, "batches_in_epoch": s.batches_in_epoch},
+            "early_stopping": {
+                "best": s.best,
+                "evals_without_improvement": s.evals_without_improvement,
+                "baseline": s.baseline,
+            },
+            "amp": {"skipped_steps": s.skipped_steps},
+            "rng": rng,
+            "world_size": self.ctx.world_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        result = self.unwrapped.load_state_dict(state["model"], strict=False)
+        if result.unexpected_keys:
+            raise RuntimeError(f"checkpoint holds weights this model lacks: {result.unexpected_keys[:5]}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        pos = state["position"]
+        if state.get("world_size", self.ctx.world_size) != self.ctx.world_size:
+            # A different world shards data differently: restart the epoch rather than skip wrongly.
+            log.warning("world size changed since the checkpoint; restarting its epoch", was=state["world_size"])
+            pos = {**pos, "batches_in_epoch": 0}
+        self.state.step, self.state.epoch, self.state.batches_in_epoch = (
+            pos["step"],
+            pos["epoch"],
+            pos["batches_in_epoch"],
+        )
+        self.storage.step = self.state.step
+        self.state.best = state["early_stopping"]["best"]
+        self.state.evals_without_improvement = state["early_stopping"]["evals_without_improvement"]
+        self.state.baseline = state["early_stopping"].get("baseline")
+        self.state.skipped_steps = state.get("amp", {}).get("skipped_steps", 0)
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate((3, tuple(state["rng"]["python"]), None))
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.ctx.device)
+        self._batches = None

@@ -1,0 +1,1 @@
+"""The model families behind one interface (`base`), chosen by `registry`."""

@@ -1,0 +1,127 @@
+"""Checkpoints in object storage, written so that a reader never sees half of one.
+
+Layout under output.uri:
+  checkpoints/step-00000500/state.pt       model, optimizer, scaler, scheduler, position, RNG
+  checkpoints/step-00000500/manifest.json  written last; a checkpoint without it does not exist
+A crash mid-upload leaves a folder without a manifest, which resume ignores and pruning removes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+
+from kubetune_trainer.errors import KubetuneError
+from kubetune_trainer.storage.staging import fetch_object
+from kubetune_trainer.storage.stores import ObjectStore
+
+log = structlog.get_logger(__name__)
+PREFIX = "checkpoints/"
+STATE = "state.pt"
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^checkpoints/step-(\d{8})/(.+)$")
+
+
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    step: int
+    uri: str
+    bytes: int
+    seconds: float
+
+
+def _folder(step: int) -> str:
+    return f"{PREFIX}step-{step:08d}/"
+
+
+class Checkpointer:
+    def __init__(self, store: ObjectStore, cache_root: Path, keep_last: int) -> None:
+        self.store = store
+        self.cache_root = cache_root
+        self.keep_last = keep_last
+
+    def _folders(self) -> dict[int, set[str]]:
+        found: dict[int, set[str]] = {}
+        for obj in self.store.list(PREFIX):
+            match = _STEP_DIR.match(obj.key)
+            if match:
+                found.setdefault(int(match.group(1)), set()).add(match.group(2))
+        return found
+
+    def complete_steps(self) -> list[int]:
+        return sorted(step for step, names in self._folders().items() if MANIFEST in names)
+
+    def latest(self) -> int | None:
+        steps = self.complete_steps()
+        return steps[-1] if steps else None
+
+    def save(self, step: int, state: dict[str, Any], extras: dict[str, Path] | None = None) -> SavedCheckpoint:
+        """Upload state.pt and `extras` (files that must match this state, e.g. the metric log so
+        far), then the manifest (sizes and sha256), then prune."""
+        start = time.perf_counter()
+        folder = _folder(step)
+        files = {}
+        with tempfile.TemporaryDirectory(prefix="kubetune-ckpt-") as tmp:
+            path = Path(tmp) / STATE
+            torch.save(state, path)
+            for name, source in {STATE: path, **(extras or {})}.items():
+                if source.exists():
+                    files[name] = {"bytes": source.stat().st_size, "sha256": _sha256(source)}
+                    self.store.upload(source, folder + name)
+        size = sum(f["bytes"] for f in files.values())
+        manifest = {"step": step, "created": time.time(), "files": files}
+        self.store.put_bytes(json.dumps(manifest, indent=1).encode(), folder + MANIFEST)
+        self.prune()
+        saved = SavedCheckpoint(step, self.store.uri + folder, size, time.perf_counter() - start)
+        log.info("checkpoint saved", step=step, uri=saved.uri, bytes=size, seconds=round(saved.seconds, 2))
+        return saved
+
+    def load(self, step: int) -> dict[str, Any]:
+        folder = _folder(step)
+        manifest = json.loads(self.store.get_bytes(folder + MANIFEST))
+        local = fetch_object(self.store, folder + STATE, self.cache_root / "checkpoints")
+        expected = manifest["files"][STATE]
+        if local.stat().st_size != expected["bytes"] or _sha256(local) != expected["sha256"]:
+            raise KubetuneError(f"checkpoint {self.store.uri}{folder} does not match its manifest")
+        return torch.load(local, map_location="cpu", weights_only=True)
+
+    def fetch_extra(self, step: int, name: str, dest: Path) -> bool:
+        """Copy a file saved with checkpoint `step` to `dest`; False if that checkpoint has none."""
+        manifest = json.loads(self.store.get_bytes(_folder(step) + MANIFEST))
+        if name not in manifest["files"]:
+            return False
+        dest.write_bytes(self.store.get_bytes(_folder(step) + name))
+        return True
+
+    def prune(self) -> None:
+        """Keep the newest `keep_last` complete checkpoints; drop older ones and stale partials.
+
+        The manifest goes first, so a checkpoint being deleted is never mistaken for a complete one.
+        """
+        folders = self._folders()
+        complete = sorted(s for s, names in folders.items() if MANIFEST in names)
+        keep = set(complete[-self.keep_last :])
+        newest = complete[-1] if complete else -1
+        for step, names in sorted(folders.items()):
+            if step in keep or step > newest:  # a newer partial may be another writer's upload
+                continue
+            if MANIFEST in names:
+                self.store.delete([_folder(step) + MANIFEST])
+            self.store.delete([_folder(step) + n for n in sorted(names - {MANIFEST})])
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

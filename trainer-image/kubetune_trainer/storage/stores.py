@@ -1,0 +1,273 @@
+"""Object storage behind one small interface: S3 (boto3) and local folders (file:// URIs).
+
+Datasets, base weights, checkpoints and reports all move through `ObjectStore`, so the trainer
+treats `s3://runs/x/` and `file:///tmp/runs/x/` the same way. boto3 errors become `ConfigError`s
+that name the missing bucket, prefix or credential, with the original exception as the cause.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlparse
+
+import boto3
+import botocore.exceptions
+from boto3.s3.transfer import TransferConfig, TransferManager
+from botocore.config import Config
+from s3transfer.subscribers import BaseSubscriber
+
+from kubetune_trainer.config import StorageSpec
+from kubetune_trainer.errors import ConfigError, KubetuneError
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    """Key relative to the store's prefix, with '/' separators."""
+    size: int
+    etag: str | None = None
+
+
+@dataclass(frozen=True)
+class Location:
+    scheme: str
+    bucket: str
+    prefix: str
+
+    @classmethod
+    def parse(cls, uri: str) -> Location:
+        parsed = urlparse(uri)
+        if parsed.scheme == "s3":
+            if not parsed.netloc:
+                raise ConfigError(f"{uri!r} names no bucket (expected s3://bucket/prefix/)")
+            return cls("s3", parsed.netloc, parsed.path.lstrip("/"))
+        if parsed.scheme == "file":
+            if parsed.netloc not in ("", "localhost"):
+                raise ConfigError(f"{uri!r}: file:// URIs take an absolute path (file:///data/x)")
+            return cls("file", "", parsed.path)
+        raise ConfigError(f"{uri!r}: only s3:// and file:// URIs are supported")
+
+
+class ObjectStore(Protocol):
+    uri: str
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]: ...
+    def download(self, key: str, dest: Path) -> None: ...
+    def download_many(self, objects: list[ObjectInfo], root: Path, workers: int) -> Iterator[ObjectInfo]: ...
+    def upload(self, src: Path, key: str) -> None: ...
+    def put_bytes(self, data: bytes, key: str) -> None: ...
+    def get_bytes(self, key: str) -> bytes: ...
+    def delete(self, keys: list[str]) -> None: ...
+
+
+class FileStore:
+    """A folder on a filesystem, addressed with the same keys as an S3 prefix."""
+
+    def __init__(self, root: Path, uri: str) -> None:
+        self.root = root
+        self.uri = uri
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        base = self.root / prefix
+        if not base.exists():
+            return []
+        files = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file())
+        return [ObjectInfo(p.relative_to(self.root).as_posix(), p.stat().st_size) for p in files]
+
+    def download(self, key: str, dest: Path) -> None:
+        src = self.root / key
+        if not src.is_file():
+            raise ConfigError(f"{self.uri}{key} does not exist")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
+
+    def download_many(self, objects: list[ObjectInfo], root: Path, workers: int) -> Iterator[ObjectInfo]:
+        for obj in objects:
+            self.download(obj.key, root / obj.key)
+            yield obj
+
+    def upload(self, src: Path, key: str) -> None:
+        dest = self.root / key
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".partial")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)  # readers never see a half-written file
+
+    def put_bytes(self, data: bytes, key: str) -> None:
+        dest = self.root / key
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".partial")
+        tmp.write_bytes(data)
+        os.replace(tmp, dest)
+
+    def get_bytes(self, key: str) -> bytes:
+        path = self.root / key
+        if not path.is_file():
+            raise ConfigError(f"{self.uri}{key} does not exist")
+        return path.read_bytes()
+
+    def delete(self, keys: list[str]) -> None:
+        for key in keys:
+            (self.root / key).unlink(missing_ok=True)
+
+
+class S3Store:
+    """A bucket prefix. One boto3 client, shared by download threads (clients are thread-safe)."""
+
+    def __init__(self, location: Location, storage: StorageSpec, uri: str) -> None:
+        self.bucket = location.bucket
+        self.prefix = location.prefix if not location.prefix or location.prefix.endswith("/") else location.prefix + "/"
+        self.uri = uri
+        self.endpoint = storage.endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        # A session of its own: the default session caches credentials across stores.
+        self.client = boto3.session.Session().client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name=storage.region,
+            config=Config(
+                retries={"max_attempts": 4, "mode": "standard"},
+                connect_timeout=5,
+                read_timeout=60,
+                max_pool_connections=32,
+            ),
+        )
+
+    @contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        where = f"s3://{self.bucket}/{what}" + (f" at {self.endpoint}" if self.endpoint else "")
+        try:
+            yield
+        except botocore.exceptions.NoCredentialsError as exc:
+            raise ConfigError(
+                f"no S3 credentials for {where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "(in a cluster: spec.storage.credentialsSecret)"
+            ) from exc
+        except botocore.exceptions.EndpointConnectionError as exc:
+            raise ConfigError(f"cannot reach the S3 endpoint for {where}: {exc}") from exc
+        except botocore.exceptions.ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchBucket",):
+                raise ConfigError(f"bucket {self.bucket!r} does not exist ({where})") from exc
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise ConfigError(f"{where} does not exist") from exc
+            if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
+                raise ConfigError(f"S3 refused access to {where} ({code}): check the credentials") from exc
+            raise KubetuneError(f"S3 error on {where}: {exc}") from exc
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        out: list[ObjectInfo] = []
+        with self._errors(self.prefix + prefix):
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self.prefix + prefix
+            )
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    key = obj["Key"][len(self.prefix) :]
+                    if key and not key.endswith("/"):
+                        out.append(ObjectInfo(key, obj["Size"], obj["ETag"].strip('"')))
+        return out
+
+    def download(self, key: str, dest: Path) -> None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".partial")
+        with self._errors(self.prefix + key):
+            self.client.download_file(self.bucket, self.prefix + key, str(tmp))
+        os.replace(tmp, dest)
+
+    def download_many(self, objects: list[ObjectInfo], root: Path, workers: int) -> Iterator[ObjectInfo]:
+        """Every object to root/key through one shared TransferManager (no HEAD request: the
+        listing already gave the sizes), each under a .partial name until it is complete; yields
+        each object once its file is in place, while the others still download."""
+        with self._errors(self.prefix), TransferManager(self.client, TransferConfig(max_concurrency=workers)) as tm:
+            pending = []
+            for obj in objects:
+                dest = root / obj.key
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                tmp = dest.with_name(dest.name + ".partial")
+                future = tm.download(self.bucket, self.prefix + obj.key, str(tmp), subscribers=[_KnownSize(obj.size)])
+                pending.append((obj, future, tmp, dest))
+            for obj, future, tmp, dest in pending:
+                future.result()
+                os.replace(tmp, dest)
+                yield obj
+
+    def upload(self, src: Path, key: str) -> None:
+        with self._errors(self.prefix + key):
+            self.client.upload_file(str(src), self.bucket, self.prefix + key)
+
+    def put_bytes(self, data: bytes, key: str) -> None:
+        with self._errors(self.prefix + key):
+            self.client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data)
+
+    def get_bytes(self, key: str) -> bytes:
+        with self._errors(self.prefix + key):
+            return self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)["Body"].read()
+
+    def delete(self, keys: list[str]) -> None:
+        for start in range(0, len(keys), 1000):  # the API's batch limit
+            batch = [{"Key": self.prefix + k} for k in keys[start : start + 1000]]
+            with self._errors(self.prefix):
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+
+
+class _KnownSize(BaseSubscriber):
+    """Tells s3transfer the object's size, which saves a HEAD request per object."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def on_queued(self, future, **kwargs) -> None:
+        future.meta.provide_transfer_size(self.size)
+
+
+def open_store(uri: str, storage: StorageSpec) -> ObjectStore:
+    """The store for a `s3://bucket/prefix/` or `file:///path/` URI."""
+    location = Location.parse(uri)
+    if location.scheme == "file":
+        return FileStore(Path(location.prefix), uri if uri.endswith("/") else uri + "/")
+    return S3Store(location, storage, uri if uri.endswith("/") else uri + "/")
+
+
+def split_object_uri(uri: str) -> tuple[str, str]:
+    """`s3://b/models/x.pt` -> (`s3://b/models/`, `x.pt`): a single object as a store and a key."""
+    head, _, name = uri.rstrip("/").rpartition("/")
+    if not name or head.endswith(":/"):
+        raise ConfigError(f"{uri!r} does not name an object")
+    return head + "/", name
+
+
+def etag_matches(path: Path, etag: str | None) -> bool:
+    """True when the local file has the S3 ETag (plain MD5, or multipart MD5-of-MD5s)."""
+    if not etag:
+        return True
+    if "-" not in etag:
+        return _md5(path, None) == etag
+    parts = int(etag.rsplit("-", 1)[1])
+    size = path.stat().st_size
+    # The part size is not recorded; try boto3's default and the usual MiB-rounded sizes.
+    candidates = {8 * MiB, 16 * MiB, 5 * MiB, -(-size // parts // MiB) * MiB}
+    return any(_md5(path, c) == etag for c in sorted(candidates) if c and -(-size // c) == parts)
+
+
+def _md5(path: Path, part_size: int | None) -> str:
+    if part_size is None:
+        digest = hashlib.md5(usedforsecurity=False)
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(MiB), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
+    digests = []
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(part_size), b""):
+            digests.append(hashlib.md5(chunk, usedforsecurity=False).digest())
+    combined = hashlib.md5(b"".join(digests), usedforsecurity=False).hexdigest()
+    return f"{combined}-{len(digests)}"

@@ -1,0 +1,147 @@
+"""Everything about processes and devices in one place: torchrun's environment, the process
+group, device choice, autocast and the GradScaler. Model adapters never touch these."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+from kubetune_trainer.errors import ConfigError, DataError, KubetuneError
+
+T = TypeVar("T")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_local_leader(self) -> bool:
+        return self.local_rank == 0
+
+
+def init(timeout_s: int = 1800) -> DistContext:
+    """Read RANK/LOCAL_RANK/WORLD_SIZE (torchrun sets them) and join the process group.
+
+    NCCL on GPUs, gloo on the CPU. A plain `python -m kubetune_trainer` is a world of one.
+    """
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            backend, timeout=timedelta(seconds=timeout_s), device_id=device if backend == "nccl" else None
+        )
+    return DistContext(rank, local_rank, world, local_world, device)
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place reduction across ranks; a no-op in a world of one."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def leader_first(ctx: DistContext, fn: Callable[[], T]) -> T:
+    """Run `fn` on each node's local rank 0, then on the other ranks once it is done.
+
+    The leader does the expensive part (downloads); followers then find everything cached.
+    A leader's failure is shared with every rank, so no rank waits forever at a barrier, and
+    bad-input errors keep their exit code everywhere.
+    """
+    result: T | None = None
+    error: BaseException | None = None
+    if ctx.is_local_leader:
+        try:
+            result = fn()
+        except BaseException as exc:  # re-raised below, after telling the other ranks
+            error = exc
+    code = 0 if error is None else (2 if isinstance(error, ConfigError | DataError) else 1)
+    flag = all_reduce(torch.tensor([code], dtype=torch.int64), dist.ReduceOp.MAX).item()
+    if error is not None:
+        raise error
+    if flag == 2:
+        raise DataError("another node's local rank 0 could not stage inputs (its log has the reason)")
+    if flag:
+        raise KubetuneError("another node's local rank 0 failed while staging inputs")
+    return fn() if not ctx.is_local_leader else result  # type: ignore[return-value]
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
+def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
+    """A real scaler for fp16; a disabled one (a pass-through) for bf16/fp32."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("training.precision bf16 needs an Ampere or newer GPU; use fp16 here")
+
+
+@contextlib.contextmanager
+def maybe_no_sync(model: torch.nn.Module, skip_sync: bool) -> Iterator[None]:
+    """Skip DDP's gradient all-reduce on accumulation micro-batches but the last."""
+    if skip_sync and hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    else:
+        yield
+
+
+def gpu_memory(device: torch.device) -> dict[str, int]:
+    """Allocated and reserved now, and the peak allocation since the process started (the
+    headroom a larger batch would need)."""
+    if device.type != "cuda":
+        return {}
+    return {
+        "allocated": torch.cuda.memory_allocated(device),
+        "reserved": torch.cuda.memory_reserved(device),
+        "peak": torch.cuda.max_memory_allocated(device),
+    }
