@@ -23,10 +23,8 @@ import torch
 from kubetune.synthetic import write_coco_dataset
 from kubetune_trainer.config import TrainConfig
 from kubetune_trainer.datasets.readers import usable_samples
-from kubetune_trainer.promptable.engine import Trainer
 from kubetune_trainer.promptable.models.sam2 import Sam2Segmenter
-from kubetune_trainer.promptable.recipe import build_loader, build_optimizer
-from kubetune_trainer.promptable.schedules import build_scheduler
+from kubetune_trainer.promptable.recipe import build_loader, build_trainer
 from kubetune_trainer.training.distributed import init
 
 
@@ -65,19 +63,8 @@ def run(root: Path, args: argparse.Namespace, precision: str) -> dict:
     weights = Path(args.checkpoint.removeprefix("file://")) if args.checkpoint else None
     model = Sam2Segmenter().build(config.model, weights).to(ctx.device)
     samples = usable_samples("coco", root, "train/annotations.json")
-    pre = Sam2Segmenter().preprocess(config.model, weights)
-    loader = build_loader(samples, config, ctx, pre, target_size=model.mask_side(config.model.image_size))
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], config, ctx.world_size)
-    trainer = Trainer(
-        model,
-        optimizer,
-        build_scheduler(optimizer, config.training.schedule, args.steps),
-        loader,
-        config.training,
-        args.steps,
-        ctx,
-        multimask=True,
-    )
+    loader = build_loader(samples, config, ctx, model.pre, target_size=model.mask_side(config.model.image_size))
+    trainer = build_trainer(model, loader, config, ctx, total_steps=args.steps)
     losses, seconds = [], []
     for _ in range(args.steps):
         start = time.perf_counter()

@@ -39,12 +39,11 @@ import numpy as np
 import torch
 from kubetune.synthetic import write_coco_dataset
 from kubetune_trainer.config import TrainConfig
-from kubetune_trainer.datasets.readers import load_image, usable_samples
-from kubetune_trainer.promptable.engine import Trainer
+from kubetune_trainer.datasets.files import load_image
+from kubetune_trainer.datasets.readers import usable_samples
 from kubetune_trainer.promptable.feature_cache import FeatureCache
 from kubetune_trainer.promptable.models.registry import segmenter_for
-from kubetune_trainer.promptable.recipe import build_loader, build_optimizer
-from kubetune_trainer.promptable.schedules import build_scheduler
+from kubetune_trainer.promptable.recipe import build_loader, build_trainer
 from kubetune_trainer.training.distributed import autocast, init
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -197,17 +196,7 @@ def kubetune(
         module.cache = FeatureCache(cache, f"bench-{variant}", device, root / "cache")
     samples = usable_samples("coco", root, "train/annotations.json")
     loader = build_loader(samples, config, ctx, pre, module.cache, module.mask_side(args.image_size))
-    optimizer = build_optimizer([p for p in module.parameters() if p.requires_grad], config, 1)
-    trainer = Trainer(
-        module,
-        optimizer,
-        build_scheduler(optimizer, config.training.schedule, 10**6),
-        loader,
-        config.training,
-        10**6,
-        ctx,
-        True,
-    )
+    trainer = build_trainer(module, loader, config, ctx, total_steps=10**6)
     trainer.model.train()
     warm = len(loader) if cache != "off" else 0
     for _ in range(warm):

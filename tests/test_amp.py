@@ -13,8 +13,7 @@ from kubetune_trainer.metrics.prometheus import PrometheusWriter
 from kubetune_trainer.promptable.data import Preprocess
 from kubetune_trainer.promptable.engine import Trainer
 from kubetune_trainer.promptable.models.sam2 import Sam2Segmenter
-from kubetune_trainer.promptable.recipe import build_loader, build_optimizer
-from kubetune_trainer.promptable.schedules import build_scheduler
+from kubetune_trainer.promptable.recipe import build_loader, build_trainer
 from kubetune_trainer.training.distributed import init
 from prometheus_client import generate_latest
 
@@ -42,9 +41,7 @@ def make_trainer(root: Path, precision: str, accumulation: int = 1) -> Trainer:
     torch.manual_seed(0)
     model = Sam2Segmenter().build(config.model, None)
     loader = build_loader(usable_samples("coco", root, "train/annotations.json"), config, ctx, Preprocess(64))
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], config, ctx.world_size)
-    scheduler = build_scheduler(optimizer, config.training.schedule, 3)
-    return Trainer(model, optimizer, scheduler, loader, config.training, 3, ctx, multimask=True)
+    return build_trainer(model, loader, config, ctx, total_steps=3)
 
 
 @pytest.fixture
@@ -90,6 +87,6 @@ def test_gradient_accumulation_consumes_micro_batches(tiny_coco: Path) -> None:
     trainer = make_trainer(tiny_coco, "bf16", accumulation=2)
     trainer.run_step()
     snap = trainer.storage.drain()
-    assert trainer.state.step == 1 and trainer.state.batches_in_epoch == 2
+    assert trainer.state.step == 1 and trainer.batches.taken == 2
     assert snap.increments["images"] == 4 and math.isfinite(snap.scalars["loss"])
     assert not trainer.scaler.is_enabled()  # bf16 needs no scaler

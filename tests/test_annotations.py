@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from kubetune_trainer.datasets.readers import load_image, read_split, usable_samples
+from kubetune_trainer.datasets.files import load_image
+from kubetune_trainer.datasets.readers import read_split, usable_samples
 from kubetune_trainer.errors import DataError
 from PIL import Image
 

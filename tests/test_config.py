@@ -15,7 +15,7 @@ from pydantic import ValidationError
 ROOT = Path(__file__).resolve().parents[1]
 
 EXAMPLE = ROOT / "examples" / "finetunejob.yaml"
-DESIGN = ROOT.parent / "shared" / "DESIGN.md"
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
 
 
 def example() -> dict:
@@ -35,9 +35,8 @@ def test_canonical_example_parses_with_every_value() -> None:
     assert spec.output.keep_last == 3 and spec.run_policy.ttl_seconds_after_finished == 86400
 
 
-@pytest.mark.skipif(not DESIGN.exists(), reason="shared/DESIGN.md is not beside this checkout")
-def test_example_file_is_the_design_documents_example() -> None:
-    block = re.search(r"## The canonical example.*?```yaml\n(.*?)```", DESIGN.read_text(), re.S).group(1)
+def test_example_file_is_the_architecture_documents_example() -> None:
+    block = re.search(r"## The canonical example.*?```yaml\n(.*?)```", ARCHITECTURE.read_text(), re.S).group(1)
     assert yaml.safe_load(block) == example()
 
 

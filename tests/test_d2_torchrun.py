@@ -113,6 +113,11 @@ def test_mask_rcnn_two_processes_kill_9_resume(start_run, s3, s3_endpoint, tiny_
     final_eval = report["evaluations"][-1]
     assert final_eval["step"] == 8 and 0.0 <= final_eval["bbox_ap"] <= 1.0 and 0.0 <= final_eval["segm_ap"] <= 1.0
     assert report["best"]["metric"] == "segm_ap"
+    # As for every family: the base model evaluated before training, the comparison, summary.md.
+    first = report["evaluations"][0]
+    assert first["step"] == 0 and report["baseline"] == {k: v for k, v in first.items() if k != "step"}
+    assert report["final"] == {k: v for k, v in final_eval.items() if k != "step"} and "summary.md" in keys
+    assert "final/last_checkpoint" not in keys  # Detectron2's own pointer file stays behind
 
     # One continuous metric history across the kill: every step 1..8 has its loss once.
     rows = [json.loads(line) for line in s3.get_object(Bucket=bucket, Key="out/metrics.jsonl")["Body"].iter_lines()]

@@ -94,3 +94,31 @@ def test_integer_target_downsampling_equals_area_interpolation() -> None:
         masks = torch.rand(shape) > torch.rand(1)  # varied densities, exact half-covered cells included
         area = F.interpolate(masks[:, None].float(), size=size, mode="area")[:, 0] > 0.5
         assert torch.equal(resize_targets(masks, size), area), (shape, size)  # 16×16 cells: int32 counts
+
+
+def test_batches_resume_at_their_position_across_epochs(tiny_coco: Path) -> None:
+    """The batch source owns its position: a fresh one that seeks to a saved position yields what
+    the first would have yielded next, also after an epoch boundary."""
+    from kubetune_trainer.promptable.data import ResumableBatches
+    from kubetune_trainer.promptable.recipe import build_loader
+    from kubetune_trainer.training.distributed import init
+
+    from .test_amp import tiny_config
+
+    config = tiny_config(tiny_coco, "fp32")
+    samples = usable_samples("coco", tiny_coco, "train/annotations.json")
+
+    def batches() -> ResumableBatches:
+        return ResumableBatches(build_loader(samples, config, init(), Preprocess(64)))
+
+    first = batches()
+    assert len(first) == 4  # 8 images, batch 2
+    taken = [first.next() for _ in range(5)]  # into the second epoch
+    assert first.state_dict() == {"epoch": 1, "batches_in_epoch": 1}
+    again = batches()
+    again.load_state_dict({"epoch": 0, "batches_in_epoch": 3})
+    assert torch.equal(again.next().coords, taken[3].coords)
+    assert torch.equal(again.next().coords, taken[4].coords) and again.epoch == 1
+    elsewhere = batches()
+    elsewhere.load_state_dict({"epoch": 0, "batches_in_epoch": 3}, same_world=False)  # epoch starts over
+    assert torch.equal(elsewhere.next().coords, taken[0].coords)

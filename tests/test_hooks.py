@@ -24,52 +24,72 @@ def drive(values: list[float], early: EarlyStoppingSpec | None, every: int = 10)
 def test_best_value_and_early_stop_after_patience() -> None:
     hook, trainer = drive([0.1, 0.3, 0.5, 0.45, 0.5, 0.49, 0.9], EarlyStoppingSpec(metric="miou", patience=3))
     assert [h["step"] for h in hook.history] == [0, 10, 20, 30, 40, 50]
-    assert trainer.state.best == 0.5 and trainer.state.stopped_early
+    assert hook.tracker.best == 0.5 and trainer.state.stopped_early
     assert trainer.storage.scalars["best/miou"] == 0.5 and trainer.storage.scalars["eval/miou"] == 0.49
 
 
 def test_min_delta_and_recovery_reset_the_count() -> None:
     spec = EarlyStoppingSpec(metric="miou", patience=2, min_delta=0.05)
-    _, trainer = drive([0.1, 0.12, 0.3, 0.31, 0.5], spec)
-    assert not trainer.state.stopped_early and trainer.state.best == 0.5
+    hook, trainer = drive([0.1, 0.12, 0.3, 0.31, 0.5], spec)
+    assert not trainer.state.stopped_early and hook.tracker.best == 0.5
 
 
 def test_without_early_stopping_training_runs_on() -> None:
     hook, trainer = drive([0.5, 0.4, 0.3, 0.2], None)
-    assert not trainer.state.stopped_early and len(hook.history) == 4 and trainer.state.best == 0.5
+    assert not trainer.state.stopped_early and len(hook.history) == 4 and hook.tracker.best == 0.5
 
 
 def test_baseline_is_the_step_zero_evaluation_and_survives_a_resume() -> None:
     hook, trainer = drive([0.1, 0.3, 0.5], None)
-    assert trainer.state.baseline["miou"] == 0.1 and hook.history[0]["step"] == 0
+    assert hook.baseline["miou"] == 0.1 and hook.history[0]["step"] == 0
     assert trainer.storage.scalars["baseline/miou"] == 0.1
     # A resumed run does not evaluate at its start; the baseline comes back from the checkpoint.
-    resumed = SimpleNamespace(state=TrainState(step=20, baseline=trainer.state.baseline), storage=EventStorage())
+    resumed = SimpleNamespace(state=TrainState(step=20), storage=EventStorage())
     again = EvalHook(10, lambda: {"miou": 0.9}, None)
+    again.load_state_dict(hook.state_dict())
     again.before_train(resumed)
     assert again.history == [] and resumed.storage.scalars["baseline/miou"] == 0.1
 
 
 def test_summary_table_compares_base_and_fine_tuned() -> None:
-    from kubetune_trainer.metrics.report import comparison, markdown
+    from kubetune_trainer.metrics.report import BestValue, Report
 
     before = {"f1": 0.2, "dice": 0.25, "miou": 0.15, "loss": 2.0}
     after = {"f1": 0.6, "dice": 0.55, "miou": 0.4, "loss": 0.5}
-    rows = comparison(before, after)
-    assert [(r["metric"], round(r["change"], 4)) for r in rows] == [("f1", 0.4), ("dice", 0.3), ("miou", 0.25)]
-    report = {
-        "job": "j",
-        "family": "sam",
-        "variant": "vit-base",
-        "steps": 10,
-        "total_steps": 10,
-        "epochs": 2,
-        "stopped_early": False,
-        "wall_seconds": 3.0,
-        "comparison": rows,
-        "best": {"metric": "f1", "value": 0.6},
-        "final_model": "s3://b/final/model/",
-    }
-    text = markdown(report)
+    report = Report(
+        job="j",
+        family="sam",
+        variant="vit-base",
+        steps=10,
+        total_steps=10,
+        epochs=2,
+        stopped_early=False,
+        wall_seconds=3.0,
+        baseline=before,
+        final=after,
+        best=BestValue(metric="f1", value=0.6),
+        final_model="s3://b/final/model/",
+    )
+    rows = report.comparison
+    assert [(r.metric, round(r.change, 4)) for r in rows] == [("f1", 0.4), ("dice", 0.3), ("miou", 0.25)]
+    text = report.markdown()
     assert "| F1 | 0.2000 | 0.6000 | +0.4000 |" in text and "| mIoU | 0.1500 | 0.4000 | +0.2500 |" in text
-    assert comparison(None, after) == [] and "no before → after comparison" in markdown({**report, "comparison": []})
+    without = report.model_copy(update={"baseline": None})
+    assert without.comparison == [] and "no before → after comparison" in without.markdown()
+
+
+def test_early_stopping_has_one_meaning_for_every_metric() -> None:
+    from kubetune_trainer.training.early_stopping import EarlyStopping
+
+    ap = EarlyStopping("segm_ap", patience=2)
+    assert not ap.update(float("nan"), baseline=True) and ap.best is None and ap.without_improvement == 0
+    assert ap.update(0.1) and ap.best == 0.1
+    assert not ap.update(float("nan")) and ap.without_improvement == 1  # NaN never improves, and counts
+    assert not ap.update(0.1) and ap.should_stop  # an equal value is no improvement
+    loss = EarlyStopping("loss", patience=1, min_delta=0.1)
+    assert loss.update(2.0, baseline=True) and not loss.should_stop  # the baseline never counts
+    assert loss.update(1.8) and not loss.update(1.75) and loss.should_stop  # lower is better, by min_delta
+    tracking = EarlyStopping("miou")
+    for value in (0.5, 0.4, 0.3, 0.2):
+        tracking.update(value)
+    assert tracking.best == 0.5 and not tracking.should_stop  # no patience: it only tracks

@@ -174,7 +174,8 @@ def test_save_native_loads_in_transformers(base: Path, tmp_path: Path) -> None:
     with torch.no_grad():
         module.sam.mask_decoder.iou_token.weight.add_(1.0)
     module.pre = Preprocess(64, "longest-side", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))  # written with the weights
-    name = SamSegmenter().save_native(module, tmp_path)
+    SamSegmenter().save_native(module, tmp_path)
+    name = SamSegmenter.native_name
     loaded = SamModel.from_pretrained(tmp_path / name)
     assert torch.equal(loaded.mask_decoder.iou_token.weight, module.sam.mask_decoder.iou_token.weight)
     processor = SamProcessor.from_pretrained(tmp_path / name).image_processor

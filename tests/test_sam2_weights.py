@@ -16,7 +16,8 @@ SPEC = ModelSpec(family="sam2", variant="sam2.1_hiera_tiny", imageSize=64)
 def test_meta_checkpoint_loads_and_trainable_parts_follow_the_spec(tmp_path: Path) -> None:
     torch.manual_seed(123)
     source = Sam2Segmenter().build(SPEC, None)
-    path = tmp_path / Sam2Segmenter().save_native(source, tmp_path)
+    Sam2Segmenter().save_native(source, tmp_path)
+    path = tmp_path / Sam2Segmenter.native_name
     torch.manual_seed(0)
     loaded = Sam2Segmenter().build(SPEC, path)
     for (name, a), b in zip(source.state_dict().items(), loaded.state_dict().values(), strict=True):

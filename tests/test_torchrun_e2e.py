@@ -134,7 +134,9 @@ def make_base_weights(path: Path) -> dict[str, torch.Tensor]:
 
     torch.manual_seed(123)
     model = Sam2Segmenter().build(ModelSpec(family="sam2", variant="sam2.1_hiera_tiny", imageSize=64), None)
-    (path.parent / Sam2Segmenter().save_native(model, path.parent)).rename(path)
+    segmenter = Sam2Segmenter()
+    segmenter.save_native(model, path.parent)
+    (path.parent / segmenter.native_name).rename(path)
     return model.sam.state_dict()
 
 

@@ -36,7 +36,7 @@ class Scrape:
 
 
 def parse_metrics(text: str) -> Scrape:
-    """Read the rank-0 series of the trainer's exposition text (names from shared/DESIGN.md)."""
+    """Read the rank-0 series of the trainer's exposition text (names in docs/architecture.md)."""
     values: dict[str, float] = {}
     best = baseline = None
     for family in text_string_to_metric_families(text):

@@ -1,4 +1,4 @@
-"""The operator's own Prometheus metrics (names in shared/DESIGN.md)."""
+"""The operator's own Prometheus metrics (names in docs/architecture.md)."""
 
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ class RunShape:
 def bridge(latest: Mapping[str, tuple[float, int]], iteration: int, shape: RunShape) -> Snapshot:
     """The snapshot after Detectron2 iteration `iteration` (0-based): step = iteration + 1.
 
-    Only values written at this iteration count; evaluation results (eval/*, best/*) and the
+    Only values written at this iteration count; evaluation results (eval/*, best/*, baseline/*) and the
     checkpoint step are kept whenever they were written, like the SAM2 loop's storage.
     """
     step = iteration + 1
@@ -50,7 +50,10 @@ def bridge(latest: Mapping[str, tuple[float, int]], iteration: int, shape: RunSh
     if "rank_data_time" in fresh:
         observations["data_wait_seconds"] = [fresh["rank_data_time"]]
     for key, (value, _) in latest.items():
-        if key.startswith(("eval/", "best/", "gpu_memory/")) or key in ("checkpoint/last_step", "amp/grad_scale"):
+        if key.startswith(("eval/", "best/", "baseline/", "gpu_memory/")) or key in (
+            "checkpoint/last_step",
+            "amp/grad_scale",
+        ):
             scalars[key] = value
     increments = {"images": float(shape.total_batch // shape.world_size)}
     return Snapshot(step, scalars, observations, increments)

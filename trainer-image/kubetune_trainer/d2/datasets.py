@@ -18,7 +18,8 @@ import structlog
 from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
-from kubetune_trainer.datasets.readers import load_json, resolve_image, via_polygon
+from kubetune_trainer.datasets import via, voc
+from kubetune_trainer.datasets.files import image_size, resolve_image
 from kubetune_trainer.errors import DataError
 
 log = structlog.get_logger(__name__)
@@ -42,11 +43,6 @@ class Split:
     @property
     def has_rle(self) -> bool:
         return any(isinstance(a["segmentation"], dict) for r in self.records for a in r["annotations"])
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    with Image.open(path) as im:
-        return im.height, im.width
 
 
 def _record(image: Path, image_id: int, height: int, width: int, annotations: list[dict]) -> dict[str, Any]:
@@ -86,25 +82,16 @@ def via_class(attributes: Any) -> str:
 def read_via(root: Path, split: str, train: bool, classes: list[str] | None = None) -> Split:
     """A VIA project or export (the Detectron2 balloon tutorial's via_region_data.json)."""
     path = root / split
-    data = load_json(path)
-    entries = data.get("_via_img_metadata", data) if isinstance(data, dict) else None
-    if not isinstance(entries, dict):
-        raise DataError(f"{path} is not a VIA project/export (expected an object of images)")
     skipped: Counter = Counter()
     found: list[tuple[Path, list[tuple[str, list[float]]]]] = []
-    for entry in entries.values():
-        if not isinstance(entry, dict) or "filename" not in entry:
-            raise DataError(f"{path}: VIA entries need a 'filename'")
-        regions = entry.get("regions") or []
-        regions = list(regions.values()) if isinstance(regions, dict) else regions
+    for entry in via.read_via(path):
         objects = []
-        for region in regions:
-            polygon = via_polygon(region.get("shape_attributes", {}))
-            if polygon is None:
+        for region in entry.regions:
+            if region.polygon is None:
                 skipped["unsupported VIA shape"] += 1
             else:
-                objects.append((via_class(region.get("region_attributes")), polygon))
-        image = resolve_image(path.parent, entry["filename"])
+                objects.append((via_class(region.attributes), region.polygon))
+        image = resolve_image(path.parent, entry.filename)
         if image is None:
             skipped["missing image file"] += 1
         else:
@@ -113,7 +100,7 @@ def read_via(root: Path, split: str, train: bool, classes: list[str] | None = No
     records = []
     for image, objects in found:
         try:
-            height, width = _image_size(image)
+            height, width = image_size(image)
         except (OSError, UnidentifiedImageError) as exc:
             skipped["unreadable image"] += 1
             log.debug("skipped sample", image=str(image), reason=str(exc))
@@ -139,20 +126,17 @@ def read_via(root: Path, split: str, train: bool, classes: list[str] | None = No
 
 def read_voc(root: Path, split: str, train: bool) -> Split:
     """VOC instance segmentation: SegmentationObject gives the instances, SegmentationClass their class."""
-    ids_file = root / "ImageSets" / "Segmentation" / f"{split}.txt"
-    if not ids_file.is_file():
-        raise DataError(f"VOC image set {ids_file} does not exist")
     skipped: Counter = Counter()
     records = []
-    for name in ids_file.read_text().split():
-        image = root / "JPEGImages" / f"{name}.jpg"
-        objects = root / "SegmentationObject" / f"{name}.png"
-        classes = root / "SegmentationClass" / f"{name}.png"
+    for name in voc.image_set(root, split):
+        image = voc.image_path(root, name)
+        objects = voc.mask_path(root, "SegmentationObject", name)
+        classes = voc.mask_path(root, "SegmentationClass", name)
         if not (image.is_file() and objects.is_file() and classes.is_file()):
             skipped["missing image or mask file"] += 1
             continue
         try:
-            height, width = _image_size(image)
+            height, width = image_size(image)
             annotations = voc_instances(_palette_indices(objects), _palette_indices(classes))
         except (OSError, UnidentifiedImageError, ValueError) as exc:
             skipped["unreadable image or mask"] += 1

@@ -1,6 +1,6 @@
 """Detectron2 hooks that give a Detectron2 job kubetune's behaviour: atomic S3 checkpoints with
 resume, COCO evaluation with best tracking and early stopping, Visualizer images, and the
-Prometheus/metrics.jsonl names of DESIGN.md (through `d2_bridge`)."""
+Prometheus/metrics.jsonl names every job exports (through `bridge`)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from kubetune_trainer.metrics.events import EventStorage, EventWriter
 from kubetune_trainer.storage.checkpoints import Checkpointer
 from kubetune_trainer.storage.stores import ObjectStore
 from kubetune_trainer.training import distributed
+from kubetune_trainer.training.early_stopping import EarlyStopping
 
 log = structlog.get_logger(__name__)
 
@@ -92,8 +93,9 @@ class CheckpointHook(HookBase):
 
 
 class EvalHook(HookBase):
-    """COCO AP on the validation split every `period` iterations and at the end, on every rank
-    (inference is sharded, the result broadcast); tracks the best value and stops early."""
+    """COCO AP on the validation split before training (the base model's baseline), every
+    `period` iterations and at the end, on every rank (inference is sharded, the result
+    broadcast); tracks the best value and stops early, as `training.early_stopping` says."""
 
     def __init__(
         self,
@@ -105,17 +107,23 @@ class EvalHook(HookBase):
     ) -> None:
         self.progress, self.period, self.evaluate = progress, period, evaluate
         self.metric, self.early = metric, early
-        self.best: float | None = None
-        self.bad_evals = 0
+        self.tracker = EarlyStopping(metric, early.patience if early else None, early.min_delta if early else 0.0)
+        self.baseline: dict[str, float] | None = None
         self.history: list[dict[str, float]] = []
         self.stopped_early = False
         self._last = -1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "bad_evals": self.bad_evals, "history": self.history}
+        t = self.tracker
+        return {"best": t.best, "bad_evals": t.without_improvement, "history": self.history, "baseline": self.baseline}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best, self.bad_evals, self.history = state["best"], state["bad_evals"], list(state["history"])
+        self.tracker.best, self.tracker.without_improvement = state["best"], state["bad_evals"]
+        self.history, self.baseline = list(state["history"]), state.get("baseline")
+
+    @property
+    def final(self) -> dict[str, float] | None:
+        return {k: v for k, v in self.history[-1].items() if k != "step"} if self.history else None
 
     def _run(self) -> None:
         step = self.progress.completed
@@ -127,18 +135,28 @@ class EvalHook(HookBase):
         storage = self.trainer.storage
         storage.put_scalars(**{f"eval/{k}": v for k, v in result.items()}, smoothing_hint=False)
         log.info("evaluation", step=step, **{k: round(v, 5) for k, v in result.items()})
-        value = result.get(self.metric, math.nan)
-        margin = self.early.min_delta if self.early else 0.0
-        if not math.isnan(value) and (self.best is None or value > self.best + margin):
-            self.best, self.bad_evals = value, 0
-        else:
-            self.bad_evals += 1
-        if self.best is not None:
-            storage.put_scalar(f"best/{self.metric}", self.best, smoothing_hint=False)
-        if self.early and self.bad_evals >= self.early.patience and not self.stopped_early:
-            log.info("early stopping", metric=self.metric, best=self.best, patience=self.early.patience)
+        if step == 0 and self.baseline is None:
+            self.baseline = result
+        self._put_baseline()
+        self.tracker.update(result.get(self.metric, math.nan), baseline=step == 0)
+        if self.tracker.best is not None:
+            storage.put_scalar(f"best/{self.metric}", self.tracker.best, smoothing_hint=False)
+        if self.early and self.tracker.should_stop and not self.stopped_early:
+            log.info("early stopping", metric=self.metric, best=self.tracker.best, patience=self.early.patience)
             self.stopped_early = True
             raise EarlyStop
+
+    def _put_baseline(self) -> None:
+        value = (self.baseline or {}).get(self.metric)
+        if value is not None and not math.isnan(value):
+            self.trainer.storage.put_scalar(f"baseline/{self.metric}", value, smoothing_hint=False)
+
+    def before_train(self) -> None:
+        if self.trainer.start_iter == 0:
+            self._run()
+        else:  # a resumed run has its baseline from the checkpoint
+            self._last = self.trainer.start_iter
+            self._put_baseline()
 
     def after_step(self) -> None:
         if (
@@ -167,6 +185,13 @@ class BridgeHook(HookBase):
     ) -> None:
         self.progress, self.shape, self.writers, self.device, self.events = progress, shape, writers, device, events
         self.scale: float | None = None
+        self.skipped_steps = 0  # fp16 steps the GradScaler skipped, whole run (kept in checkpoints)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.skipped_steps = state["skipped_steps"]
 
     def _flush(self, iteration: int, final: bool = False) -> None:
         storage = self.trainer.storage
@@ -174,6 +199,7 @@ class BridgeHook(HookBase):
         if scaler is not None and scaler.is_enabled():
             scale = scaler.get_scale()
             if self.scale is not None and scale < self.scale:
+                self.skipped_steps += 1
                 self.events.inc("amp/skipped_steps")
             self.scale = scale
             storage.put_scalar("amp/grad_scale", scale, smoothing_hint=False)

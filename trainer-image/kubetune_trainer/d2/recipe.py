@@ -26,7 +26,6 @@ from detectron2.solver import build_lr_scheduler
 from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter
 from detectron2.utils.logger import setup_logger
-from torch.nn.parallel import DistributedDataParallel
 
 from kubetune_trainer.config import TrainConfig
 from kubetune_trainer.d2.bridge import RunShape
@@ -36,18 +35,20 @@ from kubetune_trainer.d2.hooks import BridgeHook, CheckpointHook, EarlyStop, Eva
 from kubetune_trainer.d2.sampler import ResumableStream
 from kubetune_trainer.metrics.events import METRICS_FILE, EventStorage, JsonlWriter
 from kubetune_trainer.metrics.prometheus import PrometheusWriter
+from kubetune_trainer.metrics.report import BestValue, Report
 from kubetune_trainer.storage.checkpoints import Checkpointer
-from kubetune_trainer.storage.stores import ObjectStore, open_store
+from kubetune_trainer.storage.stores import open_store
 from kubetune_trainer.training import distributed
 from kubetune_trainer.training.distributed import DistContext
 from kubetune_trainer.training.inputs import cache_root, stage_files
+from kubetune_trainer.training.publishing import publish
 
 log = structlog.get_logger(__name__)
 D2_METRICS_FILE = "metrics.json"  # Detectron2's own JSONWriter output, for users who expect it
 VISUALIZED_IMAGES = 4
 
 
-def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dict[str, Any]:
+def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> Report:
     started = time.time()
     setup_logger(name="detectron2", distributed_rank=ctx.rank, abbrev_name="d2")
     distributed.check_precision(config.training.precision, ctx.device)
@@ -69,10 +70,7 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dic
         DetectionCheckpointer(module).load(str(files.weights))
     else:
         log.warning("model.checkpoint is not set: training from random weights, expect a much slower start")
-    model = module
-    if ctx.world_size > 1:
-        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        model = DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+    model = distributed.wrap_ddp(module, ctx)
     optimizer = build_optimizer(cfg, module, job_plan, config)
     per_rank = job_plan.total_batch // ctx.world_size
     sampler = ResumableStream(len(train.records), ctx.rank, ctx.world_size, config.training.seed, latest * per_rank)
@@ -105,12 +103,13 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dic
         d2_hooks.LRScheduler(optimizer, build_lr_scheduler(cfg, optimizer)),
     ]
     eval_hook = None
-    if val is not None and cfg.TEST.EVAL_PERIOD:
+    if val is not None:  # before training (the baseline), every TEST.EVAL_PERIOD and at the end
         evaluate = lambda: _evaluate(cfg, module, masks, workdir, trainer)  # noqa: E731
         eval_hook = EvalHook(progress, cfg.TEST.EVAL_PERIOD, evaluate, metric, config.training.early_stopping)
         hook_list.append(eval_hook)
     # Metrics are written before the checkpoint, so its copy of the log includes its own step.
-    hook_list += [BridgeHook(progress, shape, writers, ctx.device, events), ckpt_hook]
+    bridge_hook = BridgeHook(progress, shape, writers, ctx.device, events)
+    hook_list += [bridge_hook, ckpt_hook]
     if ctx.is_main:
         printers = [CommonMetricPrinter(job_plan.max_iter), JSONWriter(str(d2_log))]
         hook_list.append(d2_hooks.PeriodicWriter(printers, period=20))
@@ -140,23 +139,26 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dic
     )
     with contextlib.suppress(EarlyStop):
         trainer.train(latest, job_plan.max_iter)
-    report = {
-        "job": config.job.name,
-        "family": "detectron2",
-        "variant": config.model.variant,
-        "steps": progress.completed,
-        "total_steps": job_plan.max_iter,
-        "epochs": progress.completed * job_plan.total_batch // len(train.records),
-        "stopped_early": bool(eval_hook and eval_hook.stopped_early),
-        "evaluations": [_json_safe(row) for row in eval_hook.history] if eval_hook else [],
-        "best": {"metric": metric, "value": _json_safe(eval_hook.best)} if eval_hook else None,
-        "last_checkpoint": ckpt_hook.last_uri,
-        "final_model": f"{output.uri}final/model_final.pth",
-        "classes": train.classes,
-        "wall_seconds": time.time() - started,
-    }
+    report = Report(
+        job=config.job.name,
+        family="detectron2",
+        variant=config.model.variant,
+        steps=progress.completed,
+        total_steps=job_plan.max_iter,
+        epochs=progress.completed * job_plan.total_batch // len(train.records),
+        stopped_early=bool(eval_hook and eval_hook.stopped_early),
+        amp_skipped_steps=bridge_hook.skipped_steps,
+        evaluations=eval_hook.history if eval_hook else [],
+        baseline=eval_hook.baseline if eval_hook else None,
+        final=eval_hook.final if eval_hook else None,
+        best=BestValue(metric=metric, value=eval_hook.tracker.best) if eval_hook else None,
+        last_checkpoint=ckpt_hook.last_uri,
+        final_model=f"{output.uri}final/model_final.pth",
+        classes=train.classes,
+        wall_seconds=time.time() - started,
+    )
     if ctx.is_main:
-        _publish(output, cfg, module, config, train, report, workdir)
+        publish(output, write_final(cfg, module, train, workdir), config, report, list(logs.values()))
     distributed.barrier()
     return report
 
@@ -195,36 +197,16 @@ def _evaluate(cfg: Any, module: torch.nn.Module, masks: bool, workdir: Path, tra
     return out
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    return None if isinstance(value, float) and math.isnan(value) else value
-
-
-def _publish(
-    output: ObjectStore,
-    cfg: Any,
-    module: torch.nn.Module,
-    config: TrainConfig,
-    train: Split,
-    report: dict,
-    workdir: Path,
-) -> None:
-    """What DefaultPredictor needs (weights + config.yaml), the class names, logs and the report."""
+def write_final(cfg: Any, module: torch.nn.Module, train: Split, workdir: Path) -> Path:
+    """What DefaultPredictor needs (weights + config.yaml) and the class names, in one folder."""
     final = workdir / "final"
     final.mkdir()
     DetectionCheckpointer(module, save_dir=str(final)).save("model_final")
+    (final / "last_checkpoint").unlink(missing_ok=True)  # Detectron2's own pointer file, not for users
     predict_cfg = cfg.clone()
     predict_cfg.defrost()
     predict_cfg.MODEL.WEIGHTS = "model_final.pth"  # next to config.yaml once downloaded
     predict_cfg.DATASETS.TRAIN, predict_cfg.DATASETS.TEST = (), ()
     (final / "config.yaml").write_text(predict_cfg.dump())
     (final / "classes.json").write_text(json.dumps(train.classes))
-    for name in ("model_final.pth", "config.yaml", "classes.json"):
-        output.upload(final / name, f"final/{name}")
-    output.put_bytes(config.model_dump_json(by_alias=True, indent=1).encode(), "final/config.json")
-    for name in (METRICS_FILE, D2_METRICS_FILE):
-        if (workdir / name).exists():
-            output.upload(workdir / name, name)
-    output.put_bytes(json.dumps(report, indent=1).encode(), "report.json")
-    log.info("published", model=report["final_model"], report=f"{output.uri}report.json")
+    return final

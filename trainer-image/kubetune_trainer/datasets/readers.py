@@ -9,67 +9,20 @@ never fatal one by one; a split with no usable sample left is a `DataError`.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import structlog
-from PIL import Image, UnidentifiedImageError
-from pycocotools import mask as mask_utils
+from PIL import UnidentifiedImageError
 
+from kubetune_trainer.datasets import voc
+from kubetune_trainer.datasets.files import IMAGE_SUFFIXES, load_image, load_json, resolve_image
+from kubetune_trainer.datasets.masks import DatumaroMasks, InstancePng, MaskSource, PolygonMasks
+from kubetune_trainer.datasets.via import read_via
 from kubetune_trainer.errors import DataError
 
 log = structlog.get_logger(__name__)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-
-
-@dataclass(frozen=True)
-class PolygonMasks:
-    """COCO-style segmentations: a polygon list, or an RLE dict (compressed or not), per object."""
-
-    segmentations: tuple
-
-    def __call__(self, height: int, width: int) -> np.ndarray:
-        out = []
-        for seg in self.segmentations:
-            if isinstance(seg, dict):
-                rle = seg if isinstance(seg["counts"], str | bytes) else mask_utils.frPyObjects(seg, height, width)
-            else:
-                rle = mask_utils.merge(mask_utils.frPyObjects([p for p in seg if len(p) >= 6], height, width))
-            if list(rle["size"]) != [height, width]:
-                raise ValueError(f"an RLE mask is {rle['size'][1]}x{rle['size'][0]}, its image is {width}x{height}")
-            out.append(mask_utils.decode(rle).astype(bool))
-        return np.stack(out) if out else np.zeros((0, height, width), bool)
-
-
-@dataclass(frozen=True)
-class InstancePng:
-    """A PNG whose pixel values are instance ids (0 = background); `style` says how to read it."""
-
-    path: Path
-    style: str = "ids"  # ids | labpics | voc
-
-    def __call__(self, height: int, width: int) -> np.ndarray:
-        with Image.open(self.path) as im:
-            if self.style == "labpics":
-                # LabPicsV1 Instance PNGs: material instances in blue, vessels in red.
-                rgb = np.asarray(im.convert("RGB"))
-                ids = rgb[..., 2].astype(np.int32)
-                ids[ids == 0] = rgb[..., 0][ids == 0].astype(np.int32) * (int(ids.max()) + 1)
-            elif im.mode in ("P", "L", "I", "I;16"):
-                ids = np.asarray(im).astype(np.int32)
-            else:
-                ids = np.asarray(im.convert("L")).astype(np.int32)
-        if ids.shape != (height, width):
-            raise ValueError(f"mask {self.path.name} is {ids.shape[1]}x{ids.shape[0]}, image is {width}x{height}")
-        values = [v for v in np.unique(ids) if v != 0 and not (self.style == "voc" and v == 255)]
-        return np.stack([ids == v for v in values]) if values else np.zeros((0, height, width), bool)
-
-
-MaskSource = Callable[[int, int], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -101,22 +54,6 @@ def read_split(fmt: str, root: Path, split: str) -> SplitReport:
     return report
 
 
-def load_json(path: Path) -> object:
-    if not path.is_file():
-        raise DataError(f"annotation file {path} does not exist")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"annotation file {path} is not valid JSON: {exc}") from exc
-
-
-def resolve_image(base: Path, name: str) -> Path | None:
-    for candidate in (base / name, base / "images" / name):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
 def _read_coco(root: Path, split: str, report: SplitReport) -> None:
     path = root / split
     data = load_json(path)
@@ -145,34 +82,16 @@ def _read_coco(root: Path, split: str, report: SplitReport) -> None:
 
 def _read_via(root: Path, split: str, report: SplitReport) -> None:
     path = root / split
-    data = load_json(path)
-    entries = data.get("_via_img_metadata", data) if isinstance(data, dict) else None
-    if not isinstance(entries, dict):
-        raise DataError(f"{path} is not a VIA project/export (expected an object of images)")
-    for entry in entries.values():
-        if not isinstance(entry, dict) or "filename" not in entry:
-            raise DataError(f"{path}: VIA entries need a 'filename'")
-        regions = entry.get("regions") or []
-        regions = list(regions.values()) if isinstance(regions, dict) else regions
-        polygons = [p for p in (via_polygon(r.get("shape_attributes", {})) for r in regions) if p]
-        report.skipped["unsupported VIA shape"] += len(regions) - len(polygons)
-        image = resolve_image(path.parent, entry["filename"])
+    for entry in read_via(path):
+        polygons = [r.polygon for r in entry.regions if r.polygon]
+        report.skipped["unsupported VIA shape"] += len(entry.regions) - len(polygons)
+        image = resolve_image(path.parent, entry.filename)
         if image is None:
             report.skipped["missing image file"] += 1
         elif not polygons:
             report.skipped["image without annotations"] += 1
         else:
             report.samples.append(Sample(image, PolygonMasks(tuple([p] for p in polygons))))
-
-
-def via_polygon(shape: dict) -> list[float] | None:
-    if shape.get("name") in ("polygon", "polyline") and len(shape.get("all_points_x", [])) >= 3:
-        xs, ys = shape["all_points_x"], shape["all_points_y"]
-        return [float(v) + 0.5 for xy in zip(xs, ys, strict=False) for v in xy]
-    if shape.get("name") == "rect":
-        x, y, w, h = (float(shape[k]) for k in ("x", "y", "width", "height"))
-        return [x, y, x + w, y, x + w, y + h, x, y + h]
-    return None
 
 
 def _paired(images: Path, masks: Path, style: str, report: SplitReport) -> None:
@@ -195,12 +114,8 @@ def _read_labpics(root: Path, split: str, report: SplitReport) -> None:
 
 
 def _read_voc(root: Path, split: str, report: SplitReport, masks: str = "SegmentationObject") -> None:
-    ids_file = root / "ImageSets" / "Segmentation" / f"{split}.txt"
-    if not ids_file.is_file():
-        raise DataError(f"VOC image set {ids_file} does not exist")
-    for name in ids_file.read_text().split():
-        image = root / "JPEGImages" / f"{name}.jpg"
-        mask = root / masks / f"{name}.png"
+    for name in voc.image_set(root, split):
+        image, mask = voc.image_path(root, name), voc.mask_path(root, masks, name)
         if not image.is_file() or not mask.is_file():
             report.skipped["missing image or mask file"] += 1
         else:
@@ -257,35 +172,6 @@ def _datumaro_image(root: Path, annotations: Path, subset: str, name: str) -> Pa
         if candidate.is_file():
             return candidate
     return None
-
-
-@dataclass(frozen=True)
-class DatumaroMasks:
-    """One object per entry: the union of its polygons ([x, y, ...]) and RLE masks."""
-
-    objects: tuple
-
-    def __call__(self, height: int, width: int) -> np.ndarray:
-        out = []
-        for parts in self.objects:
-            polygons = tuple(p for p in parts if not isinstance(p, dict))
-            masks = [PolygonMasks((p,))(height, width)[0] for p in parts if isinstance(p, dict)]
-            if polygons:
-                masks.append(PolygonMasks((polygons,))(height, width)[0])
-            out.append(np.logical_or.reduce(masks))
-        return np.stack(out) if out else np.zeros((0, height, width), bool)
-
-
-def load_image(path: Path) -> np.ndarray:
-    """RGB uint8 array; raises OSError/ValueError for an unreadable or truncated file."""
-    with Image.open(path) as im:
-        return np.array(im.convert("RGB"))
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    """(height, width) from the file's header, without decoding the pixels."""
-    with Image.open(path) as im:
-        return im.height, im.width
 
 
 def usable_samples(fmt: str, root: Path, split: str) -> list[Sample]:

@@ -82,29 +82,33 @@ class JsonlWriter:
 
 
 class TerminalWriter:
-    """A tqdm bar on a terminal; a structured log line every `period` steps otherwise (pods)."""
+    """A tqdm bar on a terminal; a structured log line for the first step a process trains and
+    every `period` steps after it otherwise (pods). The first step may be a resumed one."""
 
-    def __init__(self, total: int, start: int, period: int = 20) -> None:
+    def __init__(self, total: int, period: int = 20) -> None:
+        self.total = total
         self.period = period
         self.bar = None
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
-        self._last = start
+        self._last: int | None = None  # the step of the previous write
 
     def write(self, snap: Snapshot) -> None:
         s = snap.scalars
         if "loss" not in s:  # nothing trained yet
             return
-        if self.bar is not None:
-            self.bar.update(snap.step - self._last)
+        first = self._last is None
+        previous = snap.step - 1 if self._last is None else self._last
+        if sys.stderr.isatty():
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=self.total, initial=previous, unit="step", dynamic_ncols=True)
+            self.bar.update(snap.step - previous)
             self.bar.set_postfix(
                 loss=f"{s.get('loss', float('nan')):.4f}",
                 lr=f"{s.get('lr', 0):.2e}",
                 img_s=f"{s.get('images_per_second', 0):.1f}",
             )
-        elif snap.step % self.period == 0 or snap.step == self._last + 1:
+        elif first or snap.step % self.period == 0:
             log.info(
                 "train",
                 step=snap.step,

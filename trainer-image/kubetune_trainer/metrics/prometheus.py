@@ -1,5 +1,5 @@
 """Prometheus metrics of one trainer rank, under the names the dashboard and alerts use
-(shared/DESIGN.md). Fed only by `PrometheusWriter.write` from the event storage."""
+(docs/architecture.md). Fed only by `PrometheusWriter.write` from the event storage."""
 
 from __future__ import annotations
 

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 from kubetune_trainer.config import PromptSpec
-from kubetune_trainer.datasets.readers import Sample, image_size, load_image
+from kubetune_trainer.datasets.files import image_size, load_image
+from kubetune_trainer.datasets.readers import Sample
 from kubetune_trainer.promptable.prompts import make_prompts
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -189,8 +190,8 @@ def resize_masks(masks: torch.Tensor, size: int | tuple[int, int]) -> torch.Tens
 
 def resize_targets(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """[N,S,S] bool masks -> [N,h,w] bool at the prediction's size: pixels more than half covered.
-    Exact integer counts when the size divides evenly (the usual 4×: a few times faster than
-    area interpolation, which gives the same result)."""
+    When the size divides evenly (the usual 4×) the pixels of each cell are counted as integers,
+    which gives what area interpolation gives without its float work."""
     (h, w), (th, tw) = masks.shape[-2:], size
     if (h, w) == (th, tw):
         return masks.bool()
@@ -265,9 +266,47 @@ class ResumableSampler(Sampler[tuple]):
             return iter([(self.epoch, i) for i in order])
         return ((self.epoch, i, self.held(self.epoch, i)) for i in order)
 
-    @property
-    def per_epoch(self) -> int:
-        return len(self.inner)
+
+class ResumableBatches:
+    """A training DataLoader (over a ResumableSampler) as batches without end: epochs roll over,
+    and the position (epoch, batches taken in it) is what checkpoints save and a resume seeks to,
+    so a resumed run sees the batches the killed one would have seen next."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+        self.sampler: ResumableSampler = loader.batch_sampler.sampler  # type: ignore[union-attr]
+        self.epoch = 0
+        self.taken = 0  # batches of this epoch already handed out
+        self._batches: Iterator[Batch] | None = None
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        return len(self.loader.batch_sampler)
+
+    def next(self) -> Batch:
+        while True:
+            if self._batches is None:
+                self.sampler.epoch = self.epoch
+                self.sampler.start = self.taken * self.loader.batch_sampler.batch_size
+                self._batches = iter(self.loader)
+            try:
+                batch = next(self._batches)
+            except StopIteration:
+                self._batches = None
+                self.epoch, self.taken = self.epoch + 1, 0
+                continue
+            self.taken += 1
+            return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches_in_epoch": self.taken}
+
+    def load_state_dict(self, position: dict[str, int], same_world: bool = True) -> None:
+        """Seek to a checkpoint's position; a different world shards the data differently, so
+        then the epoch starts over rather than skip the wrong images."""
+        self.epoch = position["epoch"]
+        self.taken = position["batches_in_epoch"] if same_world else 0
+        self._batches = None
 
 
 def shard(size: int, rank: int, world: int) -> list[tuple[int, int]]:

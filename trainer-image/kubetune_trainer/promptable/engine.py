@@ -1,7 +1,10 @@
 """The training loop and nothing else: batches in, one (mixed-precision) optimizer step out.
 
-Evaluation, checkpoints and metric writing are hooks (before_train / after_step / after_train).
-AMP lives in `run_step`: autocast for the forward, a GradScaler for fp16, skipped steps counted.
+The loop knows no model family: `forward(model, batch)` runs under autocast and `loss(outputs,
+batch)` turns the outputs into terms (`total` and named `parts`). The batch source owns its
+position in the data. Evaluation, checkpoints and metric writing are hooks (before_train /
+after_step / after_train) that may carry state of their own into checkpoints. AMP lives in
+`run_step`: autocast for the forward, a GradScaler for fp16, skipped steps counted.
 """
 
 from __future__ import annotations
@@ -9,23 +12,35 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import structlog
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from kubetune_trainer.config import TrainingSpec
 from kubetune_trainer.metrics.events import EventStorage
-from kubetune_trainer.promptable.data import Batch, ResumableSampler
-from kubetune_trainer.promptable.losses import compute_loss
 from kubetune_trainer.training import distributed
 from kubetune_trainer.training.distributed import DistContext
 
 log = structlog.get_logger(__name__)
+
+
+class Terms(Protocol):
+    total: torch.Tensor
+    parts: dict[str, torch.Tensor]
+
+
+class Batches(Protocol):
+    """Batches without end, across epochs; where the next one comes from is checkpointed."""
+
+    epoch: int
+
+    def next(self) -> Any: ...
+    def state_dict(self) -> dict[str, int]: ...
+    def load_state_dict(self, position: dict[str, int], same_world: bool) -> None: ...
 
 
 class Hook:
@@ -33,51 +48,48 @@ class Hook:
     def after_step(self, trainer: Trainer) -> None: ...
     def after_train(self, trainer: Trainer) -> None: ...
 
+    def state_dict(self) -> dict[str, Any]:
+        """Top-level checkpoint entries this hook needs back on resume."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
 
 @dataclass
 class TrainState:
-    """Everything besides weights and optimizer that a resumed run needs to continue exactly."""
-
     step: int = 0
-    epoch: int = 0
-    batches_in_epoch: int = 0
-    best: float | None = None
-    baseline: dict[str, float] | None = None  # the base model's validation result (step 0)
-    evals_without_improvement: int = 0
-    stopped_early: bool = False
     skipped_steps: int = 0  # optimizer steps dropped for non-finite gradients (AMP), whole run
-    extra: dict[str, Any] = field(default_factory=dict)
+    stopped_early: bool = False  # set by a hook; the loop ends after the current step
 
 
 class Trainer:
     def __init__(
         self,
+        *,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
-        loader: DataLoader,
+        batches: Batches,
         spec: TrainingSpec,
         total_steps: int,
         ctx: DistContext,
-        multimask: bool,
-        reduction: str = "min-loss",
+        forward: Callable[[nn.Module, Any], Any],
+        loss: Callable[[Any, Any], Terms],
     ) -> None:
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
-        self.loader = loader
-        self.sampler: ResumableSampler = loader.batch_sampler.sampler  # type: ignore[union-attr]
+        self.batches = batches
         self.spec = spec
         self.total_steps = total_steps
         self.ctx = ctx
-        self.multimask = multimask
-        self.reduction = reduction
+        self.forward = forward
+        self.loss = loss
         self.scaler = distributed.grad_scaler(spec.precision, ctx.device)
         self.state = TrainState()
         self.storage = EventStorage()
         self.hooks: list[Hook] = []
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self._batches: Iterator[Batch] | None = None
 
     @property
     def unwrapped(self) -> nn.Module:
@@ -94,23 +106,6 @@ class Trainer:
         for hook in self.hooks:
             hook.after_train(self)
 
-    def _next_batch(self) -> Batch:
-        """The next batch, rolling over epochs; the position is tracked for checkpoints."""
-        while True:
-            if self._batches is None:
-                self.sampler.epoch = self.state.epoch
-                self.sampler.start = self.state.batches_in_epoch * self.loader.batch_sampler.batch_size
-                self._batches = iter(self.loader)
-            try:
-                batch = next(self._batches)
-            except StopIteration:
-                self._batches = None
-                self.state.epoch += 1
-                self.state.batches_in_epoch = 0
-                continue
-            self.state.batches_in_epoch += 1
-            return batch
-
     def run_step(self) -> None:
         start = time.perf_counter()
         waited = 0.0
@@ -120,13 +115,13 @@ class Trainer:
         images = 0
         for micro in range(accum):
             tick = time.perf_counter()
-            batch = self._next_batch().to(self.ctx.device)
+            batch = self.batches.next().to(self.ctx.device)
             waited += time.perf_counter() - tick
             images += batch.num_images
             with distributed.maybe_no_sync(self.model, micro < accum - 1):
                 with distributed.autocast(self.spec.precision, self.ctx.device):
-                    preds = self.model(batch, self.multimask)
-                terms = compute_loss(preds, batch.masks, self.spec.loss, self.reduction)
+                    outputs = self.forward(self.model, batch)
+                terms = self.loss(outputs, batch)
                 self.scaler.scale(terms.total / accum).backward()
             loss_sum += terms.total.detach() / accum
             for k, v in terms.parts.items():
@@ -173,7 +168,7 @@ class Trainer:
         s.put(
             step=self.state.step,
             total_steps=self.total_steps,
-            epoch=self.state.epoch,
+            epoch=self.batches.epoch,
             lr=self.optimizer.param_groups[0]["lr"],
             images_per_second=images * self.ctx.world_size / seconds,
         )
@@ -197,22 +192,19 @@ class Trainer:
         rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state(self.ctx.device)
-        s = self.state
-        return {
+        state = {
             "model": weights,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "position": {"step": s.step, "epoch": s.epoch, "batches_in_epoch": s.batches_in_epoch},
-            "early_stopping": {
-                "best": s.best,
-                "evals_without_improvement": s.evals_without_improvement,
-                "baseline": s.baseline,
-            },
-            "amp": {"skipped_steps": s.skipped_steps},
+            "position": {"step": self.state.step, **self.batches.state_dict()},
+            "amp": {"skipped_steps": self.state.skipped_steps},
             "rng": rng,
             "world_size": self.ctx.world_size,
         }
+        for hook in self.hooks:
+            state.update(hook.state_dict())
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         result = self.unwrapped.load_state_dict(state["model"], strict=False)
@@ -221,23 +213,16 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        pos = state["position"]
-        if state.get("world_size", self.ctx.world_size) != self.ctx.world_size:
-            # A different world shards data differently: restart the epoch rather than skip wrongly.
+        same_world = state.get("world_size", self.ctx.world_size) == self.ctx.world_size
+        if not same_world:
             log.warning("world size changed since the checkpoint; restarting its epoch", was=state["world_size"])
-            pos = {**pos, "batches_in_epoch": 0}
-        self.state.step, self.state.epoch, self.state.batches_in_epoch = (
-            pos["step"],
-            pos["epoch"],
-            pos["batches_in_epoch"],
-        )
-        self.storage.step = self.state.step
-        self.state.best = state["early_stopping"]["best"]
-        self.state.evals_without_improvement = state["early_stopping"]["evals_without_improvement"]
-        self.state.baseline = state["early_stopping"].get("baseline")
+        self.batches.load_state_dict(state["position"], same_world)
+        self.state.step = state["position"]["step"]
         self.state.skipped_steps = state.get("amp", {}).get("skipped_steps", 0)
+        self.storage.step = self.state.step
+        for hook in self.hooks:
+            hook.load_state_dict(state)
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate((3, tuple(state["rng"]["python"]), None))
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.ctx.device)
-        self._batches = None

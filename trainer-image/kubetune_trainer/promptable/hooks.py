@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -11,13 +12,14 @@ from kubetune_trainer.config import EarlyStoppingSpec
 from kubetune_trainer.metrics.events import EventWriter
 from kubetune_trainer.promptable.engine import Hook, Trainer
 from kubetune_trainer.storage.checkpoints import Checkpointer
+from kubetune_trainer.training.early_stopping import EarlyStopping
 
 log = structlog.get_logger(__name__)
 
 
 class EvalHook(Hook):
     """Evaluate before training (the base model's baseline), every `every` steps and at the end;
-    track the best value."""
+    track the best value of the watched metric and stop early (`training.early_stopping`)."""
 
     def __init__(
         self, every: int | None, evaluate: Callable[[], dict[str, float]], early: EarlyStoppingSpec | None
@@ -26,6 +28,8 @@ class EvalHook(Hook):
         self.evaluate = evaluate
         self.early = early
         self.metric = early.metric if early else "miou"
+        self.tracker = EarlyStopping(self.metric, early.patience if early else None, early.min_delta if early else 0.0)
+        self.baseline: dict[str, float] | None = None  # the base model's result, kept across resumes
         self.history: list[dict[str, float]] = []
         self._last_step = -1
 
@@ -38,37 +42,30 @@ class EvalHook(Hook):
         self.history.append({"step": step, **result})
         trainer.storage.put_prefixed("eval", {k: v for k, v in result.items() if k != "objects"})
         log.info("evaluation", step=step, **{k: round(v, 5) for k, v in result.items()})
-        if step == 0 and trainer.state.baseline is None:
-            trainer.state.baseline = result
+        if step == 0 and self.baseline is None:
+            self.baseline = result
             self._put_baseline(trainer)
-        self._track(trainer, result[self.metric])
-
-    def _track(self, trainer: Trainer, value: float) -> None:
-        state = trainer.state
-        lower_is_better = self.metric == "loss"
-        margin = self.early.min_delta if self.early else 0.0
-        improved = state.best is None or (
-            value < state.best - margin if lower_is_better else value > state.best + margin
-        )
-        if improved:
-            state.best = value
-            state.evals_without_improvement = 0
-        elif trainer.state.step > 0:
-            state.evals_without_improvement += 1
-        trainer.storage.put(**{f"best/{self.metric}": state.best})
-        if self.early and state.evals_without_improvement >= self.early.patience:
-            log.info("early stopping", metric=self.metric, best=state.best, patience=self.early.patience)
-            state.stopped_early = True
+        self.tracker.update(result[self.metric], baseline=step == 0)
+        if self.tracker.best is not None:
+            trainer.storage.put(**{f"best/{self.metric}": self.tracker.best})
+        if self.early and self.tracker.should_stop:
+            log.info("early stopping", metric=self.metric, best=self.tracker.best, patience=self.early.patience)
+            trainer.state.stopped_early = True
 
     def _put_baseline(self, trainer: Trainer) -> None:
-        trainer.storage.put(**{f"baseline/{self.metric}": trainer.state.baseline[self.metric]})
+        trainer.storage.put(**{f"baseline/{self.metric}": self.baseline[self.metric]})
+
+    @property
+    def final(self) -> dict[str, float] | None:
+        """The last evaluation's result (the fine-tuned model), without its step."""
+        return {k: v for k, v in self.history[-1].items() if k != "step"} if self.history else None
 
     def before_train(self, trainer: Trainer) -> None:
         if trainer.state.step == 0:
             self._run(trainer)
         else:  # a resumed run already has its baseline, saved in the checkpoint
             self._last_step = trainer.state.step
-            if trainer.state.baseline is not None:
+            if self.baseline is not None:
                 self._put_baseline(trainer)
 
     def after_step(self, trainer: Trainer) -> None:
@@ -77,6 +74,22 @@ class EvalHook(Hook):
 
     def after_train(self, trainer: Trainer) -> None:
         self._run(trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        t = self.tracker
+        return {
+            "early_stopping": {
+                "best": t.best,
+                "evals_without_improvement": t.without_improvement,
+                "baseline": self.baseline,
+            }
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("early_stopping") or {}
+        self.tracker.best = saved.get("best")
+        self.tracker.without_improvement = saved.get("evals_without_improvement", 0)
+        self.baseline = saved.get("baseline")
 
 
 class CheckpointHook(Hook):

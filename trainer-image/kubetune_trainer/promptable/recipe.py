@@ -1,4 +1,5 @@
-"""Build everything a run needs from a TrainConfig, resume if possible, train, publish results.
+"""A promptable segmenter's run (SAM2, SAM), step by step: stage and check the inputs, build the
+module and the loop, attach evaluation and recording, resume, train, report and publish.
 
 Order matters for the "bad input loses nothing" promise: every input (data, weights, output
 bucket) is checked before the first byte is written to output.uri.
@@ -6,18 +7,15 @@ bucket) is checked before the first byte is written to output.uri.
 
 from __future__ import annotations
 
-import json
 import random
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import structlog
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader
 
 from kubetune_trainer.config import TrainConfig
@@ -25,13 +23,20 @@ from kubetune_trainer.datasets.readers import Sample, usable_samples
 from kubetune_trainer.errors import DataError
 from kubetune_trainer.metrics.events import METRICS_FILE, JsonlWriter, TerminalWriter
 from kubetune_trainer.metrics.prometheus import PrometheusWriter
-from kubetune_trainer.metrics.report import comparison, markdown
-from kubetune_trainer.promptable.data import Preprocess, PromptedMasks, ResumableSampler, collate, shard
+from kubetune_trainer.metrics.report import BestValue, Report
+from kubetune_trainer.promptable.data import (
+    Preprocess,
+    PromptedMasks,
+    ResumableBatches,
+    ResumableSampler,
+    collate,
+    shard,
+)
 from kubetune_trainer.promptable.engine import Trainer
 from kubetune_trainer.promptable.evaluation import evaluate
 from kubetune_trainer.promptable.feature_cache import FeatureCache, fingerprint
 from kubetune_trainer.promptable.hooks import CheckpointHook, EvalHook, WriterHook
-from kubetune_trainer.promptable.losses import LOSS_HEADS
+from kubetune_trainer.promptable.losses import LOSS_HEADS, compute_loss
 from kubetune_trainer.promptable.models.base import Segmenter
 from kubetune_trainer.promptable.models.registry import segmenter_for
 from kubetune_trainer.promptable.schedules import build_scheduler
@@ -40,6 +45,7 @@ from kubetune_trainer.storage.stores import ObjectStore, open_store
 from kubetune_trainer.training import distributed
 from kubetune_trainer.training.distributed import DistContext
 from kubetune_trainer.training.inputs import cache_root, stage_files
+from kubetune_trainer.training.publishing import publish
 
 log = structlog.get_logger(__name__)
 
@@ -155,93 +161,79 @@ def freeze_unused(segmenter: Segmenter, module: torch.nn.Module, config: TrainCo
     return frozen
 
 
-def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dict[str, Any]:
-    """Train a promptable segmenter (SAM2, SAM)."""
-    started = time.time()
-    config = config.with_defaults()
-    segmenter = segmenter_for(config.model)
-    distributed.check_precision(config.training.precision, ctx.device)
-    inputs = stage_inputs(config, ctx, segmenter.weights_are_folder)
-    output = open_store(config.output.uri, config.storage)
-    checkpointer = Checkpointer(output, cache_root(), config.output.keep_last)
-    latest = distributed.broadcast_object(checkpointer.latest() if ctx.is_main else None)
-
+def build_module(segmenter: Segmenter, config: TrainConfig, weights: Path | None, ctx: DistContext):
+    """The family's module on the device: base weights, trainable parts, the heads and prompt
+    embeddings the run never reaches frozen, recomputed encoder blocks, the feature cache."""
     torch.manual_seed(config.training.seed)  # identical random init on every rank and restart
     random.seed(config.training.seed)
-    module = segmenter.build(config.model, inputs.weights).to(ctx.device)
-    pre = module.pre  # how this model's images are prepared (read from the weights by build)
+    module = segmenter.build(config.model, weights).to(ctx.device)
     frozen = freeze_unused(segmenter, module, config)
     if config.model.gradient_checkpointing:
         segmenter.checkpoint_encoder(module)
     if config.model.feature_cache != "off":
         encoder = getattr(module.sam, module.encoder_name)
-        namespace = fingerprint(encoder, pre, config.training.precision)
+        namespace = fingerprint(encoder, module.pre, config.training.precision)
         module.cache = FeatureCache(config.model.feature_cache, namespace, ctx.device, cache_root())
-    model = module
-    if ctx.world_size > 1:
-        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        # Gradients live in the all-reduce buckets (no copy); with one micro-batch per step the
-        # graph is static, which lets DDP skip its search for unused parameters.
-        model = DistributedDataParallel(
-            module,
-            device_ids=ids,
-            broadcast_buffers=False,
-            gradient_as_bucket_view=True,
-            static_graph=config.training.grad_accumulation == 1,
-        )
-    loader = build_loader(inputs.train, config, ctx, pre, module.cache, module.mask_side(config.model.image_size))
-    training = config.training
-    per_epoch = len(loader) // training.grad_accumulation
-    total = training.max_steps or training.epochs * per_epoch
-    optimizer = build_optimizer([p for p in module.parameters() if p.requires_grad], config, ctx.world_size)
-    trainer = Trainer(
-        model,
-        optimizer,
-        build_scheduler(optimizer, training.schedule, total),
-        loader,
-        training,
-        total,
-        ctx,
-        config.model.multimask,
-        config.model.multimask_reduction,
-    )
-    trainer.storage.inc("s3_bytes/download", inputs.downloaded_bytes)
-    workdir = Path(tempfile.mkdtemp(prefix="kubetune-run-"))
-    metrics_log = workdir / METRICS_FILE
-    if latest is not None:
-        state = distributed.leader_first(ctx, lambda: checkpointer.load(latest))
-        trainer.load_state_dict(state)
-        log.info("resumed", step=latest, epoch=trainer.state.epoch, uri=f"{output.uri}checkpoints/step-{latest:08d}/")
-        if ctx.is_main:
-            checkpointer.fetch_extra(latest, METRICS_FILE, metrics_log)
+    return module, frozen
 
-    eval_hook = None
-    if inputs.validation:
-        eval_loader = build_eval_loader(inputs.validation, config, ctx, pre, module.cache)
-        # Early stopping switched on by a preset (otx) without evalEvery evaluates every epoch.
-        every = training.eval_every or (per_epoch if training.early_stopping else None)
-        eval_hook = EvalHook(
-            every,
-            lambda: evaluate(
-                module,
-                eval_loader,
-                ctx,
-                training.precision,
-                config.model.multimask,
-                training.loss,
-                config.model.multimask_reduction,
-            ),
-            training.early_stopping,
-        )
-        trainer.hooks.append(eval_hook)
-    elif training.early_stopping:
-        log.warning("early stopping is off: there is no validation split (data.validation)")
+
+def build_trainer(module, loader: DataLoader, config: TrainConfig, ctx: DistContext, total_steps: int) -> Trainer:
+    """The loop for a promptable module: DDP in a world of several, the optimizer and schedule,
+    the forward with the spec's multimask output and the loss preset."""
+    training, spec = config.training, config.model
+    optimizer = build_optimizer([p for p in module.parameters() if p.requires_grad], config, ctx.world_size)
+    return Trainer(
+        model=distributed.wrap_ddp(module, ctx, static_graph=training.grad_accumulation == 1),
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, training.schedule, total_steps),
+        batches=ResumableBatches(loader),
+        spec=training,
+        total_steps=total_steps,
+        ctx=ctx,
+        forward=lambda model, batch: model(batch, spec.multimask),
+        loss=lambda preds, batch: compute_loss(preds, batch.masks, training.loss, spec.multimask_reduction),
+    )
+
+
+def add_evaluation(trainer: Trainer, module, samples: list[Sample], config: TrainConfig, ctx: DistContext):
+    """Validation before, during and after training, with early stopping; None without a split."""
+    training = config.training
+    if not samples:
+        if training.early_stopping:
+            log.warning("early stopping is off: there is no validation split (data.validation)")
+        return None
+    loader = build_eval_loader(samples, config, ctx, module.pre, module.cache)
+    # Early stopping switched on by a preset (otx) without evalEvery evaluates every epoch.
+    every = training.eval_every or (
+        len(trainer.batches) // training.grad_accumulation if training.early_stopping else None
+    )
+    model = config.model
+    hook = EvalHook(
+        every,
+        lambda: evaluate(
+            module, loader, ctx, training.precision, model.multimask, training.loss, model.multimask_reduction
+        ),
+        training.early_stopping,
+    )
+    trainer.hooks.append(hook)
+    return hook
+
+
+def add_recording(
+    trainer: Trainer,
+    checkpointer: Checkpointer,
+    output: ObjectStore,
+    config: TrainConfig,
+    ctx: DistContext,
+    metrics: PrometheusWriter,
+    metrics_log: Path,
+) -> CheckpointHook:
+    """Checkpoints and metric writers. The metric log travels inside each checkpoint, so a resumed
+    run continues one history; a copy at the output root is what users read while the job runs."""
     writers = [metrics]
     if ctx.is_main:
-        writers += [JsonlWriter(metrics_log), TerminalWriter(total, trainer.state.step)]
+        writers += [JsonlWriter(metrics_log), TerminalWriter(trainer.total_steps)]
     writer_hook = WriterHook(writers)
-    # The metric log travels inside each checkpoint, so a resumed run continues one history; a
-    # copy at the output root is what users read while the job runs.
     ckpt_hook = CheckpointHook(
         checkpointer,
         config.output.checkpoint_every,
@@ -251,12 +243,49 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dic
         on_saved=lambda: output.upload(metrics_log, METRICS_FILE),
     )
     trainer.hooks += [ckpt_hook, writer_hook]
+    return ckpt_hook
+
+
+def resume(trainer: Trainer, checkpointer: Checkpointer, step: int, ctx: DistContext, metrics_log: Path) -> None:
+    """Load the newest complete checkpoint (hooks included) and its metric log."""
+    state = distributed.leader_first(ctx, lambda: checkpointer.load(step))
+    trainer.load_state_dict(state)
+    log.info("resumed", step=step, epoch=trainer.batches.epoch, uri=checkpointer.uri(step))
+    if ctx.is_main:
+        checkpointer.fetch_extra(step, METRICS_FILE, metrics_log)
+
+
+def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> Report:
+    """Train a promptable segmenter (SAM2, SAM): every input is checked before the first write."""
+    started = time.time()
+    config = config.with_defaults()
+    segmenter = segmenter_for(config.model)
+    distributed.check_precision(config.training.precision, ctx.device)
+    inputs = stage_inputs(config, ctx, segmenter.weights_are_folder)
+    output = open_store(config.output.uri, config.storage)
+    checkpointer = Checkpointer(output, cache_root(), config.output.keep_last)
+    latest = distributed.broadcast_object(checkpointer.latest() if ctx.is_main else None)
+
+    module, frozen = build_module(segmenter, config, inputs.weights, ctx)
+    loader = build_loader(
+        inputs.train, config, ctx, module.pre, module.cache, module.mask_side(config.model.image_size)
+    )
+    training = config.training
+    total = training.max_steps or training.epochs * (len(loader) // training.grad_accumulation)
+    trainer = build_trainer(module, loader, config, ctx, total)
+    trainer.storage.inc("s3_bytes/download", inputs.downloaded_bytes)
+    workdir = Path(tempfile.mkdtemp(prefix="kubetune-run-"))
+    metrics_log = workdir / METRICS_FILE
+    eval_hook = add_evaluation(trainer, module, inputs.validation, config, ctx)
+    ckpt_hook = add_recording(trainer, checkpointer, output, config, ctx, metrics, metrics_log)
+    if latest is not None:
+        resume(trainer, checkpointer, latest, ctx, metrics_log)
     log.info(
         "training",
         family=config.model.family,
         variant=config.model.variant,
         samples=len(inputs.train),
-        steps_per_epoch=per_epoch,
+        steps_per_epoch=len(loader) // training.grad_accumulation,
         total_steps=total,
         start_step=trainer.state.step,
         precision=training.precision,
@@ -267,49 +296,30 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> dic
         device=str(ctx.device),
     )
     trainer.train()
-    final = eval_hook.history[-1] if eval_hook and eval_hook.history else None
-    report = {
-        "job": config.job.name,
-        "family": config.model.family,
-        "variant": config.model.variant,
-        "steps": trainer.state.step,
-        "total_steps": total,
-        "epochs": trainer.state.epoch,
-        "stopped_early": trainer.state.stopped_early,
-        "amp_skipped_steps": trainer.state.skipped_steps,
-        "evaluations": eval_hook.history if eval_hook else [],
-        "baseline": trainer.state.baseline,
-        "final": {k: v for k, v in final.items() if k != "step"} if final else None,
-        "comparison": comparison(trainer.state.baseline, final),
-        "best": {"metric": eval_hook.metric, "value": trainer.state.best} if eval_hook else None,
-        "last_checkpoint": ckpt_hook.last_uri,
-        "final_model": None,
-        "feature_cache": {"mode": module.cache.mode, "hits": module.cache.hits, "misses": module.cache.misses}
+    report = Report(
+        job=config.job.name,
+        family=config.model.family,
+        variant=config.model.variant,
+        steps=trainer.state.step,
+        total_steps=total,
+        epochs=trainer.batches.epoch,
+        stopped_early=trainer.state.stopped_early,
+        amp_skipped_steps=trainer.state.skipped_steps,
+        evaluations=eval_hook.history if eval_hook else [],
+        baseline=eval_hook.baseline if eval_hook else None,
+        final=eval_hook.final if eval_hook else None,
+        best=BestValue(metric=eval_hook.metric, value=eval_hook.tracker.best) if eval_hook else None,
+        last_checkpoint=ckpt_hook.last_uri,
+        final_model=f"{output.uri}final/{segmenter.native_name}",
+        feature_cache={"mode": module.cache.mode, "hits": module.cache.hits, "misses": module.cache.misses}
         if module.cache
         else None,
-        "wall_seconds": time.time() - started,
-    }
+        wall_seconds=time.time() - started,
+    )
     if ctx.is_main:
-        _publish(output, segmenter, module, config, report, workdir)
+        final = workdir / "final"
+        final.mkdir()
+        segmenter.save_native(module, final)
+        publish(output, final, config, report, [metrics_log])
     distributed.barrier()
     return report
-
-
-def _publish(
-    output: ObjectStore, segmenter: Segmenter, module, config: TrainConfig, report: dict, workdir: Path
-) -> None:
-    """Final weights in the family's native format, the config, the metric log, the report and
-    its human-readable summary (the before → after table)."""
-    final = workdir / "final"
-    final.mkdir()
-    name = segmenter.save_native(module, final)
-    for path in sorted(p for p in final.rglob("*") if p.is_file()):
-        output.upload(path, f"final/{path.relative_to(final).as_posix()}")
-    report["final_model"] = f"{output.uri}final/{name}"
-    output.put_bytes(config.model_dump_json(by_alias=True, indent=1).encode(), "final/config.json")
-    output.upload(workdir / METRICS_FILE, METRICS_FILE)
-    output.put_bytes(json.dumps(report, indent=1).encode(), "report.json")
-    summary = markdown(report)
-    output.put_bytes(summary.encode(), "summary.md")
-    log.info("published", model=report["final_model"], report=f"{output.uri}report.json")
-    print(summary, flush=True)

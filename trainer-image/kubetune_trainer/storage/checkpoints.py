@@ -49,6 +49,10 @@ class Checkpointer:
         self.cache_root = cache_root
         self.keep_last = keep_last
 
+    def uri(self, step: int) -> str:
+        """Where checkpoint `step` lives, for logs and status."""
+        return f"{self.store.uri}{_folder(step)}"
+
     def _folders(self) -> dict[int, set[str]]:
         found: dict[int, set[str]] = {}
         for obj in self.store.list(PREFIX):

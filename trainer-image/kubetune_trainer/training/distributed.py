@@ -13,7 +13,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from kubetune_trainer.errors import ConfigError, DataError, KubetuneError
+from kubetune_trainer.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_RETRYABLE, ConfigError, DataError, KubetuneError
 
 T = TypeVar("T")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -98,15 +98,33 @@ def leader_first(ctx: DistContext, fn: Callable[[], T]) -> T:
             result = fn()
         except BaseException as exc:  # re-raised below, after telling the other ranks
             error = exc
-    code = 0 if error is None else (2 if isinstance(error, ConfigError | DataError) else 1)
+    code = EXIT_OK if error is None else getattr(error, "exit_code", EXIT_RETRYABLE)
     flag = all_reduce(torch.tensor([code], dtype=torch.int64), dist.ReduceOp.MAX).item()
     if error is not None:
         raise error
-    if flag == 2:
+    if flag == EXIT_BAD_INPUT:
         raise DataError("another node's local rank 0 could not stage inputs (its log has the reason)")
     if flag:
         raise KubetuneError("another node's local rank 0 failed while staging inputs")
     return fn() if not ctx.is_local_leader else result  # type: ignore[return-value]
+
+
+def wrap_ddp(module: torch.nn.Module, ctx: DistContext, static_graph: bool = False) -> torch.nn.Module:
+    """The module under DistributedDataParallel in a world of several (itself otherwise).
+
+    Gradients live in the all-reduce buckets (no copy); `static_graph` (one micro-batch per step,
+    the same parameters used every step) lets DDP skip its search for unused parameters."""
+    if ctx.world_size == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(
+        module,
+        device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+        broadcast_buffers=False,
+        gradient_as_bucket_view=True,
+        static_graph=static_graph,
+    )
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:

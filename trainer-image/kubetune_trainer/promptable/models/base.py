@@ -65,6 +65,7 @@ class PromptableModule(nn.Module):
 class Segmenter(Protocol):
     family: str
     weights_are_folder: bool  # model.checkpoint names a folder (True) or one file
+    native_name: str  # what save_native writes: a file, or a folder ending in /
 
     def build(self, spec: ModelSpec, weights: Path | None) -> nn.Module:
         """A module with forward(batch, multimask) -> Predictions."""
@@ -79,10 +80,9 @@ class Segmenter(Protocol):
     def checkpoint_encoder(self, model: nn.Module) -> None:
         """Recompute the image encoder's blocks in backward (model.gradientCheckpointing)."""
 
-    def save_native(self, model: nn.Module, folder: Path) -> str:
+    def save_native(self, model: nn.Module, folder: Path) -> None:
         """Write the weights (and the model's preprocessing, where the format has a place for it)
-        into `folder` in the format the family's own loader reads; return the name of what was
-        written (a file, or a folder ending in /)."""
+        into `folder` as `native_name`, in the format the family's own loader reads."""
 
 
 def set_trainable(model: nn.Module, parts: dict[str, list[nn.Module]], spec: ModelSpec) -> bool:

@@ -133,6 +133,7 @@ def reset_positional_encoding(sam: nn.Module) -> None:
 class SamSegmenter:
     family = "sam"
     weights_are_folder = True
+    native_name = FINAL_FOLDER + "/"  # what save_native writes into final/
 
     def build(self, spec: ModelSpec, weights: Path | None) -> nn.Module:
         from transformers import SamModel
@@ -197,14 +198,13 @@ class SamSegmenter:
         """transformers' own gradient checkpointing of the vision layers."""
         model.sam.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
-    def save_native(self, model: nn.Module, folder: Path) -> str:
+    def save_native(self, model: nn.Module, folder: Path) -> None:
         """`SamModel.from_pretrained(folder/model)` and `SamProcessor.from_pretrained` both work."""
         from transformers import SamImageProcessor, SamProcessor
 
-        inner = model.module if hasattr(model, "module") else model
         target = folder / FINAL_FOLDER
-        inner.sam.save_pretrained(target)
-        pre = inner.pre
+        model.sam.save_pretrained(target)
+        pre = model.pre
         size = pre.size
         image_processor = SamImageProcessor(
             size={"longest_edge": size},
@@ -215,4 +215,3 @@ class SamSegmenter:
             image_std=list(pre.std),
         )
         SamProcessor(image_processor=image_processor).save_pretrained(target)
-        return FINAL_FOLDER + "/"

@@ -59,6 +59,7 @@ class Sam2Module(PromptableModule):
 class Sam2Segmenter:
     family = "sam2"
     weights_are_folder = False
+    native_name = "model.pt"  # what save_native writes into final/
 
     def build(self, spec: ModelSpec, weights: Path | None) -> nn.Module:
         from sam2.build_sam import build_sam2
@@ -106,11 +107,9 @@ class Sam2Segmenter:
         for block in model.sam.image_encoder.trunk.blocks:
             block.forward = _recomputed(block.forward)
 
-    def save_native(self, model: nn.Module, folder: Path) -> str:
+    def save_native(self, model: nn.Module, folder: Path) -> None:
         """Meta's {"model": state_dict}, which `build_sam2(config, ckpt_path=...)` loads."""
-        inner = model.module if hasattr(model, "module") else model
-        torch.save({"model": inner.sam.state_dict()}, folder / "model.pt")
-        return "model.pt"
+        torch.save({"model": model.sam.state_dict()}, folder / self.native_name)
 
 
 def _recomputed(forward):
