@@ -1,10 +1,10 @@
-"""Shared fixtures: a real S3 endpoint (moto's server on loopback) and tiny synthetic datasets."""
+"""Shared fixtures: a real S3 endpoint (moto's server on loopback), tiny synthetic datasets, local
+runs of `kubetune run --local`, the Kubernetes API emulator. Helpers are in helpers.py, configs
+and manifests in factories.py."""
 
 from __future__ import annotations
 
 import os
-import random
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,9 +13,7 @@ from kubetune.local import kill_tree
 from kubetune.s3server import client, local_s3, upload_tree
 from kubetune.synthetic import write_coco_dataset
 
-from .kube_emulator import kube_api  # noqa: F401 - a fixture, shared by the operator tests
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.kube_emulator import kube_api  # noqa: F401 - a fixture, shared by the operator tests
 
 
 @pytest.fixture(scope="session")
@@ -57,35 +55,6 @@ def _isolated_cache(tmp_path, monkeypatch) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
-def tiny_spec(source: str, output: str, endpoint: str | None, **training) -> dict:
-    """A FineTuneJob for CPU tests: SAM2 tiny at 64 px on the tiny COCO set."""
-    return {
-        "apiVersion": "kubetune.dev/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": "e2e", "namespace": "tests"},
-        "spec": {
-            "model": {"family": "sam2", "variant": "sam2.1_hiera_tiny", "imageSize": 64},
-            "data": {
-                "source": source,
-                "format": "coco",
-                "train": "train/annotations.json",
-                "validation": "val/annotations.json",
-                "numWorkers": 0,
-            },
-            "training": {
-                "maxSteps": 6,
-                "batchSize": 2,
-                "precision": "fp32",
-                "evalEvery": 3,
-                "optimizer": {"lr": 1e-3},
-                **training,
-            },
-            "storage": {"endpoint": endpoint, "region": "us-east-1"},
-            "output": {"uri": output, "checkpointEvery": 3, "keepLast": 2},
-        },
-    }
-
-
 @pytest.fixture
 def start_run(tmp_path):
     """Start `kubetune run SPEC --local` as a process group; returns (Popen, log path)."""
@@ -115,54 +84,3 @@ def start_run(tmp_path):
     for proc in procs:
         kill_tree(proc.pid)
         proc.wait()
-
-
-def write_tiny_sam(folder: Path, seed: int = 123) -> dict:
-    """A transformers SamModel folder (config.json + model.safetensors) with a 64 px input and
-    32-wide layers: the real architecture at a size that trains on a CPU in seconds."""
-    import torch
-    from transformers import SamConfig, SamModel
-
-    config = SamConfig(
-        vision_config={
-            "hidden_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "global_attn_indexes": [1],
-            "image_size": 64,
-            "patch_size": 8,
-            "window_size": 4,
-            "output_channels": 32,
-            "num_pos_feats": 16,
-            "mlp_dim": 64,
-            "initializer_range": 0.02,
-        },
-        prompt_encoder_config={"hidden_size": 32, "image_size": 64, "patch_size": 8, "mask_input_channels": 4},
-        mask_decoder_config={"hidden_size": 32, "mlp_dim": 64, "num_attention_heads": 2, "iou_head_hidden_dim": 32},
-    )
-    from kubetune_trainer.promptable.models.sam import reset_positional_encoding
-
-    torch.manual_seed(seed)
-    model = SamModel(config)
-    reset_positional_encoding(model)
-    model.save_pretrained(folder)
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def free_port_run(count: int) -> int:
-    """A base port with `count` consecutive free ports (ranks serve /metrics on base + local
-    rank). Drawn below the kernel's ephemeral range, where client sockets of the same test
-    (boto3, torchrun's rendezvous) would otherwise take base + 1 now and then."""
-    for _ in range(200):
-        base = random.randrange(20000, 32000 - count)
-        sockets = [socket.socket() for _ in range(count)]
-        try:
-            for offset, sock in enumerate(sockets):
-                sock.bind(("", base + offset))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-    raise RuntimeError(f"no {count} consecutive free ports in 20000-32000")

@@ -116,8 +116,17 @@ class FileStore:
         return path.read_bytes()
 
     def delete(self, keys: list[str]) -> None:
+        """Remove the files, and the folders they leave empty (a pruned checkpoint leaves none)."""
         for key in keys:
-            (self.root / key).unlink(missing_ok=True)
+            path = self.root / key
+            path.unlink(missing_ok=True)
+            for folder in path.parents:
+                if folder == self.root or not folder.is_relative_to(self.root):
+                    break
+                try:
+                    folder.rmdir()  # only succeeds when empty
+                except OSError:
+                    break
 
 
 class S3Store:

@@ -103,9 +103,9 @@ def test_batches_resume_at_their_position_across_epochs(tiny_coco: Path) -> None
     from kubetune_trainer.promptable.recipe import build_loader
     from kubetune_trainer.training.distributed import init
 
-    from .test_amp import tiny_config
+    from tests.factories import train_config
 
-    config = tiny_config(tiny_coco, "fp32")
+    config = train_config(tiny_coco)
     samples = usable_samples("coco", tiny_coco, "train/annotations.json")
 
     def batches() -> ResumableBatches:

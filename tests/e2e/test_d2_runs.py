@@ -19,8 +19,8 @@ from kubetune_trainer.errors import ConfigError
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import free_port_run
-from .test_torchrun_e2e import DOCUMENTED, kill_after_first_checkpoint, objects, scrape
+from tests.factories import job_manifest
+from tests.helpers import DOCUMENTED, free_port_run, kill_after_first_checkpoint, objects, scrape
 
 try:
     import detectron2  # noqa: F401
@@ -44,21 +44,17 @@ LOSSES = ("loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls", "loss_rpn_loc
 
 
 def d2_spec(source: str, train: str, validation: str | None, fmt: str, out: str, endpoint: str, **training) -> dict:
-    data = {"source": source, "format": fmt, "train": train, "numWorkers": 1}
-    if validation:
-        data["validation"] = validation
-    return {
-        "apiVersion": "kubetune.dev/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": "d2", "namespace": "tests"},
-        "spec": {
-            "model": {"family": "detectron2", "variant": VARIANT, "overrides": SMALL},
-            "data": data,
-            "training": {"batchSize": 1, "precision": "fp32", "optimizer": {"lr": 0.005}, **training},
-            "storage": {"endpoint": endpoint},
-            "output": {"uri": out},
-        },
-    }
+    """A small Mask R-CNN job: one image per process, fp32, the sizes of SMALL."""
+    return job_manifest(
+        source,
+        out,
+        endpoint,
+        name="d2",
+        model={"family": "detectron2", "variant": VARIANT, "overrides": SMALL},
+        data={"format": fmt, "train": train, "validation": validation, "numWorkers": 1},
+        outputs={"checkpointEvery": None, "keepLast": None},
+        **{"maxSteps": None, "evalEvery": None, "batchSize": 1, "optimizer": {"lr": 0.005}, **training},
+    )
 
 
 def test_missing_detectron2_says_how_to_install(monkeypatch) -> None:

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
+
 DOCKERFILES = [ROOT / "Dockerfile", ROOT / "trainer-image" / "Dockerfile"]
 
 

@@ -38,6 +38,11 @@ def test_save_prune_and_latest(output, tmp_path: Path) -> None:
         "checkpoints/step-00000015/manifest.json",
         "checkpoints/step-00000015/state.pt",
     ]
+    if output.uri.startswith("file://"):  # a pruned checkpoint leaves no empty folder behind
+        assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == [
+            "step-00000010",
+            "step-00000015",
+        ]
     manifest = json.loads(output.get_bytes("checkpoints/step-00000015/manifest.json"))
     assert manifest["step"] == 15 and manifest["files"]["state.pt"]["bytes"] > 0
     state = ckpt.load(15)
@@ -81,7 +86,7 @@ def test_the_metric_log_inside_a_checkpoint_ends_at_its_step(tiny_coco: Path, tm
     from kubetune_trainer.metrics.events import JsonlWriter
     from kubetune_trainer.promptable.hooks import CheckpointHook, WriterHook
 
-    from .test_amp import make_trainer
+    from tests.helpers import make_trainer
 
     store = open_store(f"file://{tmp_path}/out/", StorageSpec())
     ckpt = Checkpointer(store, tmp_path / "cache", keep_last=5)
@@ -99,3 +104,28 @@ def test_the_metric_log_inside_a_checkpoint_ends_at_its_step(tiny_coco: Path, tm
     assert max(r["step"] for r in rows) == 2  # and nothing from later steps
     final = [json.loads(line) for line in log.read_text().splitlines()]
     assert final[-1]["step"] == 3 and final[-1]["checkpoint/last_step"] == 3
+
+
+def test_a_checkpoint_in_the_earlier_layout_resumes(tiny_coco: Path) -> None:
+    """The state keys are a contract (docs/architecture.md): a checkpoint written before the
+    loop and its hooks were split (no `amp` entry; early stopping beside the position) resumes."""
+    from kubetune_trainer.promptable.hooks import EvalHook
+
+    from tests.helpers import make_trainer
+
+    written = make_trainer(tiny_coco, "fp32").state_dict()
+    earlier = {k: v for k, v in written.items() if k not in ("amp", "early_stopping")}
+    earlier["position"] = {"step": 2, "epoch": 0, "batches_in_epoch": 2}
+    earlier["early_stopping"] = {"best": 0.4, "evals_without_improvement": 1, "baseline": {"miou": 0.1}}
+    trainer = make_trainer(tiny_coco, "fp32")
+    hook = EvalHook(10, lambda: {"miou": 0.5}, None)
+    trainer.hooks.append(hook)
+    trainer.load_state_dict(earlier)
+    assert (trainer.state.step, trainer.batches.epoch, trainer.batches.taken, trainer.state.skipped_steps) == (
+        2,
+        0,
+        2,
+        0,
+    )
+    assert hook.baseline == {"miou": 0.1} and (hook.tracker.best, hook.tracker.without_improvement) == (0.4, 1)
+    assert trainer.state_dict()["early_stopping"] == earlier["early_stopping"]  # written back the same way

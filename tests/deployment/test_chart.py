@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import helm_python as helm
 import kubernetes_validate
@@ -12,7 +11,8 @@ import pytest
 import yaml
 from kubetune_operator.manifests.monitoring import alerts_yaml, dashboard_json
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
+
 CHART = ROOT / "charts" / "kubetune"
 SCENARIOS = {"default": {}} | {
     p.name.removesuffix("-values.yaml"): yaml.safe_load(p.read_text())

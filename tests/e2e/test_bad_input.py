@@ -10,7 +10,7 @@ import pytest
 import yaml
 from kubetune.s3server import free_port, upload_tree
 
-from .conftest import tiny_spec
+from tests.factories import job_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +39,7 @@ def run_cli(spec: dict, tmp_path: Path, env_extra: dict | None = None) -> tuple[
 
 
 def test_malformed_spec(tmp_path: Path) -> None:
-    spec = tiny_spec("s3://d/x/", "s3://o/x/", None)
+    spec = job_manifest("s3://d/x/", "s3://o/x/", None)
     spec["spec"]["training"]["batchsize"] = 4
     code, out, _ = run_cli(spec, tmp_path)
     assert code == 2
@@ -49,7 +49,7 @@ def test_malformed_spec(tmp_path: Path) -> None:
 def test_corrupt_annotations(s3, s3_endpoint: str, tiny_coco: Path, bucket: str, tmp_path: Path) -> None:
     upload_tree(s3_endpoint, tiny_coco, bucket, "data/")
     s3.put_object(Bucket=bucket, Key="data/train/annotations.json", Body=b'{"images": [ {"id": 1,')
-    code, out, reason = run_cli(tiny_spec(f"s3://{bucket}/data/", f"s3://{bucket}/out/", s3_endpoint), tmp_path)
+    code, out, reason = run_cli(job_manifest(f"s3://{bucket}/data/", f"s3://{bucket}/out/", s3_endpoint), tmp_path)
     assert code == 2, out[-2000:]
     assert "train/annotations.json is not valid JSON" in reason
     assert s3.list_objects_v2(Bucket=bucket, Prefix="out/").get("KeyCount") == 0
@@ -57,13 +57,13 @@ def test_corrupt_annotations(s3, s3_endpoint: str, tiny_coco: Path, bucket: str,
 
 def test_unreachable_s3(tmp_path: Path) -> None:
     endpoint = f"http://127.0.0.1:{free_port()}"
-    code, out, reason = run_cli(tiny_spec("s3://data/x/", "s3://out/x/", endpoint), tmp_path)
+    code, out, reason = run_cli(job_manifest("s3://data/x/", "s3://out/x/", endpoint), tmp_path)
     assert code == 2, out[-2000:]
     assert "cannot reach the S3 endpoint" in reason and endpoint in reason
 
 
 def test_missing_output_bucket_fails_before_training(s3_endpoint: str, tiny_coco_s3: str, tmp_path: Path) -> None:
-    code, out, reason = run_cli(tiny_spec(tiny_coco_s3, "s3://no-such-output/run/", s3_endpoint), tmp_path)
+    code, out, reason = run_cli(job_manifest(tiny_coco_s3, "s3://no-such-output/run/", s3_endpoint), tmp_path)
     assert code == 2, out[-2000:]
     assert "bucket 'no-such-output' does not exist" in reason
     assert '"event": "training"' not in out

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-import yaml
 from kubetune_operator.observing import Scrape, derive_status, failure_reason, format_duration, parse_metrics
 from kubetune_operator.specs import FineTuneJob, FineTuneJobStatus
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.factories import example_job
+
 T0, T1 = "2026-11-22T10:00:00Z", "2026-11-22T10:05:00Z"
 
 
 def ftj(**spec) -> FineTuneJob:
-    raw = yaml.safe_load((ROOT / "examples" / "finetunejob.yaml").read_text())
-    raw["metadata"].update(namespace="ml", generation=3)
-    raw["spec"].update(spec)
+    raw = example_job(namespace="ml", **spec)
+    raw["metadata"]["generation"] = 3
     return FineTuneJob.model_validate(raw)
 
 

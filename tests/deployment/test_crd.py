@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
@@ -15,7 +14,8 @@ from kubetune_operator.specs import FineTuneJob
 from kubetune_trainer.config import describe_validation_error
 from pydantic import ValidationError
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
+
 CRD_FILE = ROOT / "crds" / "finetunejob.yaml"
 
 

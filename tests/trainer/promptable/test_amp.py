@@ -7,41 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from kubetune_trainer.config import TrainConfig
-from kubetune_trainer.datasets.readers import usable_samples
 from kubetune_trainer.metrics.prometheus import PrometheusWriter
-from kubetune_trainer.promptable.data import Preprocess
 from kubetune_trainer.promptable.engine import Trainer
-from kubetune_trainer.promptable.models.sam2 import Sam2Segmenter
-from kubetune_trainer.promptable.recipe import build_loader, build_trainer
-from kubetune_trainer.training.distributed import init
 from prometheus_client import generate_latest
 
-
-def tiny_config(root: Path, precision: str, accumulation: int = 1) -> TrainConfig:
-    return TrainConfig.model_validate(
-        {
-            "model": {"family": "sam2", "variant": "sam2.1_hiera_tiny", "imageSize": 64},
-            "data": {"source": f"file://{root}/", "format": "coco", "train": "train/annotations.json", "numWorkers": 0},
-            "training": {
-                "maxSteps": 3,
-                "batchSize": 2,
-                "precision": precision,
-                "optimizer": {"lr": 1e-3},
-                "gradAccumulation": accumulation,
-            },
-            "output": {"uri": "file:///unused/"},
-        }
-    ).with_defaults()
-
-
-def make_trainer(root: Path, precision: str, accumulation: int = 1) -> Trainer:
-    config = tiny_config(root, precision, accumulation)
-    ctx = init()
-    torch.manual_seed(0)
-    model = Sam2Segmenter().build(config.model, None)
-    loader = build_loader(usable_samples("coco", root, "train/annotations.json"), config, ctx, Preprocess(64))
-    return build_trainer(model, loader, config, ctx, total_steps=3)
+from tests.helpers import make_trainer
 
 
 @pytest.fixture

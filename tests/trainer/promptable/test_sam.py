@@ -20,7 +20,8 @@ from kubetune_trainer.promptable.recipe import freeze_unused
 from PIL import Image, ImageFilter
 from torchvision.ops import sigmoid_focal_loss
 
-from .conftest import write_tiny_sam
+from tests.factories import train_config
+from tests.helpers import ROOT, write_tiny_sam
 
 SPEC = ModelSpec(family="sam", variant="vit-base", imageSize=64)
 
@@ -33,14 +34,9 @@ def base(tmp_path_factory) -> Path:
 
 
 def sam_config(**training) -> TrainConfig:
-    return TrainConfig.model_validate(
-        {
-            "model": {"family": "sam", "variant": "vit-base", "imageSize": 64},
-            "data": {"source": "file:///d/", "format": "coco", "train": "t.json"},
-            "training": {"maxSteps": 1, **training},
-            "output": {"uri": "file:///o/"},
-        }
-    )
+    """The spec's own training defaults (no lr, bf16, batch 4), so the family's defaults show."""
+    spec_defaults = {"maxSteps": 1, "batchSize": 4, "precision": "bf16", "optimizer": None}
+    return train_config(family="sam", defaults=False, **{**spec_defaults, **training})
 
 
 def test_sam_defaults_follow_the_transformers_tutorial() -> None:
@@ -225,7 +221,7 @@ def test_sam_example_is_a_valid_finetunejob() -> None:
     import yaml
     from kubetune_operator.specs import FineTuneJob
 
-    example = Path(__file__).parents[1] / "examples" / "finetunejob-sam.yaml"
+    example = ROOT / "examples" / "finetunejob-sam.yaml"
     job = FineTuneJob.model_validate(yaml.safe_load(example.read_text()))
     config = job.train_config(default_namespace="default").with_defaults()
     assert config.model.family == "sam" and config.data.format == "datumaro"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import kubernetes_validate
 import pytest
@@ -13,7 +12,8 @@ from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.specs import FineTuneJob
 from kubetune_trainer.config import TrainConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
+
 K8S_VERSION = "1.33"
 
 

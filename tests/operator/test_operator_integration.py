@@ -12,15 +12,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 from kubetune.s3server import free_port
 from kubetune_trainer.metrics.events import Snapshot
 from kubetune_trainer.metrics.prometheus import PrometheusWriter
 from prometheus_client.parser import text_string_to_metric_families
 
-from .kube_emulator import start_kopf, stop_kopf, wait_for
+from tests.factories import example_job
+from tests.kube_emulator import start_kopf, stop_kopf, wait_for
 
-ROOT = Path(__file__).resolve().parents[1]
 NS = "ml"
 FTJ = ("kubetune.dev/v1alpha1", "finetunejobs")
 JOBS = ("batch/v1", "jobs")
@@ -28,9 +27,8 @@ T1 = "2026-11-22T10:05:00Z"
 
 
 def manifest(name: str, **spec) -> dict:
-    raw = yaml.safe_load((ROOT / "examples" / "finetunejob.yaml").read_text())
+    raw = example_job(**spec)
     raw["metadata"] = {"name": name, "namespace": NS}
-    raw["spec"].update(spec)
     return raw
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import re
-from pathlib import Path
 
 import pytest
 import yaml
@@ -12,7 +11,7 @@ from kubetune_operator.specs import FineTuneJob
 from kubetune_trainer.config import TrainConfig, describe_validation_error
 from pydantic import ValidationError
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
 
 EXAMPLE = ROOT / "examples" / "finetunejob.yaml"
 ARCHITECTURE = ROOT / "docs" / "architecture.md"

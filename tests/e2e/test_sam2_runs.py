@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -12,60 +11,24 @@ import torch
 from kubetune_operator.observing import parse_metrics, progress_from
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import free_port_run, kill_tree, tiny_spec
+from tests.factories import job_manifest, on_fixed_set
+from tests.helpers import (
+    DOCUMENTED,
+    complete_steps,
+    free_port_run,
+    kill_after_first_checkpoint,
+    objects,
+    scrape,
+)
 
 pytestmark = pytest.mark.slow
-
-DOCUMENTED = [
-    "kubetune_train_loss",
-    "kubetune_train_step",
-    "kubetune_train_epoch",
-    "kubetune_train_learning_rate",
-    "kubetune_train_images_per_second",
-    "kubetune_train_images_total",
-    "kubetune_train_step_seconds_bucket",
-    "kubetune_data_wait_seconds_bucket",
-    "kubetune_eval_metric",
-    "kubetune_amp_skipped_steps_total",
-    "kubetune_checkpoint_seconds_bucket",
-    "kubetune_checkpoint_last_step",
-    "kubetune_s3_bytes_total",
-]
-
-
-def scrape(port: int) -> str | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
-            return resp.read().decode()
-    except OSError:
-        return None
-
-
-def log_events(text: str) -> list[dict]:
-    """The JSON log events of a run; with several ranks on one pipe two events can share a line."""
-    decoder = json.JSONDecoder()
-    events = []
-    for line in text.splitlines():
-        pos = line.find("{")
-        while pos != -1:
-            try:
-                event, end = decoder.raw_decode(line, pos)
-            except json.JSONDecodeError:
-                break
-            events.append(event)
-            pos = line.find("{", end)
-    return events
-
-
-def objects(s3, bucket: str, prefix: str) -> list[str]:
-    return sorted(o["Key"][len(prefix) :] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", []))
 
 
 def test_two_process_run_on_s3(start_run, s3, s3_endpoint: str, tiny_coco_s3: str, bucket: str, tmp_path: Path) -> None:
     port = free_port_run(2)
     base = make_base_weights(tmp_path / "base.pt")
     s3.upload_file(str(tmp_path / "base.pt"), bucket, "models/base.pt")
-    spec = tiny_spec(tiny_coco_s3, f"s3://{bucket}/out/", s3_endpoint, maxSteps=8, evalEvery=4)
+    spec = job_manifest(tiny_coco_s3, f"s3://{bucket}/out/", s3_endpoint, maxSteps=8, evalEvery=4)
     spec["spec"]["model"]["checkpoint"] = f"s3://{bucket}/models/base.pt"
     spec["spec"]["output"]["checkpointEvery"] = 2
     proc, log = start_run(spec, nproc=2, env={"KUBETUNE_METRICS_PORT": str(port)})
@@ -140,24 +103,8 @@ def make_base_weights(path: Path) -> dict[str, torch.Tensor]:
     return model.sam.state_dict()
 
 
-def complete_steps(s3, bucket: str) -> list[int]:
-    return sorted(int(k.split("/")[1][5:]) for k in objects(s3, bucket, "out/") if k.endswith("manifest.json"))
-
-
-def kill_after_first_checkpoint(proc, log: Path, s3, bucket: str, timeout_s: int) -> int:
-    """kill -9 the whole run as soon as a complete checkpoint exists; returns its newest step."""
-    deadline = time.time() + timeout_s
-    while not complete_steps(s3, bucket):
-        assert proc.poll() is None, log.read_text()[-4000:]
-        assert time.time() < deadline, f"no checkpoint within {timeout_s} s"
-        time.sleep(0.1)
-    kill_tree(proc.pid)
-    proc.wait()
-    return complete_steps(s3, bucket)[-1]
-
-
 def test_resume_after_kill_9(start_run, s3, s3_endpoint: str, tiny_coco_s3: str, bucket: str) -> None:
-    spec = tiny_spec(tiny_coco_s3, f"s3://{bucket}/out/", s3_endpoint, maxSteps=40, evalEvery=20)
+    spec = job_manifest(tiny_coco_s3, f"s3://{bucket}/out/", s3_endpoint, maxSteps=40, evalEvery=20)
     spec["spec"]["output"]["checkpointEvery"] = 3
     env = {"KUBETUNE_METRICS_PORT": "0"}
     proc, log = start_run(spec, env=env, name="first")
@@ -179,14 +126,6 @@ def test_resume_after_kill_9(start_run, s3, s3_endpoint: str, tiny_coco_s3: str,
     assert steps == sorted(steps) and set(steps) == set(range(41))  # one history across the restart
 
 
-def on_fixed_set(spec: dict) -> dict:
-    """Evaluate on the training images with exact boxes and one mask per prompt, no checkpoints."""
-    spec["spec"]["model"].update(multimask=False)
-    spec["spec"]["data"].update(validation="train/annotations.json", prompts={"type": "box", "perturbation": 0})
-    spec["spec"]["output"]["checkpointEvery"] = None
-    return spec
-
-
 def test_learning_on_a_fixed_tiny_dataset(start_run, tiny_coco: Path, tmp_path: Path) -> None:
     """Loss falls and mIoU rises: train and evaluate on the same eight images.
 
@@ -194,7 +133,7 @@ def test_learning_on_a_fixed_tiny_dataset(start_run, tiny_coco: Path, tmp_path: 
     in a CPU-sized run, so this checks that the run fits a fixed dataset. Across seeds 0-2 mIoU went
     from about 0.07 to about 0.69 in 200 steps.
     """
-    spec = tiny_spec(
+    spec = job_manifest(
         f"file://{tiny_coco}/",
         f"file://{tmp_path}/out/",
         None,

@@ -10,16 +10,15 @@ import pytest
 import torch
 from kubetune.s3server import upload_tree
 
-from .conftest import tiny_spec, write_tiny_sam
-from .test_torchrun_e2e import complete_steps, kill_after_first_checkpoint, log_events, objects, on_fixed_set
+from tests.factories import job_manifest, on_fixed_set
+from tests.helpers import complete_steps, kill_after_first_checkpoint, log_events, objects, write_tiny_sam
 
 pytestmark = pytest.mark.slow
 
 
 def sam_spec(source: str, output: str, endpoint: str | None, checkpoint: str, **training) -> dict:
-    spec = tiny_spec(source, output, endpoint, **training)
-    spec["spec"]["model"] = {"family": "sam", "variant": "vit-base", "imageSize": 64, "checkpoint": checkpoint}
-    return spec
+    model = {"family": "sam", "variant": "vit-base", "imageSize": 64, "checkpoint": checkpoint}
+    return job_manifest(source, output, endpoint, model=model, **training)
 
 
 def download(s3, bucket: str, prefix: str, dest: Path) -> Path:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from kubetune_trainer.config import ModelSpec, PromptSpec, TrainConfig
+from kubetune_trainer.config import ModelSpec, PromptSpec
 from kubetune_trainer.datasets.readers import usable_samples
 from kubetune_trainer.promptable.data import Preprocess, PromptedMasks, ResumableSampler, collate
 from kubetune_trainer.promptable.feature_cache import FeatureCache, fingerprint
@@ -16,7 +16,8 @@ from kubetune_trainer.promptable.models.sam2 import Sam2Segmenter
 from kubetune_trainer.promptable.recipe import build_loader
 from kubetune_trainer.training.distributed import init
 
-from .conftest import write_tiny_sam
+from tests.factories import train_config
+from tests.helpers import write_tiny_sam
 
 
 def build(family: str, base: Path):
@@ -36,19 +37,8 @@ def train(
     """The trainer's own DataLoader (seeded flips, prompts, order; cached images not decoded)
     and plain Adam steps. `decoded` gets the number of images decoded in each epoch."""
     mode = module.cache.mode if module.cache is not None else "off"
-    config = TrainConfig.model_validate(
-        {
-            "model": {"family": "sam2", "variant": "sam2.1_hiera_tiny", "imageSize": 64, "featureCache": mode},
-            "data": {
-                "source": "file:///unused/",
-                "format": "coco",
-                "train": "-",
-                "numWorkers": workers,
-                "horizontalFlip": flip,
-            },
-            "training": {"batchSize": 2, "seed": 0, "maxSteps": 1},
-            "output": {"uri": "file:///unused/"},
-        }
+    config = train_config(
+        model={"featureCache": mode}, data={"numWorkers": workers, "horizontalFlip": flip}, defaults=False, seed=0
     )
     loader = build_loader(samples, config, init(), pre, module.cache, module.mask_side(64))
     sampler = loader.batch_sampler.sampler

@@ -20,10 +20,10 @@ from kubetune_operator.manifests.monitoring import ALERTS, PANELS
 from kubetune_operator.telemetry import OperatorMetrics
 from kubetune_trainer.metrics.prometheus import PrometheusWriter
 
-from .conftest import tiny_spec
-from .kube_emulator import start_kopf, stop_kopf, wait_for
+from tests.factories import job_manifest
+from tests.helpers import ROOT
+from tests.kube_emulator import start_kopf, stop_kopf, wait_for
 
-ROOT = Path(__file__).resolve().parents[1]
 ALERTS_FILE = ROOT / "charts" / "kubetune" / "files" / "alerts.yaml"
 GPU_ONLY = {"GPU memory"}  # kubetune_gpu_memory_bytes has no series on a CPU run
 
@@ -124,7 +124,9 @@ def test_dashboard_queries_return_series_for_a_real_run(
     base = f"http://127.0.0.1:{prom_port}"
     try:
         wait_for(lambda: _ready(base), timeout=60, proc=None)
-        spec = tiny_spec(tiny_coco_s3, f"s3://{bucket}/out/", s3_endpoint, maxSteps=30, evalEvery=5, precision="fp16")
+        spec = job_manifest(
+            tiny_coco_s3, f"s3://{bucket}/out/", s3_endpoint, maxSteps=30, evalEvery=5, precision="fp16"
+        )
         spec["spec"]["output"]["checkpointEvery"] = 5
         run, log = start_run(spec, nproc=2, env={"KUBETUNE_METRICS_PORT": str(trainer_port)})
         mid = None

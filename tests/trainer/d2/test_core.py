@@ -25,6 +25,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pydantic import ValidationError
 
+from tests.helpers import ROOT
+
 VARIANT = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
 ZOO = {"SOLVER.BASE_LR": 0.02, "SOLVER.IMS_PER_BATCH": 16, "SOLVER.WARMUP_ITERS": 1000, "SOLVER.STEPS": (21000, 25000)}
 FACTS = DatasetFacts(train_images=50, num_classes=3, has_rle=False, has_validation=False)
@@ -405,6 +407,6 @@ def test_overridden_batch_and_length_drive_the_derived_values() -> None:
 def test_detectron2_example_is_a_valid_finetunejob() -> None:
     from kubetune_operator.specs import FineTuneJob
 
-    example = Path(__file__).parents[1] / "examples" / "finetunejob-detectron2.yaml"
+    example = ROOT / "examples" / "finetunejob-detectron2.yaml"
     job = FineTuneJob.model_validate(yaml.safe_load(example.read_text()))
     assert job.spec.model.family == "detectron2" and job.spec.training.precision == "fp16"

@@ -1,0 +1,117 @@
+"""Trainer configs and FineTuneJob manifests for tests: the one place that knows their shape, so
+each test states only what differs from a CPU-sized default."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+from kubetune_trainer.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODELS: dict[str, dict[str, Any]] = {
+    "sam2": {"family": "sam2", "variant": "sam2.1_hiera_tiny", "imageSize": 64},
+    "sam": {"family": "sam", "variant": "vit-base", "imageSize": 64},
+}
+
+
+def merged(base: dict[str, Any], changes: dict[str, Any] | None) -> dict[str, Any]:
+    """A copy of `base` with `changes` merged in, nested dicts key by key; a None value drops its key."""
+    out = copy.deepcopy(base)
+    for key, value in (changes or {}).items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def train_config(
+    root: Path | None = None,
+    *,
+    family: str = "sam2",
+    model: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
+    defaults: bool = True,
+    **training: Any,
+) -> TrainConfig:
+    """What the trainer reads: the family's tiny model at 64 px, a COCO train split under `root`
+    (none: a placeholder), three fp32 steps of two images; `training` keys as in the spec."""
+    raw = {
+        "model": TINY_MODELS[family],
+        "data": {
+            "source": f"file://{root}/" if root else "file:///unused/",
+            "format": "coco",
+            "train": "train/annotations.json",
+            "numWorkers": 0,
+        },
+        "training": {"maxSteps": 3, "batchSize": 2, "precision": "fp32", "optimizer": {"lr": 1e-3}},
+        "output": {"uri": "file:///unused/"},
+    }
+    changes = {"model": model or {}, "data": data or {}, "training": training}
+    config = TrainConfig.model_validate(merged(raw, changes))
+    return config.with_defaults() if defaults else config
+
+
+def job_manifest(
+    source: str,
+    output: str,
+    endpoint: str | None = None,
+    *,
+    name: str = "e2e",
+    model: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
+    outputs: dict[str, Any] | None = None,
+    **training: Any,
+) -> dict[str, Any]:
+    """A FineTuneJob for CPU runs: SAM2 tiny at 64 px on a COCO set with a validation split, six
+    steps, evaluation and a checkpoint every three. `model` with another family starts from that
+    family's tiny model (or from nothing, for detectron2)."""
+    family = (model or {}).get("family", "sam2")
+    spec = {
+        "model": merged(TINY_MODELS.get(family, {}), model),
+        "data": merged(
+            {
+                "source": source,
+                "format": "coco",
+                "train": "train/annotations.json",
+                "validation": "val/annotations.json",
+                "numWorkers": 0,
+            },
+            data,
+        ),
+        "training": merged(
+            {"maxSteps": 6, "batchSize": 2, "precision": "fp32", "evalEvery": 3, "optimizer": {"lr": 1e-3}}, training
+        ),
+        "storage": {"endpoint": endpoint, "region": "us-east-1"},
+        "output": merged({"uri": output, "checkpointEvery": 3, "keepLast": 2}, outputs),
+    }
+    return {
+        "apiVersion": "kubetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name, "namespace": "tests"},
+        "spec": spec,
+    }
+
+
+def on_fixed_set(spec: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate on the training images with exact boxes and one mask per prompt, no checkpoints."""
+    spec["spec"]["model"].update(multimask=False)
+    spec["spec"]["data"].update(validation="train/annotations.json", prompts={"type": "box", "perturbation": 0})
+    spec["spec"]["output"]["checkpointEvery"] = None
+    return spec
+
+
+def example_job(name: str | None = None, namespace: str | None = None, **spec: Any) -> dict[str, Any]:
+    """examples/finetunejob.yaml (the canonical example), with spec sections replaced by `spec`."""
+    raw = yaml.safe_load((ROOT / "examples" / "finetunejob.yaml").read_text())
+    if name is not None:
+        raw["metadata"]["name"] = name
+    if namespace is not None:
+        raw["metadata"]["namespace"] = namespace
+    raw["spec"].update(spec)
+    return raw

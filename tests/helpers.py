@@ -1,0 +1,142 @@
+"""What many tests share besides fixtures: ports, run logs, S3 listings, scrapes, tiny models."""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+from kubetune.local import kill_tree
+
+from tests.factories import train_config
+
+ROOT = Path(__file__).resolve().parents[1]
+# What every trainer rank exports (docs/architecture.md), as the exposition names a scrape shows.
+DOCUMENTED = [
+    "kubetune_train_loss",
+    "kubetune_train_step",
+    "kubetune_train_epoch",
+    "kubetune_train_learning_rate",
+    "kubetune_train_images_per_second",
+    "kubetune_train_images_total",
+    "kubetune_train_step_seconds_bucket",
+    "kubetune_data_wait_seconds_bucket",
+    "kubetune_eval_metric",
+    "kubetune_amp_skipped_steps_total",
+    "kubetune_checkpoint_seconds_bucket",
+    "kubetune_checkpoint_last_step",
+    "kubetune_s3_bytes_total",
+]
+
+
+def free_port_run(count: int) -> int:
+    """A base port with `count` consecutive free ports (ranks serve /metrics on base + local
+    rank). Drawn below the kernel's ephemeral range, where client sockets of the same test
+    (boto3, torchrun's rendezvous) would otherwise take base + 1 now and then."""
+    for _ in range(200):
+        base = random.randrange(20000, 32000 - count)
+        sockets = [socket.socket() for _ in range(count)]
+        try:
+            for offset, sock in enumerate(sockets):
+                sock.bind(("", base + offset))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError(f"no {count} consecutive free ports in 20000-32000")
+
+
+def scrape(port: int) -> str | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+            return resp.read().decode()
+    except OSError:
+        return None
+
+
+def log_events(text: str) -> list[dict]:
+    """The JSON log events of a run; with several ranks on one pipe two events can share a line."""
+    decoder = json.JSONDecoder()
+    events = []
+    for line in text.splitlines():
+        pos = line.find("{")
+        while pos != -1:
+            try:
+                event, end = decoder.raw_decode(line, pos)
+            except json.JSONDecodeError:
+                break
+            events.append(event)
+            pos = line.find("{", end)
+    return events
+
+
+def objects(s3, bucket: str, prefix: str) -> list[str]:
+    return sorted(o["Key"][len(prefix) :] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", []))
+
+
+def complete_steps(s3, bucket: str) -> list[int]:
+    return sorted(int(k.split("/")[1][5:]) for k in objects(s3, bucket, "out/") if k.endswith("manifest.json"))
+
+
+def kill_after_first_checkpoint(proc, log: Path, s3, bucket: str, timeout_s: int) -> int:
+    """kill -9 the whole run as soon as a complete checkpoint exists; returns its newest step."""
+    deadline = time.time() + timeout_s
+    while not complete_steps(s3, bucket):
+        assert proc.poll() is None, log.read_text()[-4000:]
+        assert time.time() < deadline, f"no checkpoint within {timeout_s} s"
+        time.sleep(0.1)
+    kill_tree(proc.pid)
+    proc.wait()
+    return complete_steps(s3, bucket)[-1]
+
+
+def make_trainer(root: Path, precision: str, accumulation: int = 1):
+    """The SAM2 loop of a real run (tiny model, 64 px, three steps) over the COCO set at `root`."""
+    from kubetune_trainer.datasets.readers import usable_samples
+    from kubetune_trainer.promptable.data import Preprocess
+    from kubetune_trainer.promptable.models.sam2 import Sam2Segmenter
+    from kubetune_trainer.promptable.recipe import build_loader, build_trainer
+    from kubetune_trainer.training.distributed import init
+
+    config = train_config(root, precision=precision, gradAccumulation=accumulation)
+    ctx = init()
+    torch.manual_seed(0)
+    model = Sam2Segmenter().build(config.model, None)
+    loader = build_loader(usable_samples("coco", root, "train/annotations.json"), config, ctx, Preprocess(64))
+    return build_trainer(model, loader, config, ctx, total_steps=3)
+
+
+def write_tiny_sam(folder: Path, seed: int = 123) -> dict:
+    """A transformers SamModel folder (config.json + model.safetensors) with a 64 px input and
+    32-wide layers: the real architecture at a size that trains on a CPU in seconds."""
+    from kubetune_trainer.promptable.models.sam import reset_positional_encoding
+    from transformers import SamConfig, SamModel
+
+    config = SamConfig(
+        vision_config={
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "global_attn_indexes": [1],
+            "image_size": 64,
+            "patch_size": 8,
+            "window_size": 4,
+            "output_channels": 32,
+            "num_pos_feats": 16,
+            "mlp_dim": 64,
+            "initializer_range": 0.02,
+        },
+        prompt_encoder_config={"hidden_size": 32, "image_size": 64, "patch_size": 8, "mask_input_channels": 4},
+        mask_decoder_config={"hidden_size": 32, "mlp_dim": 64, "num_attention_heads": 2, "iou_head_hidden_dim": 32},
+    )
+    torch.manual_seed(seed)
+    model = SamModel(config)
+    reset_positional_encoding(model)
+    model.save_pretrained(folder)
+    return {k: v.clone() for k, v in model.state_dict().items()}
