@@ -124,7 +124,7 @@ def test_loader_workers_do_not_decode_images_the_disk_cache_holds(tiny_coco: Pat
 
 def test_a_held_item_has_the_decoded_items_masks_and_prompts(tiny_coco: Path) -> None:
     samples = usable_samples("coco", tiny_coco, "train/annotations.json")
-    dataset = PromptedMasks(samples, Preprocess(64, "longest-side"), PromptSpec(), 0, True, keyed=True)
+    dataset = PromptedMasks(samples, Preprocess(64, "longest-side"), PromptSpec(), seed=0, train=True, keyed=True)
     for epoch in range(3):
         for i in range(len(samples)):
             a, b = dataset[(epoch, i)], dataset[(epoch, i, True)]
@@ -210,7 +210,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(family: str, tiny_coco:
         if recompute:
             seg.checkpoint_encoder(module)
             assert list(module.state_dict()) == keys
-        dataset = PromptedMasks(samples, seg.preprocess(spec, weights), PromptSpec(), 0, True)
+        dataset = PromptedMasks(samples, seg.preprocess(spec, weights), PromptSpec(), seed=0, train=True)
         batch = collate([dataset[(0, 0)], dataset[(0, 1)]])
         module.train()
         compute_loss(module(batch), batch.masks, "sam2").total.backward()
@@ -239,7 +239,7 @@ def test_targets_come_at_the_side_of_the_mask_logits(family: str, tiny_coco: Pat
     write_tiny_sam(tmp_path / "base")  # patch size 8: SAM's logits are 32 px at 64, SAM2's 16
     module, pre = build(family, tmp_path / "base")
     samples = usable_samples("coco", tiny_coco, "train/annotations.json")
-    dataset = PromptedMasks(samples, pre, PromptSpec(), 0, True, target_size=module.mask_side(64))
+    dataset = PromptedMasks(samples, pre, PromptSpec(), seed=0, train=True, target_size=module.mask_side(64))
     batch = collate([dataset[(0, 0)], dataset[(0, 1)]])
     with torch.no_grad():
         assert module(batch).mask_logits.shape[-2:] == batch.masks.shape[-2:] == (module.mask_side(64),) * 2

@@ -157,7 +157,7 @@ def test_unused_heads_and_prompt_embeddings_are_frozen(base: Path, tmp_path: Pat
     # Every parameter left trainable gets a gradient, which DDP needs.
     root = write_coco_dataset(tmp_path, train=2, val=1, size=80, seed=1)
     samples = usable_samples("coco", root, "train/annotations.json")
-    ds = PromptedMasks(samples, Preprocess(64, "longest-side"), PromptSpec(), 0, True)
+    ds = PromptedMasks(samples, Preprocess(64, "longest-side"), PromptSpec(), seed=0, train=True)
     batch = collate([ds[(0, 0)], ds[(0, 1)]])
     compute_loss(module(batch), batch.masks, "dicece").total.backward()
     assert all(p.grad is not None for p in module.parameters() if p.requires_grad)

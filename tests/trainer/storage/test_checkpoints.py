@@ -93,7 +93,10 @@ def test_the_metric_log_inside_a_checkpoint_ends_at_its_step(tiny_coco: Path, tm
     trainer = make_trainer(tiny_coco, "fp32")
     log = tmp_path / "metrics.jsonl"
     writer = WriterHook([JsonlWriter(log)])
-    trainer.hooks += [CheckpointHook(ckpt, 2, True, {"metrics.jsonl": log}, writer.flush), writer]
+    trainer.hooks += [
+        CheckpointHook(ckpt, every=2, is_writer=True, extras={"metrics.jsonl": log}, before_save=writer.flush),
+        writer,
+    ]
     trainer.train()
 
     assert ckpt.complete_steps() == [2, 3]

@@ -52,6 +52,7 @@ class CheckpointHook(HookBase):
         self,
         progress: Progress,
         checkpointer: Checkpointer,
+        *,
         period: int,
         state: Callable[[int], dict[str, Any]],
         extras: dict[str, Path],
@@ -100,6 +101,7 @@ class EvalHook(HookBase):
     def __init__(
         self,
         progress: Progress,
+        *,
         period: int,
         evaluate: Callable[[], dict[str, float]],
         metric: str,
@@ -178,6 +180,7 @@ class BridgeHook(HookBase):
     def __init__(
         self,
         progress: Progress,
+        *,
         shape: RunShape,
         writers: list[EventWriter],
         device: torch.device,

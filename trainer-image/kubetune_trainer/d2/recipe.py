@@ -93,7 +93,14 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> Rep
     # The metric logs travel inside each checkpoint, so a resumed run continues one history.
     logs = {METRICS_FILE: metrics_log, D2_METRICS_FILE: d2_log}
     ckpt_hook = CheckpointHook(
-        progress, checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, state, logs, ctx.is_main, on_saved, events
+        progress,
+        checkpointer,
+        period=cfg.SOLVER.CHECKPOINT_PERIOD,
+        state=state,
+        extras=logs,
+        is_writer=ctx.is_main,
+        on_saved=on_saved,
+        events=events,
     )
     shape = RunShape(job_plan.total_batch, ctx.world_size, len(train.records), job_plan.max_iter)
     writers: list = [metrics] + ([JsonlWriter(metrics_log)] if ctx.is_main else [])
@@ -105,10 +112,16 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> Rep
     eval_hook = None
     if val is not None:  # before training (the baseline), every TEST.EVAL_PERIOD and at the end
         evaluate = lambda: _evaluate(cfg, module, masks, workdir, trainer)  # noqa: E731
-        eval_hook = EvalHook(progress, cfg.TEST.EVAL_PERIOD, evaluate, metric, config.training.early_stopping)
+        eval_hook = EvalHook(
+            progress,
+            period=cfg.TEST.EVAL_PERIOD,
+            evaluate=evaluate,
+            metric=metric,
+            early=config.training.early_stopping,
+        )
         hook_list.append(eval_hook)
     # Metrics are written before the checkpoint, so its copy of the log includes its own step.
-    bridge_hook = BridgeHook(progress, shape, writers, ctx.device, events)
+    bridge_hook = BridgeHook(progress, shape=shape, writers=writers, device=ctx.device, events=events)
     hook_list += [bridge_hook, ckpt_hook]
     if ctx.is_main:
         printers = [CommonMetricPrinter(job_plan.max_iter), JSONWriter(str(d2_log))]

@@ -105,6 +105,7 @@ class PromptedMasks(Dataset):
         samples: list[Sample],
         pre: Preprocess,
         prompts: PromptSpec,
+        *,
         seed: int,
         train: bool,
         keyed: bool = False,

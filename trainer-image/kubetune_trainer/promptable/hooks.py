@@ -101,6 +101,7 @@ class CheckpointHook(Hook):
     def __init__(
         self,
         checkpointer: Checkpointer,
+        *,
         every: int | None,
         is_writer: bool,
         extras: dict[str, Path] | None = None,

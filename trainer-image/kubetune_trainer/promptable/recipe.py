@@ -89,7 +89,7 @@ def build_loader(
         samples,
         pre,
         config.data.prompts,
-        config.training.seed,
+        seed=config.training.seed,
         train=True,
         keyed=cached,
         flip=config.data.horizontal_flip,
@@ -123,7 +123,7 @@ def build_eval_loader(
 ) -> DataLoader:
     """This rank's share of the validation split, in order; images the cache holds are not decoded."""
     cached = config.model.feature_cache != "off"
-    dataset = PromptedMasks(samples, pre, config.data.prompts, config.training.seed, train=False, keyed=cached)
+    dataset = PromptedMasks(samples, pre, config.data.prompts, seed=config.training.seed, train=False, keyed=cached)
 
     held = held_by(cache, dataset)
 
@@ -236,8 +236,8 @@ def add_recording(
     writer_hook = WriterHook(writers)
     ckpt_hook = CheckpointHook(
         checkpointer,
-        config.output.checkpoint_every,
-        ctx.is_main,
+        every=config.output.checkpoint_every,
+        is_writer=ctx.is_main,
         extras={METRICS_FILE: metrics_log},
         before_save=writer_hook.flush,
         on_saved=lambda: output.upload(metrics_log, METRICS_FILE),
