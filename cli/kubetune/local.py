@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from kubetune_operator.specs import FineTuneJob
-from kubetune_trainer.config import TrainConfig, load_validated
+from kubetune_trainer.config import TrainConfig, environment, load_validated
 
 
 def load_spec(path: Path) -> FineTuneJob:
@@ -58,6 +58,7 @@ def run_local(config: TrainConfig, nproc: int, env: dict[str, str] | None = None
         config_path.write_text(config.model_dump_json(by_alias=True, indent=1))
         merged = {**os.environ, **(env or {})}
         merged.setdefault("OMP_NUM_THREADS", str(max((os.cpu_count() or 1) // nproc, 1)))
+        merged.setdefault(environment.METRICS_ADDRESS, "127.0.0.1")  # a workstation: not the whole network
         return subprocess.call(torchrun_command(config_path, nproc), env=merged)
 
 

@@ -17,6 +17,7 @@ from tests.helpers import (
     complete_steps,
     free_port_run,
     kill_after_first_checkpoint,
+    log_events,
     objects,
     scrape,
 )
@@ -41,6 +42,8 @@ def test_two_process_run_on_s3(start_run, s3, s3_endpoint: str, tiny_coco_s3: st
         time.sleep(0.5)
     assert proc.returncode == 0, log.read_text()[-3000:]
     assert set(seen) == {0, 1}, "both ranks serve /metrics during the run"
+    endpoints = [e for e in log_events(log.read_text()) if e.get("event") == "metrics endpoint"]
+    assert {e["address"] for e in endpoints} == {"127.0.0.1"}  # a local run is not served to the network
     for rank, text in seen.items():
         expected = {"family": "sam2", "job": "e2e", "namespace": "tests", "rank": str(rank)}
         samples = [s for fam in text_string_to_metric_families(text) for s in fam.samples]

@@ -86,9 +86,10 @@ def _serve_metrics(metrics, local_rank: int) -> None:
     base = int(os.environ.get(environment.METRICS_PORT, environment.DEFAULT_METRICS_PORT))
     if base <= 0:
         return
+    address = os.environ.get(environment.METRICS_ADDRESS, environment.DEFAULT_METRICS_ADDRESS)
     try:
-        port = metrics.serve(base + local_rank)
-        log.info("metrics endpoint", port=port)
+        port = metrics.serve(base + local_rank, address)
+        log.info("metrics endpoint", address=address, port=port)
     except OSError as exc:  # a busy port must not kill a training run
         log.warning("metrics endpoint not started", port=base + local_rank, error=str(exc))
 

@@ -81,6 +81,8 @@ def test_unknown_fields_are_rejected_by_name(path, value, field) -> None:
         (lambda s: s["output"].update(uri="/tmp/out"), "output.uri must start with"),
         (lambda s: s["model"].update(overrides={"SOLVER.BASE_LR": 0.1}), "detectron2 only"),
         (lambda s: s["data"]["prompts"].update(type="points", positivePoints=0), "needs positivePoints"),
+        (lambda s: s["data"].update(train="../../etc/annotations.json"), "data.train must be a path inside"),
+        (lambda s: s["data"].update(validation="/etc/passwd"), "data.validation must be a path inside"),
     ],
 )
 def test_invalid_specs_fail_with_a_specific_message(mutate, expected) -> None:
@@ -98,3 +100,11 @@ def test_config_module_does_not_import_torch() -> None:
     code = "import sys, kubetune_operator.specs; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("name", ["../other", "a/b", "UPPER", "-x"])
+def test_a_job_identity_is_a_kubernetes_name_it_names_a_cache_folder(name: str) -> None:
+    raw = FineTuneJob.model_validate(example()).train_config().model_dump(by_alias=True)
+    raw["job"]["name"] = name
+    with pytest.raises(ValidationError, match="job.name"):
+        TrainConfig.model_validate(raw)

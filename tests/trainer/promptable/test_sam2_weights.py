@@ -43,3 +43,19 @@ def test_bad_checkpoints_are_config_errors(tmp_path: Path, payload, message: str
         torch.save(payload, path)
     with pytest.raises(ConfigError, match=message):
         Sam2Segmenter().build(SPEC, path)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path: Path) -> None:
+    import os
+
+    marker = tmp_path / "owned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "sam2.1_hiera_tiny.pt"
+    torch.save({"model": {"w": Payload()}}, path)
+    with pytest.raises(ConfigError, match="sam2.1_hiera_tiny.pt"):
+        Sam2Segmenter().build(SPEC, path)
+    assert not marker.exists()

@@ -10,6 +10,10 @@ DEFAULT_CACHE_DIR = "~/.cache/kubetune"
 METRICS_PORT = "KUBETUNE_METRICS_PORT"
 """Prometheus port of local rank 0; local rank r serves METRICS_PORT + r; 0 disables."""
 DEFAULT_METRICS_PORT = 9400
+METRICS_ADDRESS = "KUBETUNE_METRICS_ADDRESS"
+"""Interface the metrics endpoint binds: every one in a pod (Prometheus scrapes the pod IP),
+loopback for `kubetune run --local` on a workstation."""
+DEFAULT_METRICS_ADDRESS = "0.0.0.0"
 
 LOG_FORMAT = "KUBETUNE_LOG_FORMAT"
 """json or console; unset: json unless stderr is a terminal."""

@@ -208,6 +208,9 @@ class DataSpec(Section):
     @model_validator(mode="after")
     def _check_source(self) -> DataSpec:
         _check_uri(self.source, "data.source")
+        for field, value in (("train", self.train), ("validation", self.validation)):
+            if value is not None and (value.startswith("/") or ".." in value.split("/") or "\x00" in value):
+                raise ValueError(f"data.{field} must be a path inside data.source, got {value!r}")
         return self
 
 
@@ -354,10 +357,14 @@ class OutputSpec(Section):
         return self
 
 
+# Kubernetes object names: they also name the job's folder in the node cache.
+K8S_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+
+
 class JobIdentity(Section):
-    name: str = "local"
+    name: str = Field("local", max_length=253, pattern=K8S_NAME)
     """FineTuneJob name (the `job` label of every metric)."""
-    namespace: str = "default"
+    namespace: str = Field("default", max_length=63, pattern=K8S_NAME)
     """FineTuneJob namespace (the `namespace` label of every metric)."""
 
 

@@ -13,9 +13,11 @@ import torch
 from torch import nn
 
 from kubetune_trainer.config import TrainConfig
-from kubetune_trainer.d2.datasets import Split, finish_split, read_via, read_voc
+from kubetune_trainer.d2.datasets import Split, finish_split, read_via, read_voc, refuse
 from kubetune_trainer.d2.plan import ZOO_KEYS, DatasetFacts, Detectron2Plan, plan
+from kubetune_trainer.d2.weights import read_checkpoint
 from kubetune_trainer.errors import ConfigError, DataError
+from kubetune_trainer.paths import OutsideRoot, is_inside
 from kubetune_trainer.training.distributed import AUTOCAST_DTYPES, DistContext
 
 log = structlog.get_logger(__name__)
@@ -53,10 +55,10 @@ def _read(fmt: str, root: Path, split: str, train: bool, classes: list[str] | No
         return read_via(root, split, train, classes)
     if fmt == "voc":
         return read_voc(root, split, train)
-    return _read_coco(root / split, train, classes)
+    return _read_coco(root, root / split, train, classes)
 
 
-def _read_coco(path: Path, train: bool, classes: list[str] | None) -> Split:
+def _read_coco(root: Path, path: Path, train: bool, classes: list[str] | None) -> Split:
     """Detectron2's own COCO loader (contiguous category ids, polygons and RLE as given)."""
     from detectron2.data import MetadataCatalog
     from detectron2.data.datasets import load_coco_json
@@ -74,8 +76,15 @@ def _read_coco(path: Path, train: bool, classes: list[str] | None) -> Split:
     names = list(MetadataCatalog.get(probe).thing_classes)
     if classes is not None and names != classes:
         raise DataError(f"{path} has categories {names}, the train split {classes}; they must be the same")
-    kept = [r for r in records if Path(r["file_name"]).is_file()]
-    skipped = Counter({"missing image file": len(records) - len(kept)} if len(kept) < len(records) else {})
+    skipped: Counter = Counter()
+    kept = []
+    for record in records:  # file_name came from the annotation: it must not lead out of the dataset
+        if not is_inside(root, Path(record["file_name"])):
+            refuse(skipped, OutsideRoot(f"file name {record['file_name']!r} leads outside the dataset"))
+        elif not Path(record["file_name"]).is_file():
+            skipped["missing image file"] += 1
+        else:
+            kept.append(record)
     return finish_split(kept, names, skipped, f"coco file {path}", train)
 
 
@@ -122,6 +131,18 @@ def _get(cfg: Any, key: str) -> Any:
     for part in key.split("."):
         node = node[part]
     return node
+
+
+def load_base_weights(module: nn.Module, path: Path) -> None:
+    """Detectron2's checkpointer (name matching, Caffe2 conversion, shape checks) over a file
+    read by `d2.weights`: no pickle in it runs code."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    class SafeCheckpointer(DetectionCheckpointer):
+        def _load_file(self, filename: str) -> dict[str, Any]:
+            return read_checkpoint(Path(filename))
+
+    SafeCheckpointer(module).load(str(path))
 
 
 def build_optimizer(cfg: Any, model: nn.Module, job_plan: Detectron2Plan, config: TrainConfig) -> torch.optim.Optimizer:

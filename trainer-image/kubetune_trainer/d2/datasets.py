@@ -19,8 +19,9 @@ from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
 from kubetune_trainer.datasets import via, voc
-from kubetune_trainer.datasets.files import image_size, resolve_image
+from kubetune_trainer.datasets.files import first_file, image_size, resolve_image
 from kubetune_trainer.errors import DataError
+from kubetune_trainer.paths import OutsideRoot
 
 log = structlog.get_logger(__name__)
 XYXY_ABS = 0  # detectron2.structures.BoxMode.XYXY_ABS
@@ -48,6 +49,12 @@ class Split:
 def _record(image: Path, image_id: int, height: int, width: int, annotations: list[dict]) -> dict[str, Any]:
     """One Detectron2 dataset dict."""
     return {"file_name": str(image), "image_id": image_id, "height": height, "width": width, "annotations": annotations}
+
+
+def refuse(skipped: Counter, exc: OutsideRoot) -> None:
+    """A file name that leads out of the dataset: counted, named in the log, never opened."""
+    skipped["file name outside the dataset"] += 1
+    log.warning("refused a file name outside the dataset", reason=str(exc))
 
 
 def finish_split(records: list[dict], classes: list[str], skipped: Counter, where: str, train: bool) -> Split:
@@ -91,7 +98,11 @@ def read_via(root: Path, split: str, train: bool, classes: list[str] | None = No
                 skipped["unsupported VIA shape"] += 1
             else:
                 objects.append((via_class(region.attributes), region.polygon))
-        image = resolve_image(path.parent, entry.filename)
+        try:
+            image = resolve_image(root, path.parent, entry.filename)
+        except OutsideRoot as exc:
+            refuse(skipped, exc)
+            continue
         if image is None:
             skipped["missing image file"] += 1
         else:
@@ -129,10 +140,14 @@ def read_voc(root: Path, split: str, train: bool) -> Split:
     skipped: Counter = Counter()
     records = []
     for name in voc.image_set(root, split):
-        image = voc.image_path(root, name)
-        objects = voc.mask_path(root, "SegmentationObject", name)
-        classes = voc.mask_path(root, "SegmentationClass", name)
-        if not (image.is_file() and objects.is_file() and classes.is_file()):
+        try:
+            image = first_file(root, name, [voc.image_path(root, name)])
+            objects = first_file(root, name, [voc.mask_path(root, "SegmentationObject", name)])
+            classes = first_file(root, name, [voc.mask_path(root, "SegmentationClass", name)])
+        except OutsideRoot as exc:
+            refuse(skipped, exc)
+            continue
+        if image is None or objects is None or classes is None:
             skipped["missing image or mask file"] += 1
             continue
         try:

@@ -29,7 +29,15 @@ from detectron2.utils.logger import setup_logger
 
 from kubetune_trainer.config import TrainConfig
 from kubetune_trainer.d2.bridge import RunShape
-from kubetune_trainer.d2.build import TRAIN, VALIDATION, build_cfg, build_optimizer, build_trainer, read_splits
+from kubetune_trainer.d2.build import (
+    TRAIN,
+    VALIDATION,
+    build_cfg,
+    build_optimizer,
+    build_trainer,
+    load_base_weights,
+    read_splits,
+)
 from kubetune_trainer.d2.datasets import Split
 from kubetune_trainer.d2.hooks import BridgeHook, CheckpointHook, EarlyStop, EvalHook, Progress, upload_visualizations
 from kubetune_trainer.d2.sampler import ResumableStream
@@ -40,7 +48,7 @@ from kubetune_trainer.storage.checkpoints import Checkpointer
 from kubetune_trainer.storage.stores import open_store
 from kubetune_trainer.training import distributed
 from kubetune_trainer.training.distributed import DistContext
-from kubetune_trainer.training.inputs import cache_root, stage_files
+from kubetune_trainer.training.inputs import job_cache, stage_files
 from kubetune_trainer.training.publishing import publish
 
 log = structlog.get_logger(__name__)
@@ -57,7 +65,7 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> Rep
     files = stage_files(config, ctx)
     train, val = read_splits(config, files.root)
     output = open_store(config.output.uri, config.storage)
-    checkpointer = Checkpointer(output, cache_root(), config.output.keep_last)
+    checkpointer = Checkpointer(output, job_cache(config.job), config.output.keep_last)
     latest = distributed.broadcast_object(checkpointer.latest() if ctx.is_main else None) or 0
     workdir = Path(tempfile.mkdtemp(prefix="kubetune-d2-"))
     cfg, job_plan = build_cfg(config, train, val, files.weights, ctx, workdir)
@@ -67,7 +75,7 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> Rep
     torch.manual_seed(config.training.seed)  # identical init everywhere; DDP also broadcasts it
     module = build_model(cfg)
     if files.weights is not None:
-        DetectionCheckpointer(module).load(str(files.weights))
+        load_base_weights(module, files.weights)
     else:
         log.warning("model.checkpoint is not set: training from random weights, expect a much slower start")
     model = distributed.wrap_ddp(module, ctx)

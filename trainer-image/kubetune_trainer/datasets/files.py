@@ -4,12 +4,14 @@ with errors that name the file."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from kubetune_trainer.errors import DataError
+from kubetune_trainer.paths import OutsideRoot, is_inside
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -23,11 +25,22 @@ def load_json(path: Path) -> object:
         raise DataError(f"annotation file {path} is not valid JSON: {exc}") from exc
 
 
-def resolve_image(base: Path, name: str) -> Path | None:
-    for candidate in (base / name, base / "images" / name):
-        if candidate.is_file():
-            return candidate
-    return None
+def resolve_image(root: Path, base: Path, name: str) -> Path | None:
+    """The image an annotation names, looked up beside the annotation file (`base`) and in its
+    images/ folder; None when it is not there. Names are untrusted: see `first_file`."""
+    return first_file(root, name, [base / name, base / "images" / name])
+
+
+def first_file(root: Path, name: str, candidates: list[Path]) -> Path | None:
+    """The first existing file among `candidates` (the places `name` may mean) that lies inside
+    the dataset `root`. Raises OutsideRoot, naming it, when `name` is absolute, holds a NUL byte,
+    or every place it names is outside `root` (`..`, or a symlink that leads out)."""
+    if "\x00" in name or os.path.isabs(name):
+        raise OutsideRoot(f"file name {name!r} is not a path relative to the dataset")
+    within = [c for c in candidates if is_inside(root, c)]
+    if not within:
+        raise OutsideRoot(f"file name {name!r} leads outside the dataset")
+    return next((c for c in within if c.is_file()), None)
 
 
 def load_image(path: Path) -> np.ndarray:

@@ -17,10 +17,11 @@ import structlog
 from PIL import UnidentifiedImageError
 
 from kubetune_trainer.datasets import voc
-from kubetune_trainer.datasets.files import IMAGE_SUFFIXES, load_image, load_json, resolve_image
+from kubetune_trainer.datasets.files import IMAGE_SUFFIXES, first_file, load_image, load_json, resolve_image
 from kubetune_trainer.datasets.masks import DatumaroMasks, InstancePng, MaskSource, PolygonMasks
 from kubetune_trainer.datasets.via import read_via
 from kubetune_trainer.errors import DataError
+from kubetune_trainer.paths import OutsideRoot
 
 log = structlog.get_logger(__name__)
 
@@ -37,6 +38,11 @@ class SplitReport:
 
     samples: list[Sample] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
+    refused: list[str] = field(default_factory=list)  # file names that lead outside the dataset
+
+    def refuse(self, exc: OutsideRoot) -> None:
+        self.skipped["file name outside the dataset"] += 1
+        self.refused.append(str(exc))
 
 
 def read_split(fmt: str, root: Path, split: str) -> SplitReport:
@@ -71,7 +77,11 @@ def _read_coco(root: Path, split: str, report: SplitReport) -> None:
             continue
         by_image.setdefault(ann["image_id"], []).append(seg)
     for img in data["images"]:
-        image = resolve_image(path.parent, str(img.get("file_name", "")))
+        try:
+            image = resolve_image(root, path.parent, str(img.get("file_name", "")))
+        except OutsideRoot as exc:
+            report.refuse(exc)
+            continue
         if image is None:
             report.skipped["missing image file"] += 1
         elif img.get("id") not in by_image:
@@ -84,8 +94,13 @@ def _read_via(root: Path, split: str, report: SplitReport) -> None:
     path = root / split
     for entry in read_via(path):
         polygons = [r.polygon for r in entry.regions if r.polygon]
-        report.skipped["unsupported VIA shape"] += len(entry.regions) - len(polygons)
-        image = resolve_image(path.parent, entry.filename)
+        if len(entry.regions) > len(polygons):
+            report.skipped["unsupported VIA shape"] += len(entry.regions) - len(polygons)
+        try:
+            image = resolve_image(root, path.parent, entry.filename)
+        except OutsideRoot as exc:
+            report.refuse(exc)
+            continue
         if image is None:
             report.skipped["missing image file"] += 1
         elif not polygons:
@@ -94,29 +109,39 @@ def _read_via(root: Path, split: str, report: SplitReport) -> None:
             report.samples.append(Sample(image, PolygonMasks(tuple([p] for p in polygons))))
 
 
-def _paired(images: Path, masks: Path, style: str, report: SplitReport) -> None:
+def _paired(root: Path, images: Path, masks: Path, style: str, report: SplitReport) -> None:
     if not images.is_dir():
         raise DataError(f"image folder {images} does not exist")
     for image in sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-        mask = masks / (image.stem + ".png")
-        if mask.is_file():
+        try:  # a symlink in the folder may lead anywhere
+            image = first_file(root, image.name, [image])
+            mask = first_file(root, image.stem + ".png", [masks / (image.stem + ".png")]) if image else None
+        except OutsideRoot as exc:
+            report.refuse(exc)
+            continue
+        if image is not None and mask is not None:
             report.samples.append(Sample(image, InstancePng(mask, style)))
         else:
             report.skipped["missing mask file"] += 1
 
 
 def _read_mask_folder(root: Path, split: str, report: SplitReport) -> None:
-    _paired(root / split / "images", root / split / "masks", "ids", report)
+    _paired(root, root / split / "images", root / split / "masks", "ids", report)
 
 
 def _read_labpics(root: Path, split: str, report: SplitReport) -> None:
-    _paired(root / split / "Image", root / split / "Instance", "labpics", report)
+    _paired(root, root / split / "Image", root / split / "Instance", "labpics", report)
 
 
 def _read_voc(root: Path, split: str, report: SplitReport, masks: str = "SegmentationObject") -> None:
     for name in voc.image_set(root, split):
-        image, mask = voc.image_path(root, name), voc.mask_path(root, masks, name)
-        if not image.is_file() or not mask.is_file():
+        try:
+            image = first_file(root, name, [voc.image_path(root, name)])
+            mask = first_file(root, name, [voc.mask_path(root, masks, name)])
+        except OutsideRoot as exc:
+            report.refuse(exc)
+            continue
+        if image is None or mask is None:
             report.skipped["missing image or mask file"] += 1
         else:
             report.samples.append(Sample(image, InstancePng(mask, "voc")))
@@ -158,7 +183,11 @@ def _read_datumaro(root: Path, split: str, report: SplitReport) -> None:
             group = ann.get("group") or 0
             key = (group, ann.get("label_id")) if group else ("id", len(objects))
             objects.setdefault(key, []).append(part)
-        image = _datumaro_image(root, path.parent, subset, str(media["path"]))
+        try:
+            image = _datumaro_image(root, path.parent, subset, str(media["path"]))
+        except OutsideRoot as exc:
+            report.refuse(exc)
+            continue
         if image is None:
             report.skipped["missing image file"] += 1
         elif not objects:
@@ -168,10 +197,7 @@ def _read_datumaro(root: Path, split: str, report: SplitReport) -> None:
 
 
 def _datumaro_image(root: Path, annotations: Path, subset: str, name: str) -> Path | None:
-    for candidate in (root / "images" / subset / name, root / "images" / name, annotations / name):
-        if candidate.is_file():
-            return candidate
-    return None
+    return first_file(root, name, [root / "images" / subset / name, root / "images" / name, annotations / name])
 
 
 def usable_samples(fmt: str, root: Path, split: str) -> list[Sample]:
@@ -193,6 +219,8 @@ def usable_samples(fmt: str, root: Path, split: str) -> list[Sample]:
         usable.append(sample)
     if report.skipped:
         log.warning("skipped broken samples", split=split, usable=len(usable), **dict(report.skipped))
+    if report.refused:  # names that point out of the dataset (../x, /etc/passwd, a symlink): never opened
+        log.warning("refused file names outside the dataset", split=split, names=report.refused[:5])
     if not usable:
         raise DataError(
             f"no usable sample in {fmt} split {split!r} under {root} (skipped: {dict(report.skipped) or 'none found'})"

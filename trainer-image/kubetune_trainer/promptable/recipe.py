@@ -44,7 +44,7 @@ from kubetune_trainer.storage.checkpoints import Checkpointer
 from kubetune_trainer.storage.stores import ObjectStore, open_store
 from kubetune_trainer.training import distributed
 from kubetune_trainer.training.distributed import DistContext
-from kubetune_trainer.training.inputs import cache_root, stage_files
+from kubetune_trainer.training.inputs import job_cache, stage_files
 from kubetune_trainer.training.publishing import publish
 
 log = structlog.get_logger(__name__)
@@ -173,7 +173,7 @@ def build_module(segmenter: Segmenter, config: TrainConfig, weights: Path | None
     if config.model.feature_cache != "off":
         encoder = getattr(module.sam, module.encoder_name)
         namespace = fingerprint(encoder, module.pre, config.training.precision)
-        module.cache = FeatureCache(config.model.feature_cache, namespace, ctx.device, cache_root())
+        module.cache = FeatureCache(config.model.feature_cache, namespace, ctx.device, job_cache(config.job))
     return module, frozen
 
 
@@ -263,7 +263,7 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> Rep
     distributed.check_precision(config.training.precision, ctx.device)
     inputs = stage_inputs(config, ctx, segmenter.weights_are_folder)
     output = open_store(config.output.uri, config.storage)
-    checkpointer = Checkpointer(output, cache_root(), config.output.keep_last)
+    checkpointer = Checkpointer(output, job_cache(config.job), config.output.keep_last)
     latest = distributed.broadcast_object(checkpointer.latest() if ctx.is_main else None)
 
     module, frozen = build_module(segmenter, config, inputs.weights, ctx)

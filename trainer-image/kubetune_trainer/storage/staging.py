@@ -1,8 +1,11 @@
-"""Copy a dataset or weights from object storage into a node-local cache, once per node.
+"""Copy a dataset or weights from object storage into the job's node-local cache, once per node.
 
 Local rank 0 of each node calls `stage`; the other ranks wait at a barrier (see `distributed`).
-Files already in the cache with the same size and ETag are kept, so a restarted pod starts
-training within seconds instead of downloading the dataset again.
+Files already in the job's cache with the same size and ETag are kept, so a restarted pod starts
+training within seconds instead of downloading the dataset again; files another job on the node
+already downloaded are taken from the shared cache after their content is checked
+(`storage.shared`). Object keys are names from a bucket, so a key that is not a plain relative
+path is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from pathlib import Path
 import structlog
 
 from kubetune_trainer.errors import ConfigError, DataError
+from kubetune_trainer.paths import OutsideRoot, checked_key, inside
+from kubetune_trainer.storage.shared import SharedFiles
 from kubetune_trainer.storage.stores import FileStore, ObjectInfo, ObjectStore, etag_matches
 
 log = structlog.get_logger(__name__)
@@ -28,16 +33,40 @@ class StageReport:
     downloaded: int
     skipped: int
     bytes_downloaded: int
+    shared: int = 0  # taken from the node's shared cache instead of downloaded
 
 
-def cache_dir_for(cache_root: Path, uri: str) -> Path:
-    """A stable folder per source URI, so two jobs with different data never share files."""
-    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
-    return cache_root / "stage" / digest
+def cache_dir_for(cache: Path, store: ObjectStore) -> Path:
+    """A stable folder per source (URI and endpoint), so two sources never share files."""
+    source = f"{store.uri} {getattr(store, 'endpoint', '') or ''}"
+    return cache / "stage" / hashlib.sha256(source.encode()).hexdigest()[:16]
 
 
-def stage(store: ObjectStore, cache_root: Path, workers: int = 16) -> StageReport:
-    """Make the whole prefix of `store` available on local disk and return where it is.
+def destinations(root: Path, objects: list[ObjectInfo], uri: str) -> dict[str, Path]:
+    """Where each object lands. Refused, naming the keys, when a key is not a plain relative
+    path or would land outside `root` through a symlink (checked before `root` exists, too)."""
+    out, refused = {}, []
+    for obj in objects:
+        try:
+            out[obj.key] = inside(root, checked_key(obj.key)) if root.exists() else root / checked_key(obj.key)
+        except OutsideRoot as exc:
+            refused.append(str(exc))
+    if refused:
+        shown = "; ".join(refused[:3]) + (f" (and {len(refused) - 3} more)" if len(refused) > 3 else "")
+        raise DataError(f"{uri}: {len(refused)} object key(s) would be written outside the cache: {shown}")
+    return out
+
+
+def _read_index(path: Path) -> dict:
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, ValueError):  # absent, or damaged by a lost node: every file is checked again
+        return {}
+    return index if isinstance(index, dict) else {}
+
+
+def stage(store: ObjectStore, cache: Path, shared: SharedFiles | None = None, workers: int = 16) -> StageReport:
+    """Make the whole prefix of `store` available under the job's `cache` and return where it is.
 
     file:// stores are already on a filesystem and are used in place.
     """
@@ -48,29 +77,37 @@ def stage(store: ObjectStore, cache_root: Path, workers: int = 16) -> StageRepor
     objects = store.list()
     if not objects:
         raise ConfigError(f"{store.uri} holds no objects (wrong bucket or prefix?)")
-    root = cache_dir_for(cache_root, store.uri)
+    root = cache_dir_for(cache, store)
+    destinations(root, objects, store.uri)  # every key is checked before the first byte is written
     root.mkdir(parents=True, exist_ok=True)
+    dest = destinations(root, objects, store.uri)  # and again against symlinks in the cache
     index_path = root / INDEX_NAME
-    index = json.loads(index_path.read_text()) if index_path.exists() else {}
-    todo = [o for o in objects if not _is_current(root, o, index)]
-    log.info("staging", source=store.uri, cache=str(root), objects=len(objects), to_download=len(todo))
-
-    for obj in store.download_many(todo, root, workers):  # verified while the rest download
-        dest = root / obj.key
-        if dest.stat().st_size != obj.size or not etag_matches(dest, obj.etag):
-            dest.unlink(missing_ok=True)
+    index = _read_index(index_path)
+    todo = [o for o in objects if not _is_current(dest[o.key], o, index)]
+    taken = [o for o in todo if shared is not None and shared.take(o.etag, o.size, dest[o.key])]
+    fetch = [o for o in todo if o not in taken]
+    log.info(
+        "staging", source=store.uri, cache=str(root), objects=len(objects), shared=len(taken), to_download=len(fetch)
+    )
+    for obj in taken:
+        index[obj.key] = {"size": obj.size, "etag": obj.etag}
+    for obj in store.download_many(fetch, root, workers):  # verified while the rest download
+        path = dest[obj.key]
+        if path.stat().st_size != obj.size or not etag_matches(path, obj.etag):
+            path.unlink(missing_ok=True)
             raise DataError(f"{store.uri}{obj.key}: downloaded file does not match its size/ETag")
         index[obj.key] = {"size": obj.size, "etag": obj.etag}
+        if shared is not None:
+            shared.offer(path, obj.etag, obj.size)
     tmp = index_path.with_name(f"{INDEX_NAME}.{os.getpid()}")
     tmp.write_text(json.dumps(index))
     os.replace(tmp, index_path)  # the node's other ranks may be reading it
-    return StageReport(root, len(todo), len(objects) - len(todo), sum(o.size for o in todo))
+    return StageReport(root, len(fetch), len(objects) - len(todo), sum(o.size for o in fetch), len(taken))
 
 
-def _is_current(root: Path, obj: ObjectInfo, index: dict) -> bool:
+def _is_current(path: Path, obj: ObjectInfo, index: dict) -> bool:
     """Indexed with this size and ETag, or (a staging killed before it wrote the index) a
     complete file whose content has the ETag: downloads land under a .partial name first."""
-    path = root / obj.key
     if not path.is_file() or path.stat().st_size != obj.size:
         return False
     if index.get(obj.key) == {"size": obj.size, "etag": obj.etag}:
@@ -81,7 +118,7 @@ def _is_current(root: Path, obj: ObjectInfo, index: dict) -> bool:
     return False
 
 
-def fetch_object(store: ObjectStore, key: str, cache_root: Path) -> Path:
+def fetch_object(store: ObjectStore, key: str, cache: Path, shared: SharedFiles | None = None) -> Path:
     """One object (base weights, a checkpoint file) on local disk; file:// objects in place."""
     if isinstance(store, FileStore):
         path = store.root / key
@@ -91,7 +128,13 @@ def fetch_object(store: ObjectStore, key: str, cache_root: Path) -> Path:
     matches = [o for o in store.list(key) if o.key == key]
     if not matches:
         raise ConfigError(f"{store.uri}{key} does not exist")
-    dest = cache_dir_for(cache_root, store.uri) / key
-    if not (dest.is_file() and dest.stat().st_size == matches[0].size and etag_matches(dest, matches[0].etag)):
+    obj = matches[0]
+    root = cache_dir_for(cache, store)
+    dest = destinations(root, [obj], store.uri)[key]
+    if dest.is_file() and dest.stat().st_size == obj.size and etag_matches(dest, obj.etag):
+        return dest
+    if shared is None or not shared.take(obj.etag, obj.size, dest):
         store.download(key, dest)
+        if shared is not None and dest.stat().st_size == obj.size and etag_matches(dest, obj.etag):
+            shared.offer(dest, obj.etag, obj.size)
     return dest

@@ -1,5 +1,11 @@
 """The inputs every recipe stages on each node before training: the dataset and the base weights,
-downloaded by each node's local rank 0 into the node-local cache while the other ranks wait."""
+downloaded by each node's local rank 0 while the other ranks wait.
+
+The node cache (KUBETUNE_CACHE_DIR) holds one private folder per job, `jobs/<namespace>/<name>`,
+and a folder of files shared between the node's jobs, `shared` (see `storage.shared`). In a
+cluster each pod mounts only its own job's folder and the shared one, so no job reaches another
+job's files, and what it takes from the shared folder is checked first.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +13,27 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from kubetune_trainer.config import TrainConfig, environment
+from kubetune_trainer.config import JobIdentity, TrainConfig, environment
+from kubetune_trainer.storage.shared import SharedFiles
 from kubetune_trainer.storage.staging import fetch_object, stage
 from kubetune_trainer.storage.stores import open_store, split_object_uri
 from kubetune_trainer.training import distributed
 from kubetune_trainer.training.distributed import DistContext
 
+JOBS, SHARED = "jobs", "shared"
+
 
 def cache_root() -> Path:
     return Path(os.environ.get(environment.CACHE_DIR, environment.DEFAULT_CACHE_DIR)).expanduser()
+
+
+def job_cache(job: JobIdentity) -> Path:
+    """This job's private part of the node cache: staged data, weights, checkpoints, features."""
+    return cache_root() / JOBS / job.namespace / job.name
+
+
+def shared_files() -> SharedFiles:
+    return SharedFiles(cache_root() / SHARED)
 
 
 @dataclass
@@ -27,17 +45,17 @@ class StagedFiles:
 
 def stage_files(config: TrainConfig, ctx: DistContext, weights_are_folder: bool = False) -> StagedFiles:
     """Dataset and base weights on local disk; node leaders download, the others wait."""
-    root = cache_root()
+    cache, shared = job_cache(config.job), shared_files()
     data_store = open_store(config.data.source, config.storage)
-    report = distributed.leader_first(ctx, lambda: stage(data_store, root))
+    report = distributed.leader_first(ctx, lambda: stage(data_store, cache, shared))
     downloaded = report.bytes_downloaded
     weights = None
     if config.model.checkpoint and weights_are_folder:  # a transformers model folder
         store = open_store(config.model.checkpoint, config.storage)  # a folder URI, "/" or not
-        folder = distributed.leader_first(ctx, lambda: stage(store, root))
+        folder = distributed.leader_first(ctx, lambda: stage(store, cache, shared))
         weights, downloaded = folder.root, downloaded + folder.bytes_downloaded
     elif config.model.checkpoint:
         folder, key = split_object_uri(config.model.checkpoint)
         weights_store = open_store(folder, config.storage)
-        weights = distributed.leader_first(ctx, lambda: fetch_object(weights_store, key, root / "weights"))
+        weights = distributed.leader_first(ctx, lambda: fetch_object(weights_store, key, cache / "weights", shared))
     return StagedFiles(report.root, weights, downloaded if ctx.is_local_leader else 0)

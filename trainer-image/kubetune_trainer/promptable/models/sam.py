@@ -154,7 +154,9 @@ class SamSegmenter:
             if not any(weights.glob("*.safetensors")):
                 raise ConfigError(f"model.checkpoint folder {weights} has no .safetensors weights")
             try:
-                sam, info = SamModel.from_pretrained(weights, local_files_only=True, output_loading_info=True)
+                sam, info = SamModel.from_pretrained(
+                    weights, local_files_only=True, use_safetensors=True, output_loading_info=True
+                )
             except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
                 raise ConfigError(f"model.checkpoint {weights} could not be loaded as a SamModel: {exc}") from exc
             wrong = {k: sorted(info[k])[:5] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[k]}
