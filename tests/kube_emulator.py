@@ -69,6 +69,8 @@ RESOURCES: dict[str, tuple[str, bool, set[str]]] = {
     "v1/services": ("Service", True, {"status"}),
     "v1/pods": ("Pod", True, {"status"}),
     "v1/events": ("Event", True, set()),
+    "v1/secrets": ("Secret", True, set()),
+    "networking.k8s.io/v1/networkpolicies": ("NetworkPolicy", True, set()),
     "v1/namespaces": ("Namespace", False, {"status"}),
     "batch/v1/jobs": ("Job", True, {"status"}),
     "coordination.k8s.io/v1/leases": ("Lease", True, set()),

@@ -42,8 +42,8 @@ def register(registry: kopf.OperatorRegistry, ops: OperatorSettings, metrics: Op
         start = time.perf_counter()
         try:
             _apply(work(), body, patch, metrics)
-        except reconciling.InvalidSpec as exc:
-            _apply(reconciling.invalid_status(dict(body), str(exc)), body, patch, metrics)
+        except reconciling.InvalidSpec as exc:  # a bad spec, or one the admin's policy refuses
+            _apply(reconciling.invalid_status(dict(body), str(exc), exc.reason), body, patch, metrics)
         except Exception:
             metrics.errors.labels(handler=handler).inc()
             raise

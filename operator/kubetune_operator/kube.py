@@ -16,7 +16,9 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 TEMPORARY = {404, 409, 429}
-SNAKE_KINDS = {"Job": "job", "ConfigMap": "config_map", "Service": "service"}
+SNAKE_KINDS = {"Job": "job", "ConfigMap": "config_map", "Service": "service", "NetworkPolicy": "network_policy"}
+# Only the metadata of a Secret is ever read (its labels), never its data.
+METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
 
 
 def _raise(exc: ApiException, what: str) -> None:
@@ -40,6 +42,7 @@ class KubeClient:
         self.api = client.ApiClient()
         self.core = client.CoreV1Api(self.api)
         self.batch = client.BatchV1Api(self.api)
+        self.networking = client.NetworkingV1Api(self.api)
 
     @staticmethod
     def _json(response: Any) -> dict[str, Any]:
@@ -47,7 +50,7 @@ class KubeClient:
 
     def _call(self, verb: str, kind: str) -> Any:
         """The client method for `verb` on `kind`, e.g. read_namespaced_config_map."""
-        api = self.batch if kind == "Job" else self.core
+        api = {"Job": self.batch, "NetworkPolicy": self.networking}.get(kind, self.core)
         return getattr(api, f"{verb}_namespaced_{SNAKE_KINDS[kind]}")
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
@@ -76,6 +79,19 @@ class KubeClient:
             self._call("patch", kind)(name, namespace, body, _preload_content=False)
         except ApiException as exc:
             _raise(exc, f"patching {kind} {namespace}/{name}")
+
+    def secret_labels(self, namespace: str, name: str) -> dict[str, str] | None:
+        """The labels of a Secret (None when it does not exist); its data is not requested."""
+        try:
+            response = self.core.read_namespaced_secret(
+                name, namespace, _preload_content=False, _headers={"Accept": METADATA_ONLY}
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            _raise(exc, f"reading the labels of Secret {namespace}/{name}")
+            return None
+        return dict((self._json(response).get("metadata") or {}).get("labels") or {})
 
     def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
         try:

@@ -14,6 +14,7 @@ from typing import Any
 from kubetune_trainer.config import describe_validation_error
 from pydantic import ValidationError
 
+from . import policy
 from .kube import KubeClient, scrape_metrics
 from .observing import Scrape, derive_status, parse_metrics, set_condition
 from .rendering import IMMUTABLE_ANNOTATION, JOB_LABEL, Names, immutable_view, render_all
@@ -23,6 +24,14 @@ from .specs import FineTuneJob, FineTuneJobStatus
 
 class InvalidSpec(Exception):
     """The resource does not validate; the message names the fields."""
+
+    reason = "InvalidSpec"
+
+
+class PolicyRefused(InvalidSpec):
+    """The spec asks for what the platform admin does not allow (an image, a Secret)."""
+
+    reason = "PolicyRefused"
 
 
 @dataclass
@@ -45,11 +54,23 @@ def parse(body: dict[str, Any]) -> FineTuneJob:
         raise InvalidSpec(f"invalid FineTuneJob: {describe_validation_error(exc)}") from exc
 
 
-def invalid_status(body: dict[str, Any], message: str) -> Outcome:
+def invalid_status(body: dict[str, Any], message: str, reason: str = InvalidSpec.reason) -> Outcome:
     previous = _previous(body)
-    conditions = set_condition(previous.conditions, "SpecRejected", "True", "InvalidSpec", message, now())
+    conditions = set_condition(previous.conditions, "SpecRejected", "True", reason, message, now())
     status = previous.model_copy(update={"phase": "Failed", "message": message, "conditions": conditions})
-    return _outcome(previous, status, "Warning", "InvalidSpec")
+    outcome = _outcome(previous, status, "Warning", reason)
+    if previous.message != message:  # a new refusal is an Event even when the phase stays Failed
+        outcome.event = ("Warning", reason, message)
+    return outcome
+
+
+def check_policy(ftj: FineTuneJob, kube: KubeClient, settings: OperatorSettings) -> None:
+    """Refuse, before anything is created, what the admin does not allow."""
+    secret = ftj.spec.storage.credentials_secret
+    labels = kube.secret_labels(ftj.metadata.namespace, secret) if secret else None
+    problems = policy.refusals(ftj, settings, labels)
+    if problems:
+        raise PolicyRefused("; ".join(problems))
 
 
 def _previous(body: dict[str, Any]) -> FineTuneJobStatus:
@@ -62,6 +83,7 @@ def _previous(body: dict[str, Any]) -> FineTuneJobStatus:
 
 def reconcile(body: dict[str, Any], kube: KubeClient, settings: OperatorSettings) -> Outcome:
     ftj = parse(body)
+    check_policy(ftj, kube, settings)
     names = Names.of(ftj)
     namespace = ftj.metadata.namespace
     desired = render_all(ftj, settings)

@@ -167,19 +167,43 @@ def _env(ftj: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
     return env
 
 
+def _job_cache(ftj: FineTuneJob) -> str:
+    """The job's own part of the node cache, as the trainer finds it (`training.inputs`)."""
+    return f"{environment.CACHE_JOBS}/{ftj.metadata.namespace}/{ftj.metadata.name}"
+
+
 def _volumes(ftj: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
-    trainer = settings.trainer
-    cache: dict[str, Any]
-    if trainer.cache_host_path:
-        cache = {"hostPath": {"path": trainer.cache_host_path, "type": "DirectoryOrCreate"}}
+    """With a node cache folder, the pod gets only its own job's part of it and the shared part
+    (whose files the trainer checks before use), never another job's files."""
+    host = settings.trainer.cache_host_path
+    if host:
+        root = host.rstrip("/")
+        cache = [
+            {"name": "cache", "emptyDir": {}},
+            {"name": "job-cache", "hostPath": {"path": f"{root}/{_job_cache(ftj)}", "type": "DirectoryOrCreate"}},
+            {
+                "name": "shared-cache",
+                "hostPath": {"path": f"{root}/{environment.CACHE_SHARED}", "type": "DirectoryOrCreate"},
+            },
+        ]
     else:
-        cache = {"emptyDir": {"sizeLimit": trainer.cache_size_limit}}
+        cache = [{"name": "cache", "emptyDir": {"sizeLimit": settings.trainer.cache_size_limit}}]
     return [
         {"name": "config", "configMap": {"name": Names.of(ftj).config_map}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": ftj.spec.resources.shm_size}},
-        {"name": "cache", **cache},
+        *cache,
         {"name": "tmp", "emptyDir": {}},
     ]
+
+
+def _cache_mounts(ftj: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
+    mounts = [{"name": "cache", "mountPath": CACHE_DIR}]
+    if settings.trainer.cache_host_path:
+        mounts += [
+            {"name": "job-cache", "mountPath": f"{CACHE_DIR}/{_job_cache(ftj)}"},
+            {"name": "shared-cache", "mountPath": f"{CACHE_DIR}/{environment.CACHE_SHARED}"},
+        ]
+    return mounts
 
 
 def immutable_view(ftj: FineTuneJob) -> dict[str, Any]:
@@ -230,7 +254,7 @@ def render_job(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
                 "volumeMounts": [
                     {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
                     {"name": "dshm", "mountPath": "/dev/shm"},
-                    {"name": "cache", "mountPath": CACHE_DIR},
+                    *_cache_mounts(ftj, settings),
                     {"name": "tmp", "mountPath": "/tmp"},
                 ],
                 "securityContext": {
@@ -278,6 +302,42 @@ def render_job(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
 
 
+def render_network_policy(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
+    """The job's pods accept its own pods on any port (the c10d rendezvous and NCCL's ports,
+    which NCCL picks itself), and on the metrics ports only Prometheus and the operator."""
+    policy, trainer = settings.network_policy, settings.trainer
+    own = {"podSelector": {"matchLabels": {JOB_LABEL: ftj.metadata.name}}}
+    prometheus = {
+        "namespaceSelector": {"matchLabels": dict(policy.prometheus_namespace_selector)},
+        "podSelector": {"matchLabels": dict(policy.prometheus_pod_selector)},
+    }
+    scrapers = [prometheus]
+    if policy.operator_namespace:
+        scrapers.append(
+            {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": policy.operator_namespace}},
+                "podSelector": {"matchLabels": dict(policy.operator_pod_selector)},
+            }
+        )
+    ports: dict[str, Any] = {"protocol": "TCP", "port": trainer.metrics_port}
+    if ftj.spec.resources.gpus_per_node > 1:  # local rank r serves port + r
+        ports["endPort"] = trainer.metrics_port + ftj.spec.resources.gpus_per_node - 1
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta(ftj, Names.of(ftj).job),
+        "spec": {
+            "podSelector": {"matchLabels": {JOB_LABEL: ftj.metadata.name}},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [own]}, {"from": scrapers, "ports": [ports]}],
+        },
+    }
+
+
 def render_all(ftj: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
-    """Everything the operator creates for one FineTuneJob, in creation order."""
-    return [render_config_map(ftj, settings), render_service(ftj, settings), render_job(ftj, settings)]
+    """Everything the operator creates for one FineTuneJob, in creation order (the
+    NetworkPolicy before the pods it protects)."""
+    objects = [render_config_map(ftj, settings), render_service(ftj, settings)]
+    if settings.network_policy.enabled:
+        objects.append(render_network_policy(ftj, settings))
+    return [*objects, render_job(ftj, settings)]

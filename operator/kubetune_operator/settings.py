@@ -22,9 +22,30 @@ class TrainerDefaults(BaseModel):
     rendezvous_timeout_s: int = 900
     """How long workers wait for the others (and for index 0's DNS name) before failing."""
     cache_host_path: str | None = None
-    """Node folder for the dataset cache (kept across pod restarts); unset: an emptyDir per pod."""
+    """Node folder for the dataset cache (kept across pod restarts); unset: an emptyDir per pod.
+    Each pod mounts only its own job's part (jobs/<namespace>/<name>) and the shared part."""
+    allowed_images: list[str] = Field(default_factory=list)
+    """Images a FineTuneJob may name in spec.image, besides `image`: exact references, prefixes
+    (ending in / or :) or digests (sha256:...). Empty: only `image`."""
+    credentials_label: str = "kubetune.dev/credentials"
+    """A Secret named in spec.storage.credentialsSecret must carry this label with value "true"
+    (set by whoever administers the namespace), or the job is refused."""
     cache_size_limit: str = "200Gi"
     """Size limit of the emptyDir cache."""
+
+
+class NetworkPolicySettings(BaseModel):
+    enabled: bool = True
+    """Render a NetworkPolicy with each job: its pods reach each other (rendezvous, NCCL), and
+    only Prometheus and the operator reach the metrics ports."""
+    prometheus_namespace_selector: dict[str, str] = Field(default_factory=dict)
+    """Labels of the namespaces Prometheus runs in; empty: any namespace."""
+    prometheus_pod_selector: dict[str, str] = Field(default_factory=lambda: {"app.kubernetes.io/name": "prometheus"})
+    """Labels of the Prometheus pods."""
+    operator_namespace: str | None = None
+    """The operator's namespace (the chart sets it): the operator scrapes rank 0's metrics."""
+    operator_pod_selector: dict[str, str] = Field(default_factory=lambda: {"app.kubernetes.io/name": "kubetune"})
+    """Labels of the operator's pods."""
 
 
 class OperatorSettings(BaseSettings):
@@ -36,6 +57,8 @@ class OperatorSettings(BaseSettings):
     """Namespaces watched; empty: the whole cluster."""
     trainer: TrainerDefaults = TrainerDefaults()
     """Defaults applied to every FineTuneJob."""
+    network_policy: NetworkPolicySettings = NetworkPolicySettings()
+    """Who may reach trainer pods."""
     metrics_port: int = 8080
     """Port of the operator's own Prometheus endpoint (0 disables it)."""
     liveness_port: int = 8081

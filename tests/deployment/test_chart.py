@@ -56,7 +56,9 @@ def test_rbac_is_least_privilege(scenario: str) -> None:
         assert not {"delete", "deletecollection", "escalate", "bind", "impersonate"} & set(rule["verbs"])
     granted = {(g, res) for r in rules for g in r["apiGroups"] for res in r["resources"]}
     assert ("batch", "jobs") in granted and ("kubetune.dev", "finetunejobs/status") in granted
-    assert ("", "secrets") not in granted  # pods read the Secret; the operator never does
+    # Pods read a credentials Secret's data; the operator only gets the labels of one a job names.
+    secret_rules = [r for r in rules if "secrets" in r["resources"]]
+    assert secret_rules and all(r["verbs"] == ["get"] and r["resources"] == ["secrets"] for r in secret_rules)
 
 
 def test_namespaced_install_uses_roles_in_each_namespace() -> None:
@@ -124,3 +126,36 @@ def test_generated_files_and_crd_copy_are_in_sync() -> None:
     assert (CHART / "files" / "dashboard.json").read_text() == dashboard_json()
     assert (CHART / "files" / "alerts.yaml").read_text() == alerts_yaml()
     assert (CHART / "crds" / "finetunejob.yaml").read_text() == (ROOT / "crds" / "finetunejob.yaml").read_text()
+
+
+def test_admin_policy_and_network_policies_reach_the_operator_settings(monkeypatch) -> None:
+    """What the chart's values become in the operator: its settings, read from the rendered env."""
+    from kubetune_operator.settings import OperatorSettings
+
+    values = {
+        "trainer": {"allowedImages": ["registry.corp/ml/"], "credentialsSecretLabel": "corp.io/kubetune"},
+        "networkPolicy": {"prometheus": {"namespaceSelector": {"team": "obs"}}},
+    }
+    docs = render(values)
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    for item in deployment["spec"]["template"]["spec"]["containers"][0]["env"]:
+        monkeypatch.setenv(item["name"], item["value"])
+    settings = OperatorSettings()
+    assert settings.trainer.allowed_images == ["registry.corp/ml/"]
+    assert settings.trainer.credentials_label == "corp.io/kubetune"
+    policy = settings.network_policy
+    assert policy.enabled and policy.prometheus_namespace_selector == {"team": "obs"}
+    assert policy.operator_namespace == "kubetune"
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert policy.operator_pod_selector.items() <= pod_labels.items()  # the operator can scrape rank 0
+    operator_policy = next(d for d in docs if d["kind"] == "NetworkPolicy")
+    assert operator_policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    test_pod = next(d for d in docs if d["kind"] == "Pod")  # `helm test` may still reach the metrics
+    assert test_pod["metadata"]["labels"]["kubetune.dev/helm-test"] == "true"
+    off = render({"networkPolicy": {"enabled": False}})
+    assert not [d for d in off if d["kind"] == "NetworkPolicy"]
+    env = {
+        e["name"]: e["value"]
+        for e in next(d for d in off if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["KUBETUNE_NETWORK_POLICY__ENABLED"] == "false"

@@ -57,9 +57,16 @@ def rank0_port() -> int:
     return port
 
 
+def secret(name: str, labels: dict[str, str] | None = None) -> dict:
+    meta = {"name": name, "namespace": NS, "labels": labels or {}}
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": meta, "data": {"AWS_ACCESS_KEY_ID": "eA=="}}
+
+
 @pytest.fixture
 def operator(kube_api, rank0_port: int):
     kube_api.create_namespace(NS)
+    # The example's credentials Secret, marked for kubetune by the namespace's admin.
+    kube_api.create(secret("s3-credentials", {"kubetune.dev/credentials": "true"}))
     env = {
         "KUBETUNE_NAMESPACES": json.dumps([NS]),
         "KUBETUNE_STATUS_INTERVAL_S": "0.5",
@@ -127,6 +134,8 @@ def test_lifecycle_apply_to_succeeded(kube_api, operator) -> None:
     assert job["metadata"]["ownerReferences"][0]["uid"] == ftj["metadata"]["uid"]
     container = job["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == "registry.example/kubetune-trainer:test"
+    policy = kube_api.get("networking.k8s.io/v1", "networkpolicies", NS, "labpics-sam2")
+    assert policy["spec"]["podSelector"] == {"matchLabels": {"kubetune.dev/finetunejob": "labpics-sam2"}}
     wait_for(phase_is(kube_api, "labpics-sam2", "Pending"), proc=proc)
 
     # Kubernetes starts the pods; rank 0 serves metrics: the status timer fills progress.
@@ -265,3 +274,30 @@ def test_invalid_resource_fails_with_the_field_named(kube_api, operator) -> None
     failed = wait_for(phase_is(kube_api, "typo", "Failed"), proc=proc)
     assert "spec.training.batchsize: Extra inputs are not permitted" in failed["message"]
     assert kube_api.get(*JOBS, NS, "typo") is None
+
+
+def test_a_foreign_image_or_an_unmarked_secret_is_refused_and_nothing_is_created(kube_api, operator) -> None:
+    proc = operator()
+    kube_api.create(secret("team-keys"))  # exists, but its namespace's admin did not mark it
+    kube_api.create(
+        manifest("borrowed", image="docker.io/attacker/miner:1", storage={"credentialsSecret": "team-keys"})
+    )
+    refused = wait_for(phase_is(kube_api, "borrowed", "Failed"), proc=proc)
+    assert "spec.image 'docker.io/attacker/miner:1' is not an allowed trainer image" in refused["message"]
+    assert "spec.storage.credentialsSecret 'team-keys' is not marked for kubetune" in refused["message"]
+    assert {c["type"]: c["reason"] for c in refused["conditions"]}["SpecRejected"] == "PolicyRefused"
+    wait_for(lambda: any(e.get("reason") == "PolicyRefused" for e in kube_api.list("v1", "events", NS)), proc=proc)
+    for api_version, plural, name in (
+        ("batch/v1", "jobs", "borrowed"),
+        ("v1", "configmaps", "borrowed-config"),
+        ("v1", "services", "borrowed"),
+        ("networking.k8s.io/v1", "networkpolicies", "borrowed"),
+    ):
+        assert kube_api.get(api_version, plural, NS, name) is None
+
+    # The admin marks the Secret and the author drops the image: the job is created.
+    kube_api.patch("v1", "secrets", NS, "team-keys", {"metadata": {"labels": {"kubetune.dev/credentials": "true"}}})
+    kube_api.patch(*FTJ, NS, "borrowed", {"spec": {"image": None}})
+    job = wait_for(lambda: kube_api.get(*JOBS, NS, "borrowed"), proc=proc)
+    env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "team-keys"

@@ -110,9 +110,35 @@ def test_pod_hardening_and_volumes() -> None:
         "name": "s3-credentials",
         "key": "AWS_ACCESS_KEY_ID",
     }
-    host = objects(CASES["CPU only"], trainer={"cache_host_path": "/mnt/kubetune"})["Job"]
-    cache = next(v for v in host["spec"]["template"]["spec"]["volumes"] if v["name"] == "cache")
-    assert cache["hostPath"]["path"] == "/mnt/kubetune"
+    # A node cache folder: the pod mounts its own job's part and the shared part, nothing else.
+    host = objects(CASES["CPU only"], trainer={"cache_host_path": "/mnt/kubetune/"})["Job"]
+    pod = host["spec"]["template"]["spec"]
+    paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    assert paths == {"job-cache": "/mnt/kubetune/jobs/ml/labpics-sam2", "shared-cache": "/mnt/kubetune/shared"}
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["job-cache"] == "/var/cache/kubetune/jobs/ml/labpics-sam2"
+    assert mounts["shared-cache"] == "/var/cache/kubetune/shared" and mounts["cache"] == "/var/cache/kubetune"
+    for obj in render_all(CASES["CPU only"], OperatorSettings(trainer={"cache_host_path": "/mnt/kubetune"})):
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def test_network_policy_lets_only_the_jobs_pods_prometheus_and_the_operator_in() -> None:
+    settings = {"network_policy": {"operator_namespace": "kubetune", "prometheus_namespace_selector": {"team": "obs"}}}
+    policy = objects(CASES["two nodes x 8 GPUs"], **settings)["NetworkPolicy"]
+    own = {"podSelector": {"matchLabels": {"kubetune.dev/finetunejob": "labpics-sam2"}}}
+    assert policy["spec"]["podSelector"] == own["podSelector"] and policy["spec"]["policyTypes"] == ["Ingress"]
+    peers, scrape = policy["spec"]["ingress"]
+    assert peers == {"from": [own]}  # rendezvous and NCCL ports, between this job's pods only
+    assert scrape["ports"] == [{"protocol": "TCP", "port": 9400, "endPort": 9407}]  # 8 local ranks
+    assert scrape["from"][0] == {
+        "namespaceSelector": {"matchLabels": {"team": "obs"}},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+    }
+    assert scrape["from"][1]["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "kubetune"}}
+    assert objects(CASES["one node, one GPU"])["NetworkPolicy"]["spec"]["ingress"][1]["ports"] == [
+        {"protocol": "TCP", "port": 9400}
+    ]
+    assert "NetworkPolicy" not in objects(CASES["kueue"], network_policy={"enabled": False})
 
 
 def test_failure_policy_retries_infrastructure_and_fails_bad_input() -> None:

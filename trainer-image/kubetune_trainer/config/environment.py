@@ -6,6 +6,9 @@ from __future__ import annotations
 CACHE_DIR = "KUBETUNE_CACHE_DIR"
 """Node-local folder for staged data, base weights and disk feature-cache entries."""
 DEFAULT_CACHE_DIR = "~/.cache/kubetune"
+CACHE_JOBS, CACHE_SHARED = "jobs", "shared"
+"""Under it: each job's own folder, jobs/<namespace>/<name>, and the files the node's jobs
+share (checked before reuse). In a cluster a pod mounts only its own job's folder and shared/."""
 
 METRICS_PORT = "KUBETUNE_METRICS_PORT"
 """Prometheus port of local rank 0; local rank r serves METRICS_PORT + r; 0 disables."""

@@ -20,8 +20,6 @@ from kubetune_trainer.storage.stores import open_store, split_object_uri
 from kubetune_trainer.training import distributed
 from kubetune_trainer.training.distributed import DistContext
 
-JOBS, SHARED = "jobs", "shared"
-
 
 def cache_root() -> Path:
     return Path(os.environ.get(environment.CACHE_DIR, environment.DEFAULT_CACHE_DIR)).expanduser()
@@ -29,11 +27,11 @@ def cache_root() -> Path:
 
 def job_cache(job: JobIdentity) -> Path:
     """This job's private part of the node cache: staged data, weights, checkpoints, features."""
-    return cache_root() / JOBS / job.namespace / job.name
+    return cache_root() / environment.CACHE_JOBS / job.namespace / job.name
 
 
 def shared_files() -> SharedFiles:
-    return SharedFiles(cache_root() / SHARED)
+    return SharedFiles(cache_root() / environment.CACHE_SHARED)
 
 
 @dataclass
