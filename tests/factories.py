@@ -115,3 +115,10 @@ def example_job(name: str | None = None, namespace: str | None = None, **spec: A
         raw["metadata"]["namespace"] = namespace
     raw["spec"].update(spec)
     return raw
+
+
+def credentials_secret(namespace: str, name: str = "s3-credentials", *, marked: bool = True) -> dict[str, Any]:
+    """A Secret with S3 keys; ``marked`` adds the label a namespace admin sets to let kubetune jobs use it."""
+    labels = {"kubetune.dev/credentials": "true"} if marked else {}
+    meta = {"name": name, "namespace": namespace, "labels": labels}
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": meta, "data": {"AWS_ACCESS_KEY_ID": "eA=="}}

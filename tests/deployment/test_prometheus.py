@@ -20,7 +20,7 @@ from kubetune_operator.manifests.monitoring import ALERTS, PANELS
 from kubetune_operator.telemetry import OperatorMetrics
 from kubetune_trainer.metrics.prometheus import PrometheusWriter
 
-from tests.factories import job_manifest
+from tests.factories import credentials_secret, job_manifest
 from tests.helpers import ROOT
 from tests.kube_emulator import start_kopf, stop_kopf, wait_for
 
@@ -81,6 +81,7 @@ def test_dashboard_queries_return_series_for_a_real_run(
 ) -> None:
     trainer_port, operator_port, prom_port = free_port(), free_port(), free_port()
     kube_api.create_namespace("ml")
+    kube_api.create(credentials_secret("ml"))  # the example names it; the operator refuses unmarked ones
     operator = start_kopf(
         kube_api.kubeconfig,
         "",

@@ -17,7 +17,7 @@ from kubetune_trainer.metrics.events import Snapshot
 from kubetune_trainer.metrics.prometheus import PrometheusWriter
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.factories import example_job
+from tests.factories import credentials_secret, example_job
 from tests.kube_emulator import start_kopf, stop_kopf, wait_for
 
 NS = "ml"
@@ -57,16 +57,11 @@ def rank0_port() -> int:
     return port
 
 
-def secret(name: str, labels: dict[str, str] | None = None) -> dict:
-    meta = {"name": name, "namespace": NS, "labels": labels or {}}
-    return {"apiVersion": "v1", "kind": "Secret", "metadata": meta, "data": {"AWS_ACCESS_KEY_ID": "eA=="}}
-
-
 @pytest.fixture
 def operator(kube_api, rank0_port: int):
     kube_api.create_namespace(NS)
     # The example's credentials Secret, marked for kubetune by the namespace's admin.
-    kube_api.create(secret("s3-credentials", {"kubetune.dev/credentials": "true"}))
+    kube_api.create(credentials_secret(NS))
     env = {
         "KUBETUNE_NAMESPACES": json.dumps([NS]),
         "KUBETUNE_STATUS_INTERVAL_S": "0.5",
@@ -278,7 +273,7 @@ def test_invalid_resource_fails_with_the_field_named(kube_api, operator) -> None
 
 def test_a_foreign_image_or_an_unmarked_secret_is_refused_and_nothing_is_created(kube_api, operator) -> None:
     proc = operator()
-    kube_api.create(secret("team-keys"))  # exists, but its namespace's admin did not mark it
+    kube_api.create(credentials_secret(NS, "team-keys", marked=False))  # exists, unmarked by the admin
     kube_api.create(
         manifest("borrowed", image="docker.io/attacker/miner:1", storage={"credentialsSecret": "team-keys"})
     )
