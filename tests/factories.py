@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from kubetune_trainer.config import TrainConfig
+from kubetune_trainer.config import DataSpec, TrainConfig
+from kubetune_trainer.datasets.checks import check_split, require_usable
+from kubetune_trainer.datasets.readers import Sample, SplitReport, read_split
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODELS: dict[str, dict[str, Any]] = {
@@ -122,3 +124,19 @@ def credentials_secret(namespace: str, name: str = "s3-credentials", *, marked: 
     labels = {"kubetune.dev/credentials": "true"} if marked else {}
     meta = {"name": name, "namespace": namespace, "labels": labels}
     return {"apiVersion": "v1", "kind": "Secret", "metadata": meta, "data": {"AWS_ACCESS_KEY_ID": "eA=="}}
+
+
+def data_spec(fmt: str, train: str, validation: str | None = None, **fields: Any) -> DataSpec:
+    """A `data` section for reading a dataset in place (`source` is not used by the readers)."""
+    spec = {"source": "file:///dataset/", "format": fmt, "train": train, "validation": validation, **fields}
+    return DataSpec.model_validate(spec)
+
+
+def read(fmt: str, root: Path, split: str, scratch: Path | None = None, **fields: Any) -> SplitReport:
+    """What the readers find in `split` (read as the training split) of a dataset at `root`."""
+    return read_split(data_spec(fmt, split, **fields), root, "train", scratch)
+
+
+def usable(fmt: str, root: Path, split: str, scratch: Path | None = None, **fields: Any) -> list[Sample]:
+    """The samples the trainer would train on (decoded and checked, as `load_split` does)."""
+    return require_usable(check_split(read(fmt, root, split, scratch, **fields))).samples

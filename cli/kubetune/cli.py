@@ -3,6 +3,7 @@
 kubetune run SPEC.yaml --local [--nproc-per-node N]   run a FineTuneJob on this machine
 kubetune demo                                         a complete small fine-tune, no setup
 kubetune validate SPEC.yaml                           check a spec and print the trainer config
+kubetune validate SPEC.yaml --data [--json]           read its data as the trainer will; say what is usable
 """
 
 from __future__ import annotations
@@ -27,9 +28,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from .local import load_spec
+    from .local import check_data, load_spec
 
-    print(load_spec(args.spec).train_config().model_dump_json(by_alias=True, indent=2))
+    config = load_spec(args.spec).train_config(default_namespace="local" if args.data else "default")
+    if args.data:
+        return check_data(config, as_json=args.json)
+    print(config.model_dump_json(by_alias=True, indent=2))
     return 0
 
 
@@ -98,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_run)
     val = sub.add_parser("validate", help="validate a spec and print the trainer config it becomes")
     val.add_argument("spec", type=Path)
+    val.add_argument("--data", action="store_true", help="stage and read the data; per split: what is usable")
+    val.add_argument("--json", action="store_true", help="with --data: the summary as JSON")
     val.set_defaults(func=_validate)
     render = sub.add_parser("render", help="print the ConfigMap, Service and Job the operator would create")
     render.add_argument("spec", type=Path)

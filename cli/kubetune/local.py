@@ -62,6 +62,15 @@ def run_local(config: TrainConfig, nproc: int, env: dict[str, str] | None = None
         return subprocess.call(torchrun_command(config_path, nproc), env=merged)
 
 
+def check_data(config: TrainConfig, as_json: bool = False, env: dict[str, str] | None = None) -> int:
+    """`kubetune validate --data`: the trainer's own data check, in the trainer's environment."""
+    with tempfile.TemporaryDirectory(prefix="kubetune-check-") as tmp:
+        config_path = Path(tmp) / "train.json"
+        config_path.write_text(config.model_dump_json(by_alias=True, indent=1))
+        command = [sys.executable, "-m", "kubetune_trainer.datacheck", "--config", str(config_path)]
+        return subprocess.call(command + (["--json"] if as_json else []), env={**os.environ, **(env or {})})
+
+
 def kill_tree(pid: int, timeout_s: float = 10.0) -> None:
     """SIGKILL a process and all its descendants, as a node failure would.
 

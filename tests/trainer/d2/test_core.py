@@ -3,26 +3,19 @@ VIA/VOC readers, the metrics bridge and the resumable stream. Nothing here impor
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-from collections import Counter
 from dataclasses import replace
 from itertools import islice
-from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 from kubetune_trainer.config import SAM2_DEFAULTS, OptimizerSpec, TrainParameters, describe_validation_error
 from kubetune_trainer.config.detectron2_keys import check_overrides, check_variant
 from kubetune_trainer.d2.bridge import RunShape, bridge
-from kubetune_trainer.d2.datasets import read_via, read_voc, via_class, voc_instances
 from kubetune_trainer.d2.plan import DatasetFacts, plan
 from kubetune_trainer.d2.sampler import ResumableStream
-from kubetune_trainer.errors import ConfigError, DataError
-from PIL import Image
-from pycocotools import mask as mask_utils
+from kubetune_trainer.errors import ConfigError
 from pydantic import ValidationError
 
 from tests.helpers import ROOT
@@ -200,151 +193,6 @@ def test_plan_overrides_win_and_batch_must_divide() -> None:
     assert p.settings["INPUT.MASK_FORMAT"] == "polygon"
     with pytest.raises(ConfigError, match="SOLVER.IMS_PER_BATCH=6 is not divisible by the 4 processes"):
         make_plan(d2_params({"overrides": {"SOLVER.IMS_PER_BATCH": 6}}), world=4)
-
-
-def polygon(xs: list[int], ys: list[int], **attributes) -> dict:
-    shape = {"name": "polygon", "all_points_x": xs, "all_points_y": ys}
-    return {"shape_attributes": shape, "region_attributes": attributes}
-
-
-def write_via(folder: Path, entries: dict[str, list[dict]], images: tuple[str, ...]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in images:
-        Image.new("RGB", (40, 30), (120, 60, 30)).save(folder / name)
-    data = {
-        f"{name}123": {"filename": name, "size": 123, "regions": dict(enumerate(regions)), "file_attributes": {}}
-        for name, regions in entries.items()
-    }
-    (folder / "via.json").write_text(json.dumps(data))
-
-
-@pytest.fixture
-def via_root(tmp_path: Path) -> Path:
-    circle = {"shape_attributes": {"name": "circle", "cx": 5, "cy": 5, "r": 3}, "region_attributes": {}}
-    train = {
-        "a.png": [polygon([2, 10, 10], [3, 3, 12], **{"class": "dog"}), circle, polygon([20, 30, 25], [1, 1, 9])],
-        "b.png": [polygon([0, 5, 5, 0], [0, 0, 5, 5], **{"class": "cat"})],
-        "empty.png": [],
-        "gone.png": [polygon([0, 5, 5], [0, 0, 5], **{"class": "cat"})],
-    }
-    write_via(tmp_path / "train", train, ("a.png", "b.png", "empty.png"))
-    val = {"v.png": [polygon([1, 4, 4], [1, 1, 4], **{"class": "bird"}), polygon([1, 4, 4], [1, 1, 4], label="cat")]}
-    write_via(tmp_path / "val", {**val, "w.png": []}, ("v.png", "w.png"))
-    return tmp_path
-
-
-def test_read_via_train_split(via_root: Path) -> None:
-    split = read_via(via_root, "train/via.json", train=True)
-    assert split.classes == ["cat", "dog", "object"]  # sorted; a region without a class is "object"
-    assert [Path(r["file_name"]).name for r in split.records] == ["a.png", "b.png"]
-    assert [r["image_id"] for r in split.records] == [0, 1]
-    a, b = split.records
-    assert (a["height"], a["width"]) == (30, 40)
-    assert [ann["category_id"] for ann in a["annotations"]] == [1, 2]
-    assert a["annotations"][0]["bbox"] == [2.5, 3.5, 10.5, 12.5]  # XYXY, pixel centres
-    assert a["annotations"][0]["segmentation"] == [[2.5, 3.5, 10.5, 3.5, 10.5, 12.5]]
-    assert a["annotations"][0]["bbox_mode"] == 0 and a["annotations"][0]["iscrowd"] == 0
-    assert b["annotations"][0]["category_id"] == 0
-    assert split.skipped == Counter(
-        {"unsupported VIA shape": 1, "missing image file": 1, "image without annotations": 1}
-    )
-    assert not split.has_rle
-
-
-def test_read_via_validation_uses_training_classes(via_root: Path) -> None:
-    split = read_via(via_root, "val/via.json", train=False, classes=["cat", "dog"])
-    assert split.classes == ["cat", "dog"]
-    assert [len(r["annotations"]) for r in split.records] == [1, 0]  # images without objects stay for eval
-    assert split.records[0]["annotations"][0]["category_id"] == 0
-    assert split.skipped == Counter({"class not in the training split: bird": 1})
-
-
-def test_read_via_project_file(tmp_path: Path) -> None:
-    write_via(tmp_path, {"a.png": [polygon([1, 4, 4], [1, 1, 4])]}, ("a.png",))
-    entries = json.loads((tmp_path / "via.json").read_text())
-    (tmp_path / "project.json").write_text(json.dumps({"_via_settings": {}, "_via_img_metadata": entries}))
-    assert len(read_via(tmp_path, "project.json", train=True).records) == 1
-
-
-@pytest.mark.parametrize(
-    ("content", "message"),
-    [
-        ("[1, 2]", "is not a VIA project/export"),
-        ('{"x": {"size": 1, "regions": {}}}', "VIA entries need a 'filename'"),
-        ('{"x": 3}', "VIA entries need a 'filename'"),
-        ("{not json", "is not valid JSON"),
-        ('{"x": {"filename": "nowhere.png", "regions": {}}}', "no usable image"),
-    ],
-)
-def test_read_via_malformed(tmp_path: Path, content: str, message: str) -> None:
-    (tmp_path / "via.json").write_text(content)
-    with pytest.raises(DataError, match=message):
-        read_via(tmp_path, "via.json", train=True)
-    with pytest.raises(DataError, match="does not exist"):
-        read_via(tmp_path, "other.json", train=True)
-
-
-def test_via_class() -> None:
-    assert via_class({"class": " cat "}) == "cat"
-    assert via_class({"species": "owl"}) == "owl"  # the only attribute
-    assert via_class({"label": {"cat": True, "dog": False}}) == "cat"  # a checkbox
-    assert via_class({"label": {"cat": True, "dog": True}}) == "object"
-    assert via_class({"colour": "red", "size": "big"}) == "object"
-    assert via_class({"class": ""}) == via_class({}) == via_class(None) == via_class([]) == "object"
-
-
-def palette_png(array: np.ndarray, path: Path) -> None:
-    image = Image.fromarray(array.astype(np.uint8))
-    image.putpalette([v for i in range(256) for v in (i, 255 - i, (7 * i) % 256)])
-    assert image.mode == "P"
-    image.save(path)
-
-
-@pytest.fixture
-def voc_root(tmp_path: Path) -> Path:
-    for folder in ("ImageSets/Segmentation", "JPEGImages", "SegmentationObject", "SegmentationClass"):
-        (tmp_path / folder).mkdir(parents=True)
-    objects, classes = np.zeros((16, 20), np.uint8), np.zeros((16, 20), np.uint8)
-    objects[2:6, 3:9], classes[2:6, 3:9] = 1, 15  # a person, 24 px
-    objects[6, 2:10], classes[6, 2:10] = 255, 255  # boundary
-    objects[10:14, 10:15], classes[10:14, 10:15] = 2, 8  # a cat, 20 px
-    objects[0, 15:18] = 3  # an instance on background only: no class, dropped
-    for name in ("good", "rgb", "small"):
-        Image.new("RGB", (20, 16), (10, 20, 30)).save(tmp_path / "JPEGImages" / f"{name}.jpg")
-        palette_png(objects, tmp_path / "SegmentationObject" / f"{name}.png")
-        palette_png(classes, tmp_path / "SegmentationClass" / f"{name}.png")
-    Image.fromarray(np.stack([objects] * 3, -1)).save(tmp_path / "SegmentationObject" / "rgb.png")
-    Image.new("RGB", (10, 8)).save(tmp_path / "JPEGImages" / "small.jpg")
-    (tmp_path / "ImageSets/Segmentation/train.txt").write_text("good\nrgb\nsmall\nabsent\n")
-    return tmp_path
-
-
-def test_read_voc(voc_root: Path) -> None:
-    split = read_voc(voc_root, "train", train=True)
-    assert len(split.classes) == 20 and split.classes[14] == "person"
-    assert [Path(r["file_name"]).name for r in split.records] == ["good.jpg"]
-    record = split.records[0]
-    assert (record["height"], record["width"], record["image_id"]) == (16, 20, 0)
-    person, cat = record["annotations"]
-    assert (person["category_id"], cat["category_id"]) == (14, 7)
-    assert person["bbox"] == [3.0, 2.0, 9.0, 6.0] and cat["bbox"] == [10.0, 10.0, 15.0, 14.0]
-    for ann, area in ((person, 24), (cat, 20)):
-        assert isinstance(ann["segmentation"]["counts"], str)
-        decoded = mask_utils.decode({**ann["segmentation"], "counts": ann["segmentation"]["counts"].encode()})
-        assert decoded.shape == (16, 20) and int(decoded.sum()) == area
-    assert split.has_rle
-    skipped = {"unreadable image or mask": 1, "mask size differs from image": 1, "missing image or mask file": 1}
-    assert split.skipped == Counter(skipped)
-
-
-def test_read_voc_refusals(voc_root: Path) -> None:
-    with pytest.raises(DataError, match="VOC image set .*val.txt does not exist"):
-        read_voc(voc_root, "val", train=False)
-    (voc_root / "ImageSets/Segmentation/bad.txt").write_text("rgb absent")
-    with pytest.raises(DataError, match="no usable image in voc split 'bad'"):
-        read_voc(voc_root, "bad", train=False)
-    with pytest.raises(ValueError, match="SegmentationObject is"):
-        voc_instances(np.zeros((4, 4), np.uint8), np.zeros((4, 5), np.uint8))
 
 
 def test_bridge_keeps_fresh_values_and_evaluations() -> None:

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from kubetune_trainer.datasets.files import load_image
-from kubetune_trainer.datasets.readers import read_split, usable_samples
 from kubetune_trainer.errors import DataError
 from PIL import Image
+
+from tests.factories import read, usable
 
 
 def _png(path: Path, array: np.ndarray, mode: str | None = None) -> None:
@@ -24,7 +25,7 @@ def _rgb(path: Path, h: int = 32, w: int = 40) -> None:
 
 
 def test_coco_polygons_and_rle_decode_to_the_drawn_masks(tiny_coco: Path) -> None:
-    samples = usable_samples("coco", tiny_coco, "train/annotations.json")
+    samples = usable("coco", tiny_coco, "train/annotations.json")
     coco = json.loads((tiny_coco / "train" / "annotations.json").read_text())
     kinds = {type(a["segmentation"]).__name__ for a in coco["annotations"]}
     assert kinds == {"list", "dict"}  # both encodings present in the fixture
@@ -54,11 +55,14 @@ def test_via_balloon_format(tmp_path: Path) -> None:
         "c.jpg9": {"filename": "c.jpg", "size": 9, "regions": regions},
     }
     (tmp_path / "train" / "via_region_data.json").write_text(json.dumps(via))
-    report = read_split("via", tmp_path, "train/via_region_data.json")
-    assert len(report.samples) == 1
-    assert report.skipped == {"unsupported VIA shape": 2, "image without annotations": 1, "missing image file": 1}
+    report = read("via", tmp_path, "train/via_region_data.json")
+    assert [s.image.name for s in report.samples] == ["a.jpg", "b.jpg"]
+    assert report.skipped == {"missing image file": 1}
+    assert report.examples["missing image file"][0].startswith("c.jpg (looked for train/c.jpg, train/images/c.jpg")
     mask = report.samples[0].masks(32, 40)
-    assert mask.shape == (1, 32, 40) and mask[0, 5, 10] and not mask[0, 20, 10]
+    assert mask.shape == (2, 32, 40) and mask[0, 5, 10] and not mask[0, 20, 10]
+    assert mask[1].sum() == pytest.approx(np.pi * 3**2, rel=0.25) and mask[1, 5, 5]  # the circle
+    assert [s.image.name for s in usable("via", tmp_path, "train/via_region_data.json")] == ["a.jpg"]
 
 
 def test_mask_folder_instance_ids(tmp_path: Path) -> None:
@@ -68,7 +72,7 @@ def test_mask_folder_instance_ids(tmp_path: Path) -> None:
     _rgb(tmp_path / "train" / "images" / "x.jpg")
     _png(tmp_path / "train" / "masks" / "x.png", ids)
     _rgb(tmp_path / "train" / "images" / "lonely.png")
-    report = read_split("mask-folder", tmp_path, "train")
+    report = read("mask-folder", tmp_path, "train")
     assert report.skipped == {"missing mask file": 1}
     masks = report.samples[0].masks(32, 40)
     assert masks.shape == (2, 32, 40) and masks.sum(axis=(1, 2)).tolist() == [64, 150]
@@ -81,7 +85,7 @@ def test_labpics_layout_reads_vessels_and_materials(tmp_path: Path) -> None:
     instance[20:30, 30:35, 2] = 2  # material 2
     _rgb(tmp_path / "Simple" / "Train" / "Image" / "s1.jpg")
     _png(tmp_path / "Simple" / "Train" / "Instance" / "s1.png", instance)
-    masks = usable_samples("labpics", tmp_path, "Simple/Train")[0].masks(32, 40)
+    masks = usable("labpics", tmp_path, "Simple/Train")[0].masks(32, 40)
     assert sorted(masks.sum(axis=(1, 2)).tolist()) == [50, 64, 100]
 
 
@@ -93,8 +97,9 @@ def test_voc_segmentation_object_ignores_void(tmp_path: Path) -> None:
     _png(tmp_path / "SegmentationObject" / "2007_000001.png", ids)
     (tmp_path / "ImageSets" / "Segmentation").mkdir(parents=True)
     (tmp_path / "ImageSets" / "Segmentation" / "train.txt").write_text("2007_000001\n2007_000002\n")
-    report = read_split("voc", tmp_path, "train")
-    assert report.skipped == {"missing image or mask file": 1}
+    report = read("voc", tmp_path, "train")
+    assert report.skipped == {"missing image file": 1}
+    assert report.examples == {"missing image file": ["2007_000002 (looked for JPEGImages/2007_000002.*)"]}
     assert report.samples[0].masks(32, 40).shape == (1, 32, 40)
 
 
@@ -111,7 +116,7 @@ def test_broken_samples_are_skipped_and_counted(tiny_coco: Path, tmp_path: Path,
         if ann["image_id"] == third:
             ann["segmentation"] = {"size": [96, 96], "counts": [96 * 96]}  # an all-background RLE
     (root / "train" / "annotations.json").write_text(json.dumps(coco))
-    samples = usable_samples("coco", root, "train/annotations.json")
+    samples = usable("coco", root, "train/annotations.json")
     assert len(samples) == len(coco["images"]) - 4
     assert all(s.image not in images[:3] for s in samples)
 
@@ -122,14 +127,14 @@ def test_no_usable_sample_is_a_data_error(tmp_path: Path) -> None:
         json.dumps({"images": [{"id": 1, "file_name": "gone.jpg"}], "annotations": []})
     )
     with pytest.raises(DataError, match="no usable sample"):
-        usable_samples("coco", tmp_path, "train/annotations.json")
+        usable("coco", tmp_path, "train/annotations.json")
 
 
 @pytest.mark.parametrize("content", ["{not json", json.dumps({"images": "nope"})])
 def test_unreadable_annotations_are_a_data_error(tmp_path: Path, content: str) -> None:
     (tmp_path / "a.json").write_text(content)
     with pytest.raises(DataError, match="a.json"):
-        read_split("coco", tmp_path, "a.json")
+        read("coco", tmp_path, "a.json")
 
 
 def test_load_image_returns_rgb(tmp_path: Path) -> None:
@@ -147,11 +152,11 @@ def test_voc_semantic_reads_one_mask_per_class(tmp_path: Path) -> None:
     _png(tmp_path / "SegmentationClass" / "a.png", classes)
     (tmp_path / "ImageSets" / "Segmentation").mkdir(parents=True)
     (tmp_path / "ImageSets" / "Segmentation" / "val.txt").write_text("a\n")
-    masks = read_split("voc-semantic", tmp_path, "val").samples[0].masks(32, 40)
+    masks = read("voc-semantic", tmp_path, "val").samples[0].masks(32, 40)
     assert masks.shape == (2, 32, 40)
     assert masks[0].sum() == 6 * 25 and masks[1].sum() == 64 + 100  # class 7, then class 15 (both people)
     with pytest.raises(DataError, match="ImageSets/Segmentation/train.txt does not exist"):
-        read_split("voc-semantic", tmp_path, "train")
+        read("voc-semantic", tmp_path, "train")
 
 
 def _datumaro(tmp_path: Path, items: list) -> Path:
@@ -190,37 +195,37 @@ def test_datumaro_polygons_rle_and_groups(tmp_path: Path) -> None:
         {"id": "c", "image": {"path": "gone.jpg"}, "annotations": []},
     ]
     _datumaro(tmp_path, items)
-    report = read_split("datumaro", tmp_path, "train")
-    assert len(report.samples) == 1
-    assert report.skipped == {
-        "Datumaro bbox annotation (no mask)": 2,
-        "image without annotations": 1,
-        "missing image file": 1,
-    }
+    report = read("datumaro", tmp_path, "train")
+    assert [s.image.name for s in report.samples] == ["a.jpg", "b.jpg"]
+    assert report.skipped == {"Datumaro bbox annotation (no mask)": 2, "missing image file": 1}
+    assert report.samples[0].masks.labels(32, 40) == ["cell"] * 3
+    assert [s.image.name for s in usable("datumaro", tmp_path, "train")] == ["a.jpg"]  # b has no object
     masks = report.samples[0].masks(32, 40)
     assert masks.shape == (3, 32, 40)
     assert masks[0].sum() == 100 and masks[0][2:12, 2:12].all()
     assert np.array_equal(masks[1], blob.astype(bool))
     assert masks[2].sum() == 32 and masks[2][2:6, 20:24].all() and masks[2][10:14, 20:24].all()
     # The same file named directly.
-    assert len(read_split("datumaro", tmp_path, "annotations/train.json").samples) == 1
+    assert len(read("datumaro", tmp_path, "annotations/train.json").samples) == 2
 
 
 @pytest.mark.parametrize(
     ("items", "message"),
     [
         ("nope", "needs an 'items' list"),
-        ([{"id": "x", "annotations": []}], "item 'x' has no image path"),
+        ([{"id": "x", "annotations": []}], "skipped: Datumaro item without an image: 1\n    e.g. x"),
         (
             [{"id": "x", "image": {"path": "a.jpg"}, "annotations": [{"type": "mask"}]}],
-            "mask annotation of item 'x' lacks 'rle'",
+            "skipped: Datumaro mask annotation without its RLE: 1\n    e.g. x",
         ),
     ],
 )
 def test_malformed_datumaro_is_a_clear_error(tmp_path: Path, items, message: str) -> None:
+    _rgb(tmp_path / "images" / "train" / "a.jpg")
     _datumaro(tmp_path, items)
-    with pytest.raises(DataError, match=message):
-        read_split("datumaro", tmp_path, "train")
+    with pytest.raises(DataError, match="data.train: ") as err:
+        usable("datumaro", tmp_path, "train")
+    assert message in str(err.value)
 
 
 def test_rle_of_the_wrong_size_skips_the_sample(tmp_path: Path) -> None:
@@ -228,4 +233,4 @@ def test_rle_of_the_wrong_size_skips_the_sample(tmp_path: Path) -> None:
     rle = {"counts": [10, 5, 985], "size": [20, 50]}
     _datumaro(tmp_path, [{"id": "a", "image": {"path": "a.jpg"}, "annotations": [{"type": "mask", "rle": rle}]}])
     with pytest.raises(DataError, match="unreadable image or mask"):
-        usable_samples("datumaro", tmp_path, "train")
+        usable("datumaro", tmp_path, "train")

@@ -188,15 +188,34 @@ class PromptSpec(Section):
 class DataSpec(Section):
     source: str
     """Dataset root: s3://bucket/prefix/ or file:///path/. Staged into a node-local cache."""
-    format: Literal["coco", "via", "mask-folder", "labpics", "voc", "voc-semantic", "datumaro"]
+    format: Literal["coco", "via", "mask-folder", "labpics", "voc", "voc-semantic", "datumaro", "parquet"]
     """Annotation format. voc reads SegmentationObject (one mask per instance), voc-semantic
-    SegmentationClass (one mask per class in each image)."""
+    SegmentationClass (one mask per class in each image); parquet: a Hugging Face dataset."""
     train: str
     """Training split, relative to source: an annotation file (coco, via), a folder (mask-folder,
-    labpics), an image-set name (voc, voc-semantic) or a subset name or annotation file
-    (datumaro: annotations/<train>.json)."""
+    labpics), an image-set name (voc, voc-semantic), a subset name or annotation file (datumaro:
+    annotations/<train>.json) or a Parquet file, folder or glob (parquet: data/train-*.parquet)."""
     validation: str | None = None
     """Validation split, same form as train. Without it, evaluation is skipped."""
+    train_images: str | None = None
+    """Folder (relative to source) holding the training split's images, for a layout the usual
+    places do not cover (next to the annotation file, its images/ and images/<subset>/ folders,
+    and the same beside an annotations/ folder: see docs/datasets.md)."""
+    validation_images: str | None = None
+    """The same for the validation split."""
+    crowd: Literal["instances", "skip"] = "instances"
+    """COCO/Datumaro crowd annotations (CVAT and Datumaro export every brush mask as one):
+    instances trains on them as objects; skip leaves them out, as COCO training often does."""
+    exif_orientation: Literal["apply", "ignore"] = "apply"
+    """apply: annotations are on the image as its EXIF orientation shows it (what CVAT, Label
+    Studio and browsers display); ignore: on the pixels as stored. The same for every family."""
+    class_attribute: str | None = None
+    """VIA: the region attribute that holds the class (null: one named class, label, category,
+    name or type, or the only attribute)."""
+    image_column: str = "image"
+    """parquet: the column of images (a datasets Image feature, bytes, or a path)."""
+    mask_column: str = "label"
+    """parquet: the column of mask images (each non-zero value one object)."""
     prompts: PromptSpec = PromptSpec()
     """How prompts are generated from masks."""
     horizontal_flip: bool = True
@@ -208,9 +227,10 @@ class DataSpec(Section):
     @model_validator(mode="after")
     def _check_source(self) -> DataSpec:
         _check_uri(self.source, "data.source")
-        for field, value in (("train", self.train), ("validation", self.validation)):
+        for name in ("train", "validation", "train_images", "validation_images"):
+            value = getattr(self, name)
             if value is not None and (value.startswith("/") or ".." in value.split("/") or "\x00" in value):
-                raise ValueError(f"data.{field} must be a path inside data.source, got {value!r}")
+                raise ValueError(f"data.{to_camel(name)} must be a path inside data.source, got {value!r}")
         return self
 
 

@@ -4,7 +4,6 @@ registration, the merged config, the model and Detectron2's own trainer for the 
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +12,11 @@ import torch
 from torch import nn
 
 from kubetune_trainer.config import TrainConfig
-from kubetune_trainer.d2.datasets import Split, finish_split, read_via, read_voc, refuse
+from kubetune_trainer.d2.datasets import Split, to_records
 from kubetune_trainer.d2.plan import ZOO_KEYS, DatasetFacts, Detectron2Plan, plan
 from kubetune_trainer.d2.weights import read_checkpoint
+from kubetune_trainer.datasets.checks import load_split
 from kubetune_trainer.errors import ConfigError, DataError
-from kubetune_trainer.paths import OutsideRoot, is_inside
 from kubetune_trainer.training.distributed import AUTOCAST_DTYPES, DistContext
 
 log = structlog.get_logger(__name__)
@@ -39,53 +38,19 @@ def require_detectron2() -> None:
         raise ConfigError(INSTALL_HINT) from exc
 
 
-def read_splits(config: TrainConfig, root: Path) -> tuple[Split, Split | None]:
-    """Read, check and register the train (and validation) split under Detectron2's catalogs."""
+def read_splits(config: TrainConfig, root: Path, scratch: Path) -> tuple[Split, Split | None]:
+    """Read, check and register the train (and validation) split under Detectron2's catalogs,
+    through the same readers as every family (images found by one rule, EXIF as data says)."""
     data = config.data
-    train = _read(data.format, root, data.train, True, None)
-    val = _read(data.format, root, data.validation, False, train.classes) if data.validation else None
+    train_data = load_split(data, root, "train", scratch)
+    train = to_records(train_data, train_data.classes)
+    val = None
+    if data.validation:  # images without objects stay: evaluation counts what is found on them
+        val = to_records(load_split(data, root, "validation", scratch, keep_empty=True), train.classes)
     for name, split in ((TRAIN, train), (VALIDATION, val)):
         if split is not None:
             _register(name, split)
     return train, val
-
-
-def _read(fmt: str, root: Path, split: str, train: bool, classes: list[str] | None) -> Split:
-    if fmt == "via":
-        return read_via(root, split, train, classes)
-    if fmt == "voc":
-        return read_voc(root, split, train)
-    return _read_coco(root, root / split, train, classes)
-
-
-def _read_coco(root: Path, path: Path, train: bool, classes: list[str] | None) -> Split:
-    """Detectron2's own COCO loader (contiguous category ids, polygons and RLE as given)."""
-    from detectron2.data import MetadataCatalog
-    from detectron2.data.datasets import load_coco_json
-
-    if not path.is_file():
-        raise DataError(f"annotation file {path} does not exist")
-    probe = f"kubetune_probe_{path.name}_{train}"
-    with contextlib.suppress(KeyError):
-        MetadataCatalog.remove(probe)
-    image_root = path.parent / "images" if (path.parent / "images").is_dir() else path.parent
-    try:
-        records = load_coco_json(str(path), str(image_root), dataset_name=probe)
-    except (KeyError, ValueError, TypeError, AssertionError) as exc:
-        raise DataError(f"{path} is not a usable COCO file: {type(exc).__name__}: {exc}") from exc
-    names = list(MetadataCatalog.get(probe).thing_classes)
-    if classes is not None and names != classes:
-        raise DataError(f"{path} has categories {names}, the train split {classes}; they must be the same")
-    skipped: Counter = Counter()
-    kept = []
-    for record in records:  # file_name came from the annotation: it must not lead out of the dataset
-        if not is_inside(root, Path(record["file_name"])):
-            refuse(skipped, OutsideRoot(f"file name {record['file_name']!r} leads outside the dataset"))
-        elif not Path(record["file_name"]).is_file():
-            skipped["missing image file"] += 1
-        else:
-            kept.append(record)
-    return finish_split(kept, names, skipped, f"coco file {path}", train)
 
 
 def _register(name: str, split: Split) -> None:

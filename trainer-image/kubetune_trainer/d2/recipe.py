@@ -63,7 +63,7 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> Rep
     if ctx.world_size > 1 and comm._LOCAL_PROCESS_GROUP is None:
         comm.create_local_process_group(ctx.local_world_size)
     files = stage_files(config, ctx)
-    train, val = read_splits(config, files.root)
+    train, val = read_splits(config, files.root, job_cache(config.job) / "extracted")
     output = open_store(config.output.uri, config.storage)
     checkpointer = Checkpointer(output, job_cache(config.job), config.output.keep_last)
     latest = distributed.broadcast_object(checkpointer.latest() if ctx.is_main else None) or 0

@@ -151,9 +151,9 @@ class PromptedMasks(Dataset):
         flipped = self._flipped(rng)
         item: dict = {"key": self._key(index, flipped)} if self.keyed else {}
         if held:
-            image, (height, width) = None, image_size(sample.image)  # the header only
+            image, (height, width) = None, image_size(sample.image, sample.exif)  # the header only
         else:
-            image = torch.from_numpy(load_image(sample.image)).permute(2, 0, 1)
+            image = torch.from_numpy(load_image(sample.image, sample.exif)).permute(2, 0, 1)
             height, width = image.shape[1:]
         masks = torch.from_numpy(sample.masks(height, width))
         shape = self.pre.shape(height, width)

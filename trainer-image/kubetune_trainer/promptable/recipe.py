@@ -19,7 +19,8 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader
 
 from kubetune_trainer.config import TrainConfig
-from kubetune_trainer.datasets.readers import Sample, usable_samples
+from kubetune_trainer.datasets.checks import load_split
+from kubetune_trainer.datasets.readers import Sample
 from kubetune_trainer.errors import DataError
 from kubetune_trainer.metrics.events import METRICS_FILE, JsonlWriter, TerminalWriter
 from kubetune_trainer.metrics.prometheus import PrometheusWriter
@@ -62,8 +63,9 @@ def stage_inputs(config: TrainConfig, ctx: DistContext, weights_are_folder: bool
     """Staged files, with the dataset read and checked."""
     files = stage_files(config, ctx, weights_are_folder)
     data = config.data
-    train = usable_samples(data.format, files.root, data.train)
-    val = usable_samples(data.format, files.root, data.validation) if data.validation else []
+    scratch = job_cache(config.job) / "extracted"
+    train = load_split(data, files.root, "train", scratch).samples
+    val = load_split(data, files.root, "validation", scratch).samples if data.validation else []
     return Inputs(train, val, files.weights, files.downloaded_bytes)
 
 
