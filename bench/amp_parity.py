@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 from kubetune.synthetic import write_coco_dataset
-from kubetune_trainer.config import TrainConfig
-from kubetune_trainer.datasets.readers import usable_samples
+from kubetune_trainer.config import DataSpec, TrainConfig
+from kubetune_trainer.datasets.checks import load_split
 from kubetune_trainer.promptable.models.sam2 import Sam2Segmenter
 from kubetune_trainer.promptable.recipe import build_loader, build_trainer
 from kubetune_trainer.training.distributed import init
@@ -62,7 +62,9 @@ def run(root: Path, args: argparse.Namespace, precision: str) -> dict:
     torch.manual_seed(0)
     weights = Path(args.checkpoint.removeprefix("file://")) if args.checkpoint else None
     model = Sam2Segmenter().build(config.model, weights).to(ctx.device)
-    samples = usable_samples("coco", root, "train/annotations.json")
+    samples = load_split(
+        DataSpec(source=root.as_uri(), format="coco", train="train/annotations.json"), root, "train", None
+    ).samples
     loader = build_loader(samples, config, ctx, model.pre, target_size=model.mask_side(config.model.image_size))
     trainer = build_trainer(model, loader, config, ctx, total_steps=args.steps)
     losses, seconds = [], []

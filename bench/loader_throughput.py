@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 from kubetune.synthetic import write_coco_dataset
-from kubetune_trainer.config import TrainConfig
-from kubetune_trainer.datasets.readers import usable_samples
+from kubetune_trainer.config import DataSpec, TrainConfig
+from kubetune_trainer.datasets.checks import load_split
 from kubetune_trainer.promptable.feature_cache import FeatureCache
 from kubetune_trainer.promptable.models.sam2 import Sam2Segmenter
 from kubetune_trainer.promptable.recipe import build_loader
@@ -102,7 +102,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         source = args.source_size or args.image_size
         root = write_coco_dataset(Path(tmp), train=args.images, val=1, size=source, seed=0)
-        samples = usable_samples("coco", root, "train/annotations.json")
+        samples = load_split(
+            DataSpec(source=root.as_uri(), format="coco", train="train/annotations.json"), root, "train", None
+        ).samples
         loaders = {}
         for mode, cache_mode in zip(MODES, ("off", "memory", "disk"), strict=True):
             config = make_config(root, args, cache_mode)

@@ -38,9 +38,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from kubetune.synthetic import write_coco_dataset
-from kubetune_trainer.config import TrainConfig
+from kubetune_trainer.config import DataSpec, TrainConfig
+from kubetune_trainer.datasets.checks import load_split
 from kubetune_trainer.datasets.files import load_image
-from kubetune_trainer.datasets.readers import usable_samples
 from kubetune_trainer.promptable.feature_cache import FeatureCache
 from kubetune_trainer.promptable.models.registry import segmenter_for
 from kubetune_trainer.promptable.recipe import build_loader, build_trainer
@@ -137,7 +137,9 @@ def common_recipe(root: Path, args: argparse.Namespace, variant: str, device: to
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=4e-5)
     cuda = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
-    samples = usable_samples("coco", root, "train/annotations.json")
+    samples = load_split(
+        DataSpec(source=root.as_uri(), format="coco", train="train/annotations.json"), root, "train", None
+    ).samples
     rng = np.random.default_rng(0)
 
     def step(n: int) -> None:
@@ -194,7 +196,9 @@ def kubetune(
     pre = module.pre
     if cache != "off":
         module.cache = FeatureCache(cache, f"bench-{variant}", device, root / "cache")
-    samples = usable_samples("coco", root, "train/annotations.json")
+    samples = load_split(
+        DataSpec(source=root.as_uri(), format="coco", train="train/annotations.json"), root, "train", None
+    ).samples
     loader = build_loader(samples, config, ctx, pre, module.cache, module.mask_side(args.image_size))
     trainer = build_trainer(module, loader, config, ctx, total_steps=10**6)
     trainer.model.train()

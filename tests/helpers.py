@@ -98,17 +98,18 @@ def kill_after_first_checkpoint(proc, log: Path, s3, bucket: str, timeout_s: int
 
 def make_trainer(root: Path, precision: str, accumulation: int = 1):
     """The SAM2 loop of a real run (tiny model, 64 px, three steps) over the COCO set at `root`."""
-    from kubetune_trainer.datasets.readers import usable_samples
     from kubetune_trainer.promptable.data import Preprocess
     from kubetune_trainer.promptable.models.sam2 import Sam2Segmenter
     from kubetune_trainer.promptable.recipe import build_loader, build_trainer
     from kubetune_trainer.training.distributed import init
 
+    from tests.factories import usable
+
     config = train_config(root, precision=precision, gradAccumulation=accumulation)
     ctx = init()
     torch.manual_seed(0)
     model = Sam2Segmenter().build(config.model, None)
-    loader = build_loader(usable_samples("coco", root, "train/annotations.json"), config, ctx, Preprocess(64))
+    loader = build_loader(usable("coco", root, "train/annotations.json"), config, ctx, Preprocess(64))
     return build_trainer(model, loader, config, ctx, total_steps=3)
 
 

@@ -107,7 +107,7 @@ INVALID = [
     (("training", "precision"), "fp8", "spec.training.precision"),
     (("training", "batchSize"), 0, "spec.training.batchSize"),
     (("model", "family"), "yolo", "spec.model.family"),
-    (("data", "format"), "parquet", "spec.data.format"),
+    (("data", "format"), "yolo", "spec.data.format"),
     (("resources", "nodes"), 0, "spec.resources.nodes"),
     (("output", "keepLast"), "three", "spec.output.keepLast"),
     (("optimizer",), {"lr": 0.1}, "spec.optimizer"),  # belongs under training

@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 from kubetune_trainer.config import PromptSpec
-from kubetune_trainer.datasets.readers import usable_samples
 from kubetune_trainer.promptable.data import Preprocess, PromptedMasks, ResumableSampler, collate, resize_masks, shard
+
+from tests.factories import usable
 
 
 def test_items_are_deterministic_per_epoch_and_index(tiny_coco: Path) -> None:
-    samples = usable_samples("coco", tiny_coco, "train/annotations.json")
+    samples = usable("coco", tiny_coco, "train/annotations.json")
     ds = PromptedMasks(
         samples, Preprocess(64), PromptSpec(type="box+points", perturbation=5, max_objects=2), seed=1, train=True
     )
@@ -60,7 +61,7 @@ def test_targets_at_the_logits_size_give_the_same_loss_and_prompts(tiny_coco: Pa
     from kubetune_trainer.promptable.losses import compute_loss
     from kubetune_trainer.promptable.models.base import Predictions
 
-    samples = usable_samples("coco", tiny_coco, "train/annotations.json")
+    samples = usable("coco", tiny_coco, "train/annotations.json")
     pre, prompts = Preprocess(64, "longest-side"), PromptSpec(type="box+points", perturbation=3)
     full = PromptedMasks(samples, pre, prompts, seed=2, train=True)
     small = PromptedMasks(samples, pre, prompts, seed=2, train=True, target_size=16)
@@ -106,7 +107,7 @@ def test_batches_resume_at_their_position_across_epochs(tiny_coco: Path) -> None
     from tests.factories import train_config
 
     config = train_config(tiny_coco)
-    samples = usable_samples("coco", tiny_coco, "train/annotations.json")
+    samples = usable("coco", tiny_coco, "train/annotations.json")
 
     def batches() -> ResumableBatches:
         return ResumableBatches(build_loader(samples, config, init(), Preprocess(64)))

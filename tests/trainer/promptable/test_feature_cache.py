@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 from kubetune_trainer.config import ModelSpec, PromptSpec
-from kubetune_trainer.datasets.readers import usable_samples
 from kubetune_trainer.promptable.data import Preprocess, PromptedMasks, ResumableSampler, collate
 from kubetune_trainer.promptable.feature_cache import FeatureCache, fingerprint
 from kubetune_trainer.promptable.losses import compute_loss
@@ -16,7 +15,7 @@ from kubetune_trainer.promptable.models.sam2 import Sam2Segmenter
 from kubetune_trainer.promptable.recipe import build_loader
 from kubetune_trainer.training.distributed import init
 
-from tests.factories import train_config
+from tests.factories import train_config, usable
 from tests.helpers import write_tiny_sam
 
 
@@ -63,7 +62,7 @@ def train(
 @pytest.mark.parametrize("family", ["sam2", "sam"])
 def test_cached_training_follows_the_uncached_loss_trajectory(family: str, tiny_coco: Path, tmp_path: Path) -> None:
     write_tiny_sam(tmp_path / "base")
-    samples = usable_samples("coco", tiny_coco, "train/annotations.json")
+    samples = usable("coco", tiny_coco, "train/annotations.json")
     plain, pre = build(family, tmp_path / "base")
     expected = train(plain, pre, samples, epochs=3)
     cached, pre = build(family, tmp_path / "base")
@@ -83,7 +82,7 @@ def test_disk_cache_survives_a_restart_and_is_keyed_by_weights_and_preprocessing
     tiny_coco: Path, tmp_path: Path
 ) -> None:
     write_tiny_sam(tmp_path / "base")
-    samples = usable_samples("coco", tiny_coco, "train/annotations.json")
+    samples = usable("coco", tiny_coco, "train/annotations.json")
     module, pre = build("sam", tmp_path / "base")
     namespace = fingerprint(module.sam.vision_encoder, pre, "fp32")
     module.cache = FeatureCache("disk", namespace, torch.device("cpu"), tmp_path / "cache")
@@ -109,7 +108,7 @@ def test_disk_cache_survives_a_restart_and_is_keyed_by_weights_and_preprocessing
 
 
 def test_loader_workers_do_not_decode_images_the_disk_cache_holds(tiny_coco: Path, tmp_path: Path) -> None:
-    samples = usable_samples("coco", tiny_coco, "train/annotations.json")
+    samples = usable("coco", tiny_coco, "train/annotations.json")
     plain, pre = build("sam2", tmp_path)
     expected = train(plain, pre, samples, epochs=3, flip=False)
     cached, pre = build("sam2", tmp_path)
@@ -123,7 +122,7 @@ def test_loader_workers_do_not_decode_images_the_disk_cache_holds(tiny_coco: Pat
 
 
 def test_a_held_item_has_the_decoded_items_masks_and_prompts(tiny_coco: Path) -> None:
-    samples = usable_samples("coco", tiny_coco, "train/annotations.json")
+    samples = usable("coco", tiny_coco, "train/annotations.json")
     dataset = PromptedMasks(samples, Preprocess(64, "longest-side"), PromptSpec(), seed=0, train=True, keyed=True)
     for epoch in range(3):
         for i in range(len(samples)):
@@ -188,7 +187,7 @@ def test_feature_cache_needs_a_frozen_encoder() -> None:
 def test_gradient_checkpointing_gives_the_same_gradients(family: str, tiny_coco: Path, tmp_path: Path) -> None:
     """Recomputing the encoder in backward changes memory, not results, nor the saved keys."""
     write_tiny_sam(tmp_path / "base")
-    samples = usable_samples("coco", tiny_coco, "train/annotations.json")
+    samples = usable("coco", tiny_coco, "train/annotations.json")
     grads = []
     for recompute in (False, True):
         if family == "sam2":
@@ -238,7 +237,7 @@ def test_a_skipped_image_whose_entry_is_gone_is_an_error_not_wrong_features() ->
 def test_targets_come_at_the_side_of_the_mask_logits(family: str, tiny_coco: Path, tmp_path: Path) -> None:
     write_tiny_sam(tmp_path / "base")  # patch size 8: SAM's logits are 32 px at 64, SAM2's 16
     module, pre = build(family, tmp_path / "base")
-    samples = usable_samples("coco", tiny_coco, "train/annotations.json")
+    samples = usable("coco", tiny_coco, "train/annotations.json")
     dataset = PromptedMasks(samples, pre, PromptSpec(), seed=0, train=True, target_size=module.mask_side(64))
     batch = collate([dataset[(0, 0)], dataset[(0, 1)]])
     with torch.no_grad():

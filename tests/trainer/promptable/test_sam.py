@@ -10,7 +10,7 @@ import pytest
 import torch
 from kubetune.synthetic import write_coco_dataset
 from kubetune_trainer.config import ModelSpec, PromptSpec, TrainConfig
-from kubetune_trainer.datasets.readers import Sample, usable_samples
+from kubetune_trainer.datasets.readers import Sample
 from kubetune_trainer.errors import ConfigError
 from kubetune_trainer.promptable.data import Batch, Preprocess, PromptedMasks, collate, resize_targets
 from kubetune_trainer.promptable.losses import LOSS_HEADS, compute_loss, dice_loss, kept_logits, mask_iou
@@ -20,7 +20,7 @@ from kubetune_trainer.promptable.recipe import freeze_unused
 from PIL import Image, ImageFilter
 from torchvision.ops import sigmoid_focal_loss
 
-from tests.factories import train_config
+from tests.factories import train_config, usable
 from tests.helpers import ROOT, write_tiny_sam
 
 SPEC = ModelSpec(family="sam", variant="vit-base", imageSize=64)
@@ -156,7 +156,7 @@ def test_unused_heads_and_prompt_embeddings_are_frozen(base: Path, tmp_path: Pat
     assert module.sam.prompt_encoder.point_embed[2].weight.requires_grad
     # Every parameter left trainable gets a gradient, which DDP needs.
     root = write_coco_dataset(tmp_path, train=2, val=1, size=80, seed=1)
-    samples = usable_samples("coco", root, "train/annotations.json")
+    samples = usable("coco", root, "train/annotations.json")
     ds = PromptedMasks(samples, Preprocess(64, "longest-side"), PromptSpec(), seed=0, train=True)
     batch = collate([ds[(0, 0)], ds[(0, 1)]])
     compute_loss(module(batch), batch.masks, "dicece").total.backward()
