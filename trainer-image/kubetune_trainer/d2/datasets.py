@@ -49,8 +49,9 @@ def to_records(split: SplitData, classes: list[str]) -> Split:
         frame = image_size(sample.image, exif=sample.exif)  # the frame the annotations are in
         annotations = []
         for name, segment in zip(sample.masks.labels(*frame), sample.masks.segments(*frame), strict=True):
-            if name not in classes:
-                skipped[f"object of a class not in the training split: {name}"] += 1
+            if name not in classes:  # Detectron2 needs a class: a VOC instance on background, a bad label_id
+                where = "the training split's" if split.summary.split != "train" else "the declared"
+                skipped[f"object whose class {name!r} is not among {where} classes"] += 1
                 continue
             segment = turned(segment, turn, *frame)
             annotations.append(
