@@ -44,6 +44,9 @@ def test_two_process_run_on_s3(start_run, s3, s3_endpoint: str, tiny_coco_s3: st
     assert set(seen) == {0, 1}, "both ranks serve /metrics during the run"
     endpoints = [e for e in log_events(log.read_text()) if e.get("event") == "metrics endpoint"]
     assert {e["address"] for e in endpoints} == {"127.0.0.1"}  # a local run is not served to the network
+    datasets = {(e["split"], e["rank"]): e for e in log_events(log.read_text()) if e.get("event") == "dataset"}
+    assert datasets[("train", 0)]["images"] == 8 and datasets[("validation", 1)]["images"] == 4  # the summary
+    assert datasets[("train", 0)]["level"] == "info" and datasets[("train", 0)]["objects"] > 8
     for rank, text in seen.items():
         expected = {"family": "sam2", "job": "e2e", "namespace": "tests", "rank": str(rank)}
         samples = [s for fam in text_string_to_metric_families(text) for s in fam.samples]
