@@ -37,12 +37,12 @@ class Row:
 def parquet_files(root: Path, split: str) -> list[Path]:
     """A split is a Parquet file, a folder of them, or a glob (data/train-*.parquet), inside root."""
     base = root / split
-    if any(c in split for c in "*?["):
-        found = [Path(p) for p in sorted(glob.glob(str(base)))]
+    if base.is_file():  # a literal name first, even one with glob characters in it
+        found = [base]
     elif base.is_dir():
         found = sorted(base.rglob("*.parquet"))
-    else:
-        found = [base] if base.is_file() else []
+    else:  # only the split is a pattern, never the folder the data sits in
+        found = [Path(p) for p in sorted(glob.glob(os.path.join(glob.escape(str(root)), split)))]
     found = [p for p in found if is_inside(root, p)]
     if not found:
         raise DataError(f"no Parquet file at {base}")
