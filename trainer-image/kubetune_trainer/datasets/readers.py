@@ -148,9 +148,15 @@ def _read_coco(where: Where, report: SplitReport) -> None:
         or not isinstance(data.get("annotations"), list)
     ):
         raise DataError(f"{path} is not a COCO file: it needs 'images' and 'annotations' lists")
-    categories = {
-        c["id"]: str(c.get("name", c["id"])) for c in data.get("categories") or [] if isinstance(c, dict) and "id" in c
-    }
+    declared = [c for c in data.get("categories") or [] if isinstance(c, dict) and "id" in c]
+    categories = {c["id"]: str(c.get("name", c["id"])) for c in declared}
+    # Roboflow declares the dataset itself as category 0, the supercategory of every real one,
+    # with no annotation of its own: it is not a class.
+    used = {a.get("category_id") for a in data["annotations"] if isinstance(a, dict)}
+    parents = {c.get("supercategory") for c in declared}
+    for key, name in list(categories.items()):
+        if name in parents and key not in used and len(categories) > 1:
+            del categories[key]
     ids = sorted(categories) if all(isinstance(k, int) for k in categories) else sorted(categories, key=str)
     report.classes = [categories[k] for k in ids] or [DEFAULT_CLASS]
     by_image: dict[object, list[tuple[str, object]]] = {}
