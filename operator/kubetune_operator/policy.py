@@ -20,9 +20,15 @@ def image_allowed(image: str, settings: OperatorSettings) -> bool:
     return False
 
 
-def refusals(ftj: FineTuneJob, settings: OperatorSettings, secret_labels: dict[str, str] | None) -> list[str]:
+def refusals(
+    ftj: FineTuneJob,
+    settings: OperatorSettings,
+    secret_labels: dict[str, str] | None,
+    token_labels: dict[str, str] | None = None,
+) -> list[str]:
     """Why this job may not run (empty: it may). `secret_labels` are the labels of the Secret in
-    spec.storage.credentialsSecret (None: there is no such Secret)."""
+    spec.storage.credentialsSecret, `token_labels` those of spec.model.hfTokenSecret (None:
+    there is no such Secret). Both must be marked for kubetune by the namespace's admin."""
     problems = []
     image = ftj.spec.image
     if image and not image_allowed(image, settings):
@@ -30,12 +36,17 @@ def refusals(ftj: FineTuneJob, settings: OperatorSettings, secret_labels: dict[s
         problems.append(f"spec.image {image!r} is not an allowed trainer image (allowed: {allowed})")
     secret = ftj.spec.storage.credentials_secret
     if secret and secret != settings.trainer.credentials_secret:
-        label = settings.trainer.credentials_label
-        if secret_labels is None:
-            problems.append(f"spec.storage.credentialsSecret {secret!r} does not exist in this namespace")
-        elif secret_labels.get(label) != "true":
-            problems.append(
-                f"spec.storage.credentialsSecret {secret!r} is not marked for kubetune: "
-                f'its namespace\'s admin must label it {label}="true"'
-            )
+        problems += _unmarked("spec.storage.credentialsSecret", secret, secret_labels, settings)
+    token = ftj.spec.model.hf_token_secret
+    if token:
+        problems += _unmarked("spec.model.hfTokenSecret", token, token_labels, settings)
     return problems
+
+
+def _unmarked(field: str, secret: str, labels: dict[str, str] | None, settings: OperatorSettings) -> list[str]:
+    label = settings.trainer.credentials_label
+    if labels is None:
+        return [f"{field} {secret!r} does not exist in this namespace"]
+    if labels.get(label) != "true":
+        return [f'{field} {secret!r} is not marked for kubetune: its namespace\'s admin must label it {label}="true"']
+    return []

@@ -66,9 +66,10 @@ def invalid_status(body: dict[str, Any], message: str, reason: str = InvalidSpec
 
 def check_policy(ftj: FineTuneJob, kube: KubeClient, settings: OperatorSettings) -> None:
     """Refuse, before anything is created, what the admin does not allow."""
-    secret = ftj.spec.storage.credentials_secret
+    secret, token = ftj.spec.storage.credentials_secret, ftj.spec.model.hf_token_secret
     labels = kube.secret_labels(ftj.metadata.namespace, secret) if secret else None
-    problems = policy.refusals(ftj, settings, labels)
+    token_labels = kube.secret_labels(ftj.metadata.namespace, token) if token else None
+    problems = policy.refusals(ftj, settings, labels, token_labels)
     if problems:
         raise PolicyRefused("; ".join(problems))
 

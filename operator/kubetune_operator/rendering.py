@@ -75,10 +75,12 @@ def _meta(ftj: FineTuneJob, name: str) -> dict[str, Any]:
 
 def train_config_json(ftj: FineTuneJob, settings: OperatorSettings) -> str:
     config = ftj.train_config()
-    if config.storage.endpoint is None and settings.trainer.s3_endpoint:
-        config = config.model_copy(
-            update={"storage": config.storage.model_copy(update={"endpoint": settings.trainer.s3_endpoint})}
-        )
+    defaults = {
+        "endpoint": settings.trainer.s3_endpoint if config.storage.endpoint is None else None,
+        "mirror": settings.trainer.weights_mirror if config.storage.mirror is None else None,
+    }
+    if update := {k: v for k, v in defaults.items() if v}:
+        config = config.model_copy(update={"storage": config.storage.model_copy(update=update)})
     return config.model_dump_json(by_alias=True, indent=1)
 
 
@@ -164,6 +166,9 @@ def _env(ftj: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
             if key == "AWS_SESSION_TOKEN":
                 ref["optional"] = True
             env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
+    if token := ftj.spec.model.hf_token_secret:  # never in the ConfigMap: huggingface_hub reads HF_TOKEN
+        ref = {"name": token, "key": environment.HF_TOKEN}
+        env.append({"name": environment.HF_TOKEN, "valueFrom": {"secretKeyRef": ref}})
     return env
 
 

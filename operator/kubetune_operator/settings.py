@@ -15,6 +15,9 @@ class TrainerDefaults(BaseModel):
     """S3 endpoint for FineTuneJobs that do not set spec.storage.endpoint."""
     credentials_secret: str | None = None
     """Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY when spec.storage.credentialsSecret is unset."""
+    weights_mirror: str | None = None
+    """storage.mirror for FineTuneJobs that set none: an s3:// prefix holding the published
+    weights (hf://, https://, detectron2://) for a cluster without internet access."""
     metrics_port: int = environment.DEFAULT_METRICS_PORT
     """Port of the trainer's Prometheus endpoint (local rank 0; rank r serves port + r)."""
     rendezvous_port: int = 29400

@@ -72,7 +72,12 @@ def test_unknown_fields_are_rejected_by_name(path, value, field) -> None:
     [
         (lambda s: s["model"].update(variant="sam2.1_hiera_huge"), "not a SAM2 variant"),
         (lambda s: s["model"].update(imageSize=1000), "multiple of 32"),
-        (lambda s: s["model"].update(checkpoint="http://x/y.pt"), "must start with s3:// or file://"),
+        (
+            lambda s: s["model"].update(checkpoint="ftp://x/y.pt"),
+            "model.checkpoint must start with s3://, file://, hf://",
+        ),
+        (lambda s: s["model"].update(checkpointSha256="ABC"), "String should match pattern"),
+        (lambda s: s["storage"].update(mirror="https://m/"), "storage.mirror must start with s3:// or file://"),
         (lambda s: s["data"].update(format="yolo"), "spec.data.format"),
         (lambda s: s["training"].update(epochs=3), "exactly one of epochs or maxSteps"),
         (lambda s: s["training"].update(batchSize=0), "spec.training.batchSize"),

@@ -15,6 +15,7 @@ from kubetune_trainer.config.specs import (
     SAM_VARIANTS,
     SAM_VISION,
     URI_SCHEMES,
+    WEIGHTS_SCHEMES,
     DataSpec,
     EarlyStoppingSpec,
     FamilyDefaults,
@@ -58,6 +59,7 @@ __all__ = [
     "Trainable",
     "TrainingSpec",
     "URI_SCHEMES",
+    "WEIGHTS_SCHEMES",
     "describe_validation_error",
     "load_validated",
 ]

@@ -32,7 +32,8 @@ SAM_VISION: dict[str, tuple[int, int, int, tuple[int, ...]]] = {
 }
 SAM_VARIANTS = tuple(SAM_VISION)
 URI_SCHEMES = ("s3://", "file://")
-DETECTRON2_FORMATS = ("coco", "via", "voc")
+WEIGHTS_SCHEMES = (*URI_SCHEMES, "hf://", "https://", "http://", "detectron2://")
+DETECTRON2_FORMATS = ("coco", "via", "voc", "voc-semantic", "datumaro")
 DETECTRON2_METRICS = ("bbox_ap", "segm_ap")
 
 
@@ -95,9 +96,16 @@ class ModelSpec(Section):
     """sam2.1_hiera_{tiny,small,base_plus,large} (or sam2_hiera_*); sam: vit-{base,large,huge};
     detectron2: a model-zoo config path."""
     checkpoint: str | None = None
-    """Base weights (s3:// or file://) in the family's native format: SAM2 and Detectron2 a
-    checkpoint file; sam a transformers model folder (config.json + model.safetensors).
-    Omitted: random init."""
+    """Base weights in the family's native format (SAM2 and Detectron2 a checkpoint file; sam a
+    transformers model folder: config.json + model.safetensors), from s3://, file://,
+    hf://<org>/<repo>[@<revision>][/<file>] (the Hugging Face Hub), https:// or http://, or
+    detectron2://<model-zoo path>. Omitted: Detectron2 starts from the model zoo's trained weights
+    for the variant; SAM and SAM2 from random weights. none: random weights for every family."""
+    checkpoint_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    """The checkpoint file's SHA-256 (hex): checked after download; a mismatch is fatal."""
+    hf_token_secret: str | None = None
+    """Secret (key HF_TOKEN) holding a Hugging Face token for gated or private repos; the operator
+    mounts it as HF_TOKEN, never into the ConfigMap, the status or the logs."""
     trainable: list[Trainable] | None = None
     """Parts of the model that receive gradients; the rest stay frozen (null: mask_decoder and
     prompt_encoder for SAM2, mask_decoder for SAM)."""
@@ -133,7 +141,11 @@ class ModelSpec(Section):
 
     @model_validator(mode="after")
     def _check_family(self) -> ModelSpec:
-        _check_uri(self.checkpoint, "model.checkpoint")
+        named = self.checkpoint not in (None, "none")
+        if named and not str(self.checkpoint).startswith(WEIGHTS_SCHEMES):
+            raise ValueError(
+                f"model.checkpoint must start with {', '.join(WEIGHTS_SCHEMES)} (or be none), got {self.checkpoint!r}"
+            )
         if self.family == "detectron2":
             check_variant(self.variant)
             check_overrides(self.overrides)
@@ -246,14 +258,19 @@ class OptimizerSpec(Section):
     """Adam/AdamW betas."""
     momentum: float = Field(0.9, ge=0)
     """SGD momentum."""
-    lr_scaling: Literal["none", "linear"] = "none"
-    """linear: multiply lr by (batchSize × gradAccumulation × processes) / referenceBatch."""
+    lr_scaling: Literal["none", "linear"] | None = None
+    """linear: multiply lr by (batchSize × gradAccumulation × processes) / referenceBatch (null:
+    linear for Detectron2, against the zoo config's SOLVER.IMS_PER_BATCH, whose SOLVER.BASE_LR
+    was set for 16 images; none for SAM and SAM2)."""
     reference_batch: int | None = Field(None, ge=1)
     """Total batch the lr was chosen for (null with Detectron2: the zoo's SOLVER.IMS_PER_BATCH)."""
 
-    def scaled_lr(self, lr: float, total_batch: int, reference_batch: int | None = None) -> float:
-        """The linear-scaling rule (Goyal et al.): lr grows with the total batch."""
-        if self.lr_scaling == "none":
+    def scaled_lr(
+        self, lr: float, total_batch: int, reference_batch: int | None = None, default: str = "none"
+    ) -> float:
+        """The linear-scaling rule (Goyal et al.): lr grows with the total batch. `default` is the
+        family's rule when lrScaling is null."""
+        if (self.lr_scaling or default) == "none":
             return lr
         return lr * total_batch / (self.reference_batch or reference_batch or total_batch)
 
@@ -361,6 +378,16 @@ class StorageSpec(Section):
     """S3 region."""
     credentials_secret: str | None = None
     """Kubernetes Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (operator side)."""
+    mirror: str | None = None
+    """s3:// or file:// prefix that stands in for hf://, https:// and detectron2:// weights on a
+    cluster without internet access (`kubetune weights mirror` fills it): hf://org/repo@rev/f is
+    read from <mirror>hf/org/repo/rev/f, https://host/p from <mirror>https/host/p, detectron2://p
+    from <mirror>detectron2/p."""
+
+    @model_validator(mode="after")
+    def _check_mirror(self) -> StorageSpec:
+        _check_uri(self.mirror, "storage.mirror")
+        return self
 
 
 class OutputSpec(Section):

@@ -98,6 +98,22 @@ def _get(cfg: Any, key: str) -> Any:
     return node
 
 
+def zoo_checkpoint(variant: str) -> str:
+    """The model zoo's trained weights for a config, as Detectron2's tutorial starts from them
+    (`model_zoo.get_checkpoint_url`), as a detectron2:// URI; "none" when the zoo has none."""
+    from detectron2 import model_zoo
+
+    try:
+        url = model_zoo.get_checkpoint_url(variant)
+    except RuntimeError:
+        log.warning("the model zoo has no trained weights for this config", variant=variant)
+        return "none"
+    prefix = "https://dl.fbaipublicfiles.com/detectron2/"
+    uri = "detectron2://" + url.removeprefix(prefix) if url.startswith(prefix) else url
+    log.info("base weights: the model zoo's for the config", variant=variant, checkpoint=uri)
+    return uri
+
+
 def load_base_weights(module: nn.Module, path: Path) -> None:
     """Detectron2's checkpointer (name matching, Caffe2 conversion, shape checks) over a file
     read by `d2.weights`: no pickle in it runs code."""
@@ -106,6 +122,18 @@ def load_base_weights(module: nn.Module, path: Path) -> None:
     class SafeCheckpointer(DetectionCheckpointer):
         def _load_file(self, filename: str) -> dict[str, Any]:
             return read_checkpoint(Path(filename))
+
+        def _load_model(self, checkpoint: Any) -> Any:
+            """Heads that no longer fit (80 COCO classes against the job's) start fresh: say which."""
+            incompatible = super()._load_model(checkpoint)
+            log.info(
+                "base weights loaded",
+                file=path.name,
+                reinitialised_for_shape=[key for key, *_ in incompatible.incorrect_shapes],
+                missing=list(incompatible.missing_keys),
+                unused=len(incompatible.unexpected_keys),
+            )
+            return incompatible
 
     SafeCheckpointer(module).load(str(path))
 

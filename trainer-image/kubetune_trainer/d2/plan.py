@@ -70,7 +70,7 @@ def plan(
         "MODEL.RETINANET.NUM_CLASSES": data.num_classes,
         "SOLVER.IMS_PER_BATCH": total_batch,
         "SOLVER.MAX_ITER": max_iter,
-        "SOLVER.BASE_LR": opt.scaled_lr(base_lr, total_batch, int(zoo["SOLVER.IMS_PER_BATCH"])),
+        "SOLVER.BASE_LR": opt.scaled_lr(base_lr, total_batch, int(zoo["SOLVER.IMS_PER_BATCH"]), default="linear"),
         "SOLVER.MOMENTUM": opt.momentum,
         "SOLVER.WARMUP_FACTOR": sched.warmup_factor,
         "SOLVER.WARMUP_ITERS": sched.warmup_steps

@@ -37,6 +37,7 @@ from kubetune_trainer.d2.build import (
     build_trainer,
     load_base_weights,
     read_splits,
+    zoo_checkpoint,
 )
 from kubetune_trainer.d2.datasets import Split
 from kubetune_trainer.d2.hooks import BridgeHook, CheckpointHook, EarlyStop, EvalHook, Progress, upload_visualizations
@@ -62,7 +63,8 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> Rep
     distributed.check_precision(config.training.precision, ctx.device)
     if ctx.world_size > 1 and comm._LOCAL_PROCESS_GROUP is None:
         comm.create_local_process_group(ctx.local_world_size)
-    files = stage_files(config, ctx)
+    checkpoint = config.model.checkpoint or zoo_checkpoint(config.model.variant)
+    files = stage_files(config, ctx, checkpoint=checkpoint)
     train, val = read_splits(config, files.root, job_cache(config.job) / "extracted")
     output = open_store(config.output.uri, config.storage)
     checkpointer = Checkpointer(output, job_cache(config.job), config.output.keep_last)
@@ -77,7 +79,7 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> Rep
     if files.weights is not None:
         load_base_weights(module, files.weights)
     else:
-        log.warning("model.checkpoint is not set: training from random weights, expect a much slower start")
+        log.warning(f"model.checkpoint is {checkpoint}: training from random weights, expect a much slower start")
     model = distributed.wrap_ddp(module, ctx)
     optimizer = build_optimizer(cfg, module, job_plan, config)
     per_rank = job_plan.total_batch // ctx.world_size

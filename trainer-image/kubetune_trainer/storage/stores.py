@@ -254,6 +254,14 @@ def split_object_uri(uri: str) -> tuple[str, str]:
     return head + "/", name
 
 
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(MiB), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def etag_matches(path: Path, etag: str | None) -> bool:
     """True when the local file has the S3 ETag (plain MD5, or multipart MD5-of-MD5s)."""
     if not etag:

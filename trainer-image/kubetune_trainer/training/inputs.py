@@ -15,8 +15,9 @@ from pathlib import Path
 
 from kubetune_trainer.config import JobIdentity, TrainConfig, environment
 from kubetune_trainer.storage.shared import SharedFiles
-from kubetune_trainer.storage.staging import fetch_object, stage
-from kubetune_trainer.storage.stores import open_store, split_object_uri
+from kubetune_trainer.storage.staging import stage
+from kubetune_trainer.storage.stores import open_store
+from kubetune_trainer.storage.weights import Weights, fetch_weights
 from kubetune_trainer.training import distributed
 from kubetune_trainer.training.distributed import DistContext
 
@@ -41,19 +42,22 @@ class StagedFiles:
     downloaded_bytes: int
 
 
-def stage_files(config: TrainConfig, ctx: DistContext, weights_are_folder: bool = False) -> StagedFiles:
-    """Dataset and base weights on local disk; node leaders download, the others wait."""
+def stage_files(
+    config: TrainConfig, ctx: DistContext, weights_are_folder: bool = False, checkpoint: str | None = None
+) -> StagedFiles:
+    """Dataset and base weights on local disk; node leaders download, the others wait.
+    `checkpoint` stands for model.checkpoint when the recipe chose the weights (Detectron2's zoo)."""
     cache, shared = job_cache(config.job), shared_files()
     data_store = open_store(config.data.source, config.storage)
     report = distributed.leader_first(ctx, lambda: stage(data_store, cache, shared))
     downloaded = report.bytes_downloaded
+    uri = checkpoint or config.model.checkpoint
     weights = None
-    if config.model.checkpoint and weights_are_folder:  # a transformers model folder
-        store = open_store(config.model.checkpoint, config.storage)  # a folder URI, "/" or not
-        folder = distributed.leader_first(ctx, lambda: stage(store, cache, shared))
-        weights, downloaded = folder.root, downloaded + folder.bytes_downloaded
-    elif config.model.checkpoint:
-        folder, key = split_object_uri(config.model.checkpoint)
-        weights_store = open_store(folder, config.storage)
-        weights = distributed.leader_first(ctx, lambda: fetch_object(weights_store, key, cache / "weights", shared))
+    if uri and uri != "none":
+        model = config.model
+        wanted = Weights(uri, model.family, model.variant, model.checkpoint_sha256, weights_are_folder)
+        weights, got = distributed.leader_first(
+            ctx, lambda: fetch_weights(wanted, config.storage, cache / "weights", shared)
+        )
+        downloaded += got
     return StagedFiles(report.root, weights, downloaded if ctx.is_local_leader else 0)
