@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_MODELS: dict[str, dict[str, Any]] = {
     "sam2": {"family": "sam2", "variant": "sam2.1_hiera_tiny", "imageSize": 64},
     "sam": {"family": "sam", "variant": "vit-base", "imageSize": 64},
+    "detectron2": {"family": "detectron2", "checkpoint": "none"},  # not the zoo's weights: tests are offline
 }
 
 
@@ -72,7 +73,7 @@ def job_manifest(
 ) -> dict[str, Any]:
     """A FineTuneJob for CPU runs: SAM2 tiny at 64 px on a COCO set with a validation split, six
     steps, evaluation and a checkpoint every three. `model` with another family starts from that
-    family's tiny model (or from nothing, for detectron2)."""
+    family's tiny model (random weights, for detectron2)."""
     family = (model or {}).get("family", "sam2")
     spec = {
         "model": merged(TINY_MODELS.get(family, {}), model),

@@ -7,6 +7,7 @@ import random
 import socket
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -141,3 +142,47 @@ def write_tiny_sam(folder: Path, seed: int = 123) -> dict:
     reset_positional_encoding(model)
     model.save_pretrained(folder)
     return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def make_base_weights(path: Path) -> dict:
+    """A Meta-format checkpoint unlike the trainer's own seeded init (seed 123, not 0)."""
+    import torch
+    from kubetune_trainer.config import ModelSpec
+    from kubetune_trainer.promptable.models.sam2 import Sam2Segmenter
+
+    torch.manual_seed(123)
+    model = Sam2Segmenter().build(ModelSpec(family="sam2", variant="sam2.1_hiera_tiny", imageSize=64), None)
+    segmenter = Sam2Segmenter()
+    segmenter.save_native(model, path.parent)
+    (path.parent / segmenter.native_name).rename(path)
+    return model.sam.state_dict()
+
+
+@contextmanager
+def serve_files(folder: Path):
+    """A loopback HTTP server for `folder` (whole files: http.server ignores Range):
+    yields (base URL, the list of (method, path) it was asked for)."""
+    import http.server
+    import threading
+
+    seen: list[tuple[str, str]] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(folder), **kwargs)
+
+        def send_head(self):
+            seen.append((self.command, self.path))
+            return super().send_head()
+
+        def log_message(self, *args) -> None:  # quiet
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -4,6 +4,7 @@ kubetune run SPEC.yaml --local [--nproc-per-node N]   run a FineTuneJob on this 
 kubetune demo                                         a complete small fine-tune, no setup
 kubetune validate SPEC.yaml                           check a spec and print the trainer config
 kubetune validate SPEC.yaml --data [--json]           read its data as the trainer will; say what is usable
+kubetune weights mirror SPEC.yaml... [--to URI]       copy the specs' published weights to storage.mirror
 """
 
 from __future__ import annotations
@@ -35,6 +36,13 @@ def _validate(args: argparse.Namespace) -> int:
         return check_data(config, as_json=args.json)
     print(config.model_dump_json(by_alias=True, indent=2))
     return 0
+
+
+def _mirror(args: argparse.Namespace) -> int:
+    from .local import load_spec, mirror_weights
+
+    configs = [load_spec(path).train_config(default_namespace="local") for path in args.specs]
+    return mirror_weights(configs, args.to)
 
 
 def _render(args: argparse.Namespace) -> int:
@@ -105,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--data", action="store_true", help="stage and read the data; per split: what is usable")
     val.add_argument("--json", action="store_true", help="with --data: the summary as JSON")
     val.set_defaults(func=_validate)
+    weights = sub.add_parser("weights", help="published base weights").add_subparsers(dest="action", required=True)
+    mirror = weights.add_parser("mirror", help="copy the specs' hf://, https://, detectron2:// weights to the mirror")
+    mirror.add_argument("specs", type=Path, nargs="+")
+    mirror.add_argument("--to", default=None, help="mirror prefix, s3:// or file:// (default: storage.mirror)")
+    mirror.set_defaults(func=_mirror)
     render = sub.add_parser("render", help="print the ConfigMap, Service and Job the operator would create")
     render.add_argument("spec", type=Path)
     render.add_argument("--namespace", default="default", help="namespace when the spec names none")

@@ -71,6 +71,17 @@ def check_data(config: TrainConfig, as_json: bool = False, env: dict[str, str] |
         return subprocess.call(command + (["--json"] if as_json else []), env={**os.environ, **(env or {})})
 
 
+def mirror_weights(configs: list[TrainConfig], to: str | None = None) -> int:
+    """`kubetune weights mirror`: the trainer's own fetch and checks, in the trainer's environment."""
+    with tempfile.TemporaryDirectory(prefix="kubetune-mirror-") as tmp:
+        command = [sys.executable, "-m", "kubetune_trainer.mirroring"]
+        for index, config in enumerate(configs):
+            path = Path(tmp) / f"train-{index}.json"
+            path.write_text(config.model_dump_json(by_alias=True, indent=1))
+            command += ["--config", str(path)]
+        return subprocess.call(command + (["--to", to] if to else []))
+
+
 def kill_tree(pid: int, timeout_s: float = 10.0) -> None:
     """SIGKILL a process and all its descendants, as a node failure would.
 

@@ -73,6 +73,7 @@ def test_namespaced_install_uses_roles_in_each_namespace() -> None:
     }
     assert json.loads(env["KUBETUNE_NAMESPACES"]) == ["ml-team-a", "ml-team-b"]
     assert env["KUBETUNE_TRAINER__S3_ENDPOINT"] == "http://minio.storage:9000"
+    assert env["KUBETUNE_TRAINER__WEIGHTS_MIRROR"] == "s3://platform/weights/"
 
 
 def test_operator_deployment() -> None:

@@ -18,6 +18,7 @@ from tests.helpers import (
     free_port_run,
     kill_after_first_checkpoint,
     log_events,
+    make_base_weights,
     objects,
     scrape,
 )
@@ -94,19 +95,6 @@ def test_two_process_run_on_s3(start_run, s3, s3_endpoint: str, tiny_coco_s3: st
     assert not torch.equal(final[key.removeprefix("sam.")], base[key.removeprefix("sam.")])  # it trained
     frozen = [k for k in base if k.startswith("image_encoder.")]
     assert frozen and all(torch.equal(final[k], base[k]) for k in frozen)  # base weights came from S3
-
-
-def make_base_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A Meta-format checkpoint unlike the trainer's own seeded init (seed 123, not 0)."""
-    from kubetune_trainer.config import ModelSpec
-    from kubetune_trainer.promptable.models.sam2 import Sam2Segmenter
-
-    torch.manual_seed(123)
-    model = Sam2Segmenter().build(ModelSpec(family="sam2", variant="sam2.1_hiera_tiny", imageSize=64), None)
-    segmenter = Sam2Segmenter()
-    segmenter.save_native(model, path.parent)
-    (path.parent / segmenter.native_name).rename(path)
-    return model.sam.state_dict()
 
 
 def test_resume_after_kill_9(start_run, s3, s3_endpoint: str, tiny_coco_s3: str, bucket: str) -> None:

@@ -56,3 +56,18 @@ def test_secrets_need_the_admins_label_and_every_refusal_is_named() -> None:
     both = refusals(job(image="docker.io/library/python:3"), SETTINGS, None)
     assert "spec.image 'docker.io/library/python:3' is not an allowed trainer image" in both[0]
     assert both[1] == "spec.storage.credentialsSecret 'team-s3' does not exist in this namespace"
+
+
+def test_a_hub_token_secret_needs_the_same_mark() -> None:
+    raw = example_job(namespace="ml")
+    raw["spec"]["storage"]["credentialsSecret"] = None
+    raw["spec"]["model"]["hfTokenSecret"] = "hub-token"
+    ftj = FineTuneJob.model_validate(raw)
+    assert refusals(ftj, SETTINGS, None, {"kubetune.dev/credentials": "true"}) == []
+    assert refusals(ftj, SETTINGS, None, None) == [
+        "spec.model.hfTokenSecret 'hub-token' does not exist in this namespace"
+    ]
+    assert refusals(ftj, SETTINGS, None, {}) == [
+        "spec.model.hfTokenSecret 'hub-token' is not marked for kubetune: "
+        'its namespace\'s admin must label it kubetune.dev/credentials="true"'
+    ]

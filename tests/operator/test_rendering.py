@@ -185,3 +185,33 @@ def test_immutable_view_ignores_mutable_fields() -> None:
     changed["spec"]["model"]["variant"] = "sam2.1_hiera_large"
     assert immutable_view(FineTuneJob.model_validate(changed)) != base
     assert IMMUTABLE_ANNOTATION in objects(example())["Job"]["metadata"]["annotations"]
+
+
+def test_a_hub_token_reaches_the_pods_as_hf_token_and_nowhere_else() -> None:
+    ftj = example(model__checkpoint="hf://facebook/sam2.1-hiera-tiny", model__hfTokenSecret="hub-token")
+    objs = objects(ftj)
+    env = {e["name"]: e for e in objs["Job"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["HF_TOKEN"] == {
+        "name": "HF_TOKEN",
+        "valueFrom": {"secretKeyRef": {"name": "hub-token", "key": "HF_TOKEN"}},
+    }
+    config = TrainConfig.model_validate_json(objs["ConfigMap"]["data"]["train.json"])
+    assert config.model.hf_token_secret == "hub-token"  # the Secret's name; its value is never read
+    kubernetes_validate.validate(objs["Job"], K8S_VERSION, strict=True)
+    assert "HF_TOKEN" not in {
+        e["name"] for e in objects(example())["Job"]["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+
+
+def test_the_operators_weights_mirror_is_the_default_storage_mirror() -> None:
+    mirror = "s3://platform/weights/"
+    config = TrainConfig.model_validate_json(
+        objects(example(), trainer={"weights_mirror": mirror})["ConfigMap"]["data"]["train.json"]
+    )
+    assert config.storage.mirror == mirror
+    own = example(storage__mirror="s3://team/weights/")
+    kept = TrainConfig.model_validate_json(
+        objects(own, trainer={"weights_mirror": mirror})["ConfigMap"]["data"]["train.json"]
+    )
+    assert kept.storage.mirror == "s3://team/weights/"
+    assert TrainConfig.model_validate_json(objects(example())["ConfigMap"]["data"]["train.json"]).storage.mirror is None

@@ -135,7 +135,8 @@ def test_plan_keeps_zoo_values_for_unset_fields() -> None:
     s = p.settings
     assert s["MODEL.WEIGHTS"] == "file:///w.pkl"
     assert s["MODEL.ROI_HEADS.NUM_CLASSES"] == s["MODEL.RETINANET.NUM_CLASSES"] == 3
-    assert (s["SOLVER.IMS_PER_BATCH"], s["SOLVER.MAX_ITER"], s["SOLVER.BASE_LR"]) == (4, 38, 0.02)
+    # The zoo's lr was set for its 16 images a step; 4 here take a quarter of it.
+    assert (s["SOLVER.IMS_PER_BATCH"], s["SOLVER.MAX_ITER"], s["SOLVER.BASE_LR"]) == (4, 38, 0.02 * 4 / 16)
     assert (s["SOLVER.WARMUP_ITERS"], s["SOLVER.STEPS"], s["SOLVER.CHECKPOINT_PERIOD"]) == (3, [], 38)
     assert (s["TEST.EVAL_PERIOD"], s["SOLVER.AMP.ENABLED"], s["SEED"]) == (0, False, 0)
     unset = {"SOLVER.WEIGHT_DECAY", "SOLVER.LR_SCHEDULER_NAME", "SOLVER.CLIP_GRADIENTS.ENABLED", "INPUT.MASK_FORMAT"}
@@ -179,6 +180,8 @@ def test_plan_multistep_and_clipping_off() -> None:
 def test_plan_linear_scaling_reference() -> None:
     zoo_ref = make_plan(d2_params(epochs=1, batchSize=2, optimizer={"lrScaling": "linear"}))
     assert zoo_ref.settings["SOLVER.BASE_LR"] == pytest.approx(0.02 * 4 / 16)
+    kept = make_plan(d2_params(epochs=1, batchSize=2, optimizer={"lrScaling": "none"}))
+    assert kept.settings["SOLVER.BASE_LR"] == 0.02  # the zoo's value as it is, when asked
     own = {"lrScaling": "linear", "lr": 0.01, "referenceBatch": 8}
     own_ref = make_plan(d2_params(epochs=1, batchSize=2, optimizer=own))
     assert own_ref.settings["SOLVER.BASE_LR"] == pytest.approx(0.01 * 4 / 8)

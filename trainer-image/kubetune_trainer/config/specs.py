@@ -260,8 +260,8 @@ class OptimizerSpec(Section):
     """SGD momentum."""
     lr_scaling: Literal["none", "linear"] | None = None
     """linear: multiply lr by (batchSize × gradAccumulation × processes) / referenceBatch (null:
-    linear for Detectron2, against the zoo config's SOLVER.IMS_PER_BATCH, whose SOLVER.BASE_LR
-    was set for 16 images; none for SAM and SAM2)."""
+    for Detectron2 without lr, linear against the zoo config's SOLVER.IMS_PER_BATCH, since its
+    SOLVER.BASE_LR was set for 16 images; otherwise none)."""
     reference_batch: int | None = Field(None, ge=1)
     """Total batch the lr was chosen for (null with Detectron2: the zoo's SOLVER.IMS_PER_BATCH)."""
 

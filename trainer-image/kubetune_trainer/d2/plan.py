@@ -70,7 +70,11 @@ def plan(
         "MODEL.RETINANET.NUM_CLASSES": data.num_classes,
         "SOLVER.IMS_PER_BATCH": total_batch,
         "SOLVER.MAX_ITER": max_iter,
-        "SOLVER.BASE_LR": opt.scaled_lr(base_lr, total_batch, int(zoo["SOLVER.IMS_PER_BATCH"]), default="linear"),
+        # The zoo's BASE_LR was set for its IMS_PER_BATCH: scaled to this batch unless lrScaling says
+        # otherwise; an lr the spec sets is taken as written.
+        "SOLVER.BASE_LR": opt.scaled_lr(
+            base_lr, total_batch, int(zoo["SOLVER.IMS_PER_BATCH"]), default="linear" if opt.lr is None else "none"
+        ),
         "SOLVER.MOMENTUM": opt.momentum,
         "SOLVER.WARMUP_FACTOR": sched.warmup_factor,
         "SOLVER.WARMUP_ITERS": sched.warmup_steps
