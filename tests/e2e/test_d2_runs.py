@@ -20,7 +20,15 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.factories import job_manifest
-from tests.helpers import DOCUMENTED, free_port_run, kill_after_first_checkpoint, objects, scrape
+from tests.helpers import (
+    DOCUMENTED,
+    free_port_run,
+    kill_after_first_checkpoint,
+    log_events,
+    objects,
+    scrape,
+    serve_files,
+)
 
 try:
     import detectron2  # noqa: F401
@@ -193,6 +201,44 @@ def test_unknown_override_fails_before_writing(start_run, s3, s3_endpoint, tiny_
     assert proc.wait(timeout=300) == 2, log.read_text()[-3000:]
     assert "SOLVER.BASE_LRR is not a Detectron2 config key (did you mean SOLVER.BASE_LR?)" in log.read_text()
     assert objects(s3, bucket, "out/") == []
+
+
+@needs_d2
+@pytest.mark.slow
+def test_an_omitted_checkpoint_starts_from_the_zoo_weights(start_run, tiny_coco: Path, tmp_path) -> None:
+    """As Detectron2's tutorial: the zoo's weights for the config, through detectron2:// (served here
+    on loopback in the zoo's layout), heads that do not fit the job's classes re-initialised and named."""
+    import pickle
+
+    from detectron2 import model_zoo
+
+    zoo_path = model_zoo.get_checkpoint_url(VARIANT).removeprefix("https://dl.fbaipublicfiles.com/detectron2/")
+    zoo = tmp_path / "zoo"
+    (zoo / zoo_path).parent.mkdir(parents=True)
+    coco_heads = {  # COCO's 80 classes, as the zoo's checkpoints hold them; the backbone stem fits
+        "roi_heads.box_predictor.cls_score.weight": np.zeros((81, 1024), np.float32),
+        "roi_heads.box_predictor.cls_score.bias": np.zeros(81, np.float32),
+        "roi_heads.mask_head.predictor.weight": np.zeros((80, 256, 1, 1), np.float32),
+        "backbone.bottom_up.stem.conv1.weight": np.full((64, 3, 7, 7), 0.01, np.float32),
+    }
+    (zoo / zoo_path).write_bytes(pickle.dumps({"model": coco_heads, "__author__": "Detectron2 Model Zoo"}, 4))
+    spec = d2_spec(tiny_coco.as_uri(), "train/annotations.json", None, "coco", (tmp_path / "out").as_uri(), None)
+    spec["spec"]["model"].pop("checkpoint")
+    spec["spec"]["training"] = {"maxSteps": 2, "batchSize": 1, "precision": "fp32"}  # the zoo's lr, scaled
+    with serve_files(zoo) as (base, seen):
+        proc, log = start_run(spec, env={"KUBETUNE_METRICS_PORT": "0", "KUBETUNE_DETECTRON2_ZOO_URL": base + "/"})
+        assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
+    assert seen == [("GET", "/" + zoo_path)]
+    events = {e.get("event"): e for e in log_events(log.read_text())}
+    assert events["base weights: the model zoo's for the config"]["checkpoint"] == f"detectron2://{zoo_path}"
+    loaded = events["base weights loaded"]
+    assert set(loaded["reinitialised_for_shape"]) == {
+        "roi_heads.box_predictor.cls_score.weight",
+        "roi_heads.box_predictor.cls_score.bias",
+        "roi_heads.mask_head.predictor.weight",
+    }
+    assert "backbone.bottom_up.stem.conv1.weight" not in loaded["missing"] and loaded["missing"]
+    assert events["training"]["base_lr"] == pytest.approx(0.02 * 1 / 16)  # the zoo's 0.02 for 16 images
 
 
 @needs_d2
