@@ -9,6 +9,7 @@ import http.client
 import json
 import os
 import struct
+import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -29,58 +30,85 @@ HINTS = {
 }
 
 
-def looks_whole(path: Path) -> bool:
-    """Whether the file's header parses as its kind's (safetensors, a torch zip or pickle, a
-    pickle): a file cut short, or an HTML error page saved under a .pt name, does not."""
-    suffix = path.suffix.lower()
+def looks_whole(path: Path, suffix: str | None = None) -> bool:
+    """Whether the file parses as its kind (by `suffix`, else its own): a safetensors file whose
+    header's tensors end where the file does, a torch zip (or legacy pickle), a pickle that ends
+    with its STOP opcode. A file cut short, or an HTML error page under a .pt name, does not."""
+    suffix = (suffix or path.suffix).lower()
     try:
+        size = path.stat().st_size
         with path.open("rb") as fh:
             head = fh.read(8)
             if suffix == ".safetensors":
-                if len(head) < 8:
-                    return False
                 (length,) = struct.unpack("<Q", head)
-                if length > path.stat().st_size - 8:
+                if length > size - 8:
                     return False
-                json.loads(fh.read(length))
-                return True
+                header = json.loads(fh.read(length))
+                ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+                return max(ends, default=0) == size - 8 - length
+            if suffix == ".pkl":
+                fh.seek(-1, os.SEEK_END)
+                return head[:1] == b"\x80" and fh.read(1) == b"."
         if suffix in (".pt", ".pth", ".ckpt"):
-            return zipfile.is_zipfile(path) or head[:1] == b"\x80"
-        if suffix == ".pkl":
-            return head[:1] == b"\x80"
-    except (OSError, ValueError, struct.error):
+            return (head[:4] == b"PK\x03\x04" and zipfile.is_zipfile(path)) or head[
+                :1
+            ] == b"\x80"  # torch's zip starts at 0
+    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error):
         return False
-    return path.stat().st_size > 0
+    return size > 0
 
 
-def download(url: str, dest: Path, sha256: str | None = None) -> Path:
-    """`url` as the whole, checked file `dest` (kept as it is when it already is)."""
+def download(url: str, dest: Path, sha256: str | None = None) -> tuple[Path, int]:
+    """(`url` as the whole, checked file `dest`, bytes downloaded); a file already whole is kept.
+    A resumed download that fails its checks (the file changed under it) is fetched once anew."""
     if dest.is_file() and looks_whole(dest) and (sha256 is None or sha256_of(dest) == sha256):
-        return dest
+        return dest, 0
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
+    resumed = part.exists() and part.stat().st_size > 0
+    got = _fetch_all(url, part)
+    problem = _problem(part, dest.suffix, sha256)
+    if problem and resumed:
+        log.warning("a resumed download does not check out; fetching it anew", url=url, reason=problem)
+        part.unlink()
+        got = _fetch_all(url, part)
+        problem = _problem(part, dest.suffix, sha256)
+    if problem:
+        part.unlink()
+        raise ConfigError(f"model.checkpoint {url}: {problem}")
+    os.replace(part, dest)
+    return dest, got
+
+
+def _problem(part: Path, suffix: str, sha256: str | None) -> str | None:
+    if sha256 is not None and (actual := sha256_of(part)) != sha256:
+        return f"SHA-256 is {actual}, model.checkpointSha256 says {sha256}"
+    if not looks_whole(part, suffix):
+        return f"the file downloaded is not a whole {suffix} checkpoint"
+    return None
+
+
+def _fetch_all(url: str, part: Path) -> int:
+    """Fetch into `part`, resuming after a dropped connection; returns the bytes received."""
+    start = part.stat().st_size if part.exists() else 0
     for attempt in range(ATTEMPTS):
         try:
             _fetch(url, part)
-            break
+            return part.stat().st_size - start
         except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as exc:
             if isinstance(exc, urllib.error.HTTPError):
                 raise
-            got = part.stat().st_size if part.exists() else 0
-            if attempt == ATTEMPTS - 1 or (attempt == 0 and got == 0 and _unreachable(exc)):
+            have = part.stat().st_size if part.exists() else 0
+            if attempt == 0 and have == 0 and _unreachable(exc):
                 raise ConfigError(
                     f"model.checkpoint {url}: cannot download ({exc}); without network access, "
                     "set storage.mirror (see `kubetune weights mirror`)"
                 ) from exc
-            log.warning("download interrupted, resuming", url=url, have_bytes=got, reason=str(exc))
-    if sha256 is not None and (actual := sha256_of(part)) != sha256:
-        part.unlink()
-        raise ConfigError(f"model.checkpoint {url}: SHA-256 is {actual}, model.checkpointSha256 says {sha256}")
-    if not looks_whole(part):
-        part.unlink()
-        raise ConfigError(f"model.checkpoint {url}: the file downloaded is not a {dest.suffix} checkpoint")
-    os.replace(part, dest)
-    return dest
+            if attempt == ATTEMPTS - 1:  # the bytes so far stay: the Job's retry resumes from them
+                raise KubetuneError(f"model.checkpoint {url}: the download keeps breaking off ({exc})") from exc
+            log.warning("download interrupted, resuming", url=url, have_bytes=have, reason=str(exc))
+            time.sleep(attempt + 1)
+    raise AssertionError("unreachable")
 
 
 def _unreachable(exc: BaseException) -> bool:

@@ -73,10 +73,10 @@ def fetch_weights(weights: Weights, storage: StorageSpec, cache: Path, shared: S
     key = f"sha256:{weights.sha256}" if weights.sha256 else None
     if key and shared is not None and not dest.is_file() and shared.take(key, None, dest):
         return dest, 0
-    path = web.download(url, dest, weights.sha256)
+    path, got = web.download(url, dest, weights.sha256)
     if key and shared is not None:
         shared.offer(path, key, path.stat().st_size)
-    return path, 0
+    return path, got
 
 
 def _from_store(uri: str, weights: Weights, storage: StorageSpec, cache: Path, shared) -> tuple[Path, int]:
