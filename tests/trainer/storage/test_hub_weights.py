@@ -10,7 +10,7 @@ import io
 import re
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -69,7 +69,9 @@ class FakeHub:
     cdn_url: str = ""
     repos: dict[str, Repo] = field(default_factory=dict)
     requests: list[Request] = field(default_factory=list)
-    fail_with: int | None = None  # every /resolve request answers this status
+    fail_with: int | None = None  # /resolve requests answer this status...
+    fail_from: int = 0  # ... from the n-th /resolve request on (counting from 0)
+    hook: Callable[[Request], None] | None = None  # called on each request, before it is answered
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def blob(self, sha256: str) -> bytes | None:
@@ -98,7 +100,7 @@ class FakeHub:
 class Handler(BaseHTTPRequestHandler):
     server: ThreadingHTTPServer
 
-    def log_message(self, format, *args) -> None:  # noqa: A002 - quiet
+    def log_message(self, format, *args) -> None:  # quiet
         pass
 
     @property
@@ -114,9 +116,10 @@ class Handler(BaseHTTPRequestHandler):
     def _answer(self, body: bool) -> None:
         role = self.server.role  # type: ignore[attr-defined]
         path = urlsplit(self.path).path
-        self.hub.record(
-            Request(role, self.command, path, self.headers.get("Authorization"), self.headers.get("Range"))
-        )
+        request = Request(role, self.command, path, self.headers.get("Authorization"), self.headers.get("Range"))
+        self.hub.record(request)
+        if self.hub.hook is not None:
+            self.hub.hook(request)
         if role == "cdn":
             self._cdn(path, body)
         else:
@@ -139,8 +142,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def _resolve(self, path: str, body: bool) -> None:
         hub = self.hub
-        if hub.fail_with is not None:
-            return self._error(hub.fail_with, None, "Internal Error - We're working hard to fix this")
+        served = sum(1 for r in hub.requests if r.server == "hub") - 1
+        if hub.fail_with is not None and served >= hub.fail_from:  # Retry-After: huggingface_hub waits 1 s, not 1-8 s
+            return self._error(
+                hub.fail_with, None, "Internal Error - We're working hard to fix this", {"Retry-After": "0"}
+            )
         match = RESOLVE.match(path)
         if match is None:
             return self._error(404, None, "Not Found")
@@ -196,7 +202,7 @@ def serve(hub: FakeHub, role: str) -> ThreadingHTTPServer:
     server.daemon_threads = True
     server.hub = hub  # type: ignore[attr-defined]
     server.role = role  # type: ignore[attr-defined]
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True).start()
     return server
 
 
@@ -234,7 +240,13 @@ def hub(contents: Contents, monkeypatch, tmp_path: Path) -> Iterator[FakeHub]:
     main, v1 = commit_of("main"), commit_of("v1.0")
     fake.repos = {
         SAM: Repo(
-            {main: {"config.json": contents.config, "model.safetensors": contents.safetensors, "tf_model.h5": contents.big}},
+            {
+                main: {
+                    "config.json": contents.config,
+                    "model.safetensors": contents.safetensors,
+                    "tf_model.h5": contents.big,
+                }
+            },
             {"main": main},
             {"model.safetensors", "tf_model.h5"},
         ),
@@ -269,7 +281,9 @@ def hub(contents: Contents, monkeypatch, tmp_path: Path) -> Iterator[FakeHub]:
 
 
 def fetch(uri: str, family: str, variant: str, cache: Path, shared: Path, folder: bool = False, **storage) -> Path:
-    path, _ = fetch_weights(Weights(uri, family, variant, folder=folder), StorageSpec(**storage), cache, SharedFiles(shared))
+    path, _ = fetch_weights(
+        Weights(uri, family, variant, folder=folder), StorageSpec(**storage), cache, SharedFiles(shared)
+    )
     return path
 
 
@@ -358,15 +372,19 @@ def test_corrupted_shared_copy_is_downloaded_again(hub: FakeHub, contents: Conte
     assert copy.read_bytes() == contents.pt  # shared anew, checked
 
 
+def assert_no_token(exc: BaseException) -> None:
+    chain: BaseException | None = exc
+    while chain is not None:  # not in the message, nor in anything chained to it
+        assert TOKEN not in str(chain) and "hf_wrong" not in str(chain), chain
+        chain = chain.__cause__ or chain.__context__
+
+
 def assert_one_line(exc: KubetuneError, *parts: str) -> str:
     message = str(exc)
     assert "\n" not in message, message
     for part in parts:
         assert part in message, message
-    chain: BaseException | None = exc
-    while chain is not None:  # not in the message, nor in anything chained to it
-        assert TOKEN not in str(chain), chain
-        chain = chain.__cause__ or chain.__context__
+    assert_no_token(exc)
     return message
 
 
@@ -404,7 +422,7 @@ def test_private_repo_needs_the_token(hub: FakeHub, contents: Contents, tmp_path
     monkeypatch.setenv("HF_TOKEN", "hf_wrong")
     with pytest.raises(ConfigError) as info:
         fetch(uri, "sam2", "x", tmp_path / "cache", tmp_path / "shared")
-    assert "hf_wrong" not in assert_one_line(info.value, f"hf://{PRIVATE}", "the token has no access")
+    assert_one_line(info.value, f"hf://{PRIVATE}", "the token has no access")
 
     hub.clear()
     monkeypatch.setenv("HF_TOKEN", TOKEN)
@@ -433,7 +451,8 @@ def test_hub_server_error_is_retryable(hub: FakeHub, tmp_path: Path, monkeypatch
     with pytest.raises(KubetuneError) as info:
         sam2(f"hf://{SAM2}", tmp_path / "cache", tmp_path / "shared")
     assert not isinstance(info.value, ConfigError) and info.value.exit_code == 1
-    assert_one_line(info.value, f"hf://{SAM2}", "another try")
+    assert f"hf://{SAM2}" in str(info.value) and "another try" in str(info.value)
+    assert_no_token(info.value)
     hub.fail_with = None  # and the retry succeeds
     assert sam2(f"hf://{SAM2}", tmp_path / "cache", tmp_path / "shared").is_file()
 
@@ -451,6 +470,8 @@ def test_parse_and_files() -> None:
     ref = HubRef.parse("hf://facebook/sam2.1-hiera-tiny@v1.0/checkpoints/a.pt")
     assert ref == HubRef("facebook/sam2.1-hiera-tiny", "v1.0", "checkpoints/a.pt")
     assert ref.files("sam", "vit-base") == ["checkpoints/a.pt"]
+    # A revision with "/" is written escaped (a pull request's ref, a feature branch).
+    assert HubRef.parse("hf://facebook/sam2.1-hiera-tiny@refs%2Fpr%2F1").revision == "refs/pr/1"
     assert HubRef.parse(f"hf://{SAM}").files("sam", "vit-base") == ["config.json", "model.safetensors"]
     assert HubRef.parse(f"hf://{SAM2}").files("sam2", "sam2.1_hiera_tiny") == ["sam2.1_hiera_tiny.pt"]
     with pytest.raises(ConfigError, match=r"hf://org/d2/model_final\.pth"):  # no default file for detectron2
@@ -462,8 +483,45 @@ def test_mirror_stands_in_for_the_hub(hub: FakeHub, contents: Contents, tmp_path
     (mirror / "hf" / SAM / "main").mkdir(parents=True)
     (mirror / "hf" / SAM / "main" / "config.json").write_bytes(contents.config)
     (mirror / "hf" / SAM / "main" / "model.safetensors").write_bytes(contents.safetensors)
-    folder = fetch(f"hf://{SAM}", "sam", "vit-base", tmp_path / "cache", tmp_path / "shared", True, mirror=f"file://{mirror}/")
+    folder = fetch(
+        f"hf://{SAM}", "sam", "vit-base", tmp_path / "cache", tmp_path / "shared", True, mirror=f"file://{mirror}/"
+    )
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
     assert (folder / "config.json").read_bytes() == contents.config
     assert (folder / "model.safetensors").read_bytes() == contents.safetensors
     assert hub.requests == []
+
+
+def test_hub_server_error_is_one_line(hub: FakeHub, tmp_path: Path) -> None:
+    hub.fail_with = 500
+    with pytest.raises(KubetuneError) as info:
+        sam2(f"hf://{SAM2}", tmp_path / "cache", tmp_path / "shared")
+    assert "\n" not in str(info.value)
+
+
+def test_a_push_between_two_files_keeps_the_folder_whole(hub: FakeHub, contents: Contents, tmp_path: Path) -> None:
+    repo, pushed = hub.repos[SAM], commit_of("pushed")
+    repo.commits[pushed] = dict(repo.commits[commit_of("main")])
+
+    def push_after_config(request: Request) -> None:
+        if request.method == "GET" and request.path.endswith("/config.json"):
+            repo.refs["main"] = pushed
+
+    hub.hook = push_after_config
+    folder = sam(tmp_path / "cache", tmp_path / "shared")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_hub_outage_during_the_download_is_retryable(hub: FakeHub, tmp_path: Path) -> None:
+    hub.fail_with, hub.fail_from = 503, 1  # hf_hub_download's own HEAD, after fetch's: ~5 s of its retries
+    with pytest.raises(KubetuneError) as info:
+        sam2(f"hf://{SAM2}", tmp_path / "cache", tmp_path / "shared")
+    assert info.value.exit_code == 1, str(info.value)
+
+
+def test_a_named_ckpt_file_is_returned_as_the_file(hub: FakeHub, contents: Contents, tmp_path: Path) -> None:
+    repo = hub.repos[SAM2]
+    repo.commits[commit_of("main")]["model.ckpt"] = contents.pt
+    repo.lfs.add("model.ckpt")
+    path = sam2(f"hf://{SAM2}/model.ckpt", tmp_path / "cache", tmp_path / "shared")
+    assert path.is_file() and path.read_bytes() == contents.pt

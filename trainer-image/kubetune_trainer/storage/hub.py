@@ -11,6 +11,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote
 
 import structlog
 
@@ -47,7 +48,8 @@ class HubRef:
                 checked_key(path)
             except OutsideRoot as exc:
                 raise ConfigError(f"model.checkpoint {uri!r}: {exc}") from exc
-        return cls(f"{org}/{name}", revision or None, path)
+        # A revision with "/" (refs/pr/1, feature/x) is written escaped: @refs%2Fpr%2F1.
+        return cls(f"{org}/{name}", unquote(revision) or None, path)
 
     def files(self, family: str, variant: str) -> list[str]:
         """What the family loads: a transformers SAM folder, Meta's SAM2 .pt, or the named file."""
@@ -63,36 +65,46 @@ class HubRef:
         )
 
 
-def fetch(ref: HubRef, files: list[str], cache: Path, shared: SharedFiles | None) -> Path:
-    """The files on local disk, under cache/<org>/<repo>/<commit>/; returns that folder, or the
-    file when there is one file and the job loads a file."""
+def fetch(ref: HubRef, files: list[str], cache: Path, shared: SharedFiles | None, folder: bool) -> tuple[Path, int]:
+    """(the files on local disk under cache/<org>/<repo>/<commit>/: that folder when the job
+    loads a folder, else the file; bytes downloaded). Every file comes from one commit: the
+    revision's when the first file is asked for, so a push in between cannot split a folder."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
-    endpoint = os.environ.get(environment.HF_ENDPOINT) or None
+    endpoint = (os.environ.get(environment.HF_ENDPOINT) or "").rstrip("/") or None
     token = os.environ.get(environment.HF_TOKEN) or None
-    folder = None
+    revision, commit, got = ref.revision, None, 0
     for name in files:
         uri = f"hf://{ref.repo}{'@' + ref.revision if ref.revision else ''}/{name}"
         try:
-            meta = get_hf_file_metadata(hf_hub_url(ref.repo, name, revision=ref.revision, endpoint=endpoint), token)
+            meta = get_hf_file_metadata(hf_hub_url(ref.repo, name, revision=revision, endpoint=endpoint), token)
         except Exception as exc:  # huggingface_hub's errors and httpx's, told apart by `_explain`
             raise _explain(exc, ref, name, token is not None) from exc
-        folder = cache / ref.repo / (meta.commit_hash or ref.revision or "main")
-        dest = folder / name
+        commit = commit or meta.commit_hash or revision or "main"
+        revision = commit if meta.commit_hash else revision
+        dest = cache / ref.repo / commit / name
         key = f"sha256:{meta.etag}" if meta.etag and SHA256.match(meta.etag) else None
-        if dest.is_file() and dest.stat().st_size == meta.size and looks_whole(dest):
+        if _whole(dest, meta.size, meta.etag if key else None):
             continue
         if key and shared is not None and shared.take(key, meta.size, dest):
             log.info("weights from the node's shared cache", uri=uri)
             continue
-        _download(ref, name, meta.commit_hash or ref.revision, dest, token, endpoint, uri)
-        if dest.stat().st_size != meta.size or (key and sha256_of(dest) != meta.etag) or not looks_whole(dest):
+        _download(ref, name, revision, dest, token, endpoint, uri)
+        if not _whole(dest, meta.size, meta.etag if key else None):
             dest.unlink()
             raise KubetuneError(f"model.checkpoint {uri}: the file downloaded does not match the Hub's size/SHA-256")
+        got += meta.size or 0
         if key and shared is not None:
             shared.offer(dest, key, meta.size)
-    assert folder is not None
-    return folder / files[0] if len(files) == 1 and files[0].endswith((".pt", ".pth", ".pkl")) else folder
+    root = cache / ref.repo / str(commit)
+    return (root if folder else root / files[0]), got
+
+
+def _whole(path: Path, size: int | None, sha256: str | None) -> bool:
+    """The file is there, of the Hub's size and SHA-256 (LFS files), and parses as its kind."""
+    if not path.is_file() or (size is not None and path.stat().st_size != size) or not looks_whole(path):
+        return False
+    return sha256 is None or sha256_of(path) == sha256
 
 
 def _download(ref: HubRef, name: str, revision: str | None, dest: Path, token, endpoint, uri: str) -> None:
@@ -113,7 +125,11 @@ def _explain(exc: Exception, ref: HubRef, name: str, has_token: bool) -> Kubetun
     from huggingface_hub import errors
 
     where = f"model.checkpoint hf://{ref.repo}{'@' + ref.revision if ref.revision else ''}"
-    status = getattr(getattr(exc, "response", None), "status_code", None)
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    said = (getattr(response, "headers", None) or {}).get("X-Error-Message", "") if response is not None else ""
+    if isinstance(exc, errors.LocalEntryNotFoundError):  # hf_hub_download's own HEAD failed: an outage
+        return KubetuneError(f"{where}: the Hub stopped answering while {name!r} was fetched; worth another try")
     if isinstance(exc, errors.GatedRepoError):
         return ConfigError(f"{where}: the repo is gated: accept its terms on the Hub, then set model.hfTokenSecret")
     if isinstance(exc, errors.RevisionNotFoundError):
@@ -124,11 +140,12 @@ def _explain(exc: Exception, ref: HubRef, name: str, has_token: bool) -> Kubetun
     if isinstance(exc, errors.EntryNotFoundError | getattr(errors, "RemoteEntryNotFoundError", ())) or status == 404:
         return ConfigError(f"{where}: the repo has no file {name!r} (name the file: hf://{ref.repo}/<file>)")
     if status is not None and status < 500:
-        return ConfigError(f"{where}: the Hub answered HTTP {status}: {exc}")
+        return ConfigError(f"{where}: the Hub answered HTTP {status} {said}".rstrip())
     if status is None and not isinstance(exc, errors.HfHubHTTPError):
         endpoint = os.environ.get(environment.HF_ENDPOINT) or "https://huggingface.co"
         return ConfigError(
             f"{where}: cannot reach the Hub at {endpoint} ({type(exc).__name__}); without network access, "
             "set storage.mirror (see `kubetune weights mirror`) or HF_ENDPOINT"
         )
-    return KubetuneError(f"{where}: the Hub failed ({exc}); worth another try")
+    failed = f"HTTP {status}" if status is not None else type(exc).__name__
+    return KubetuneError(f"{where}: the Hub failed ({failed}); worth another try")

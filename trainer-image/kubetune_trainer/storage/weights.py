@@ -62,7 +62,7 @@ def fetch_weights(weights: Weights, storage: StorageSpec, cache: Path, shared: S
         return _from_store(uri, weights, storage, cache, shared)
     if uri.startswith("hf://"):
         ref = hub.HubRef.parse(uri)
-        return hub.fetch(ref, ref.files(weights.family, weights.variant), cache / "hf", shared), 0
+        return hub.fetch(ref, ref.files(weights.family, weights.variant), cache / "hf", shared, weights.folder)
     url = zoo_url(uri) if uri.startswith("detectron2://") else uri
     name = Path(urlparse(url).path).name
     try:
