@@ -7,7 +7,7 @@ import random
 import socket
 import time
 import urllib.request
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
@@ -186,3 +186,63 @@ def serve_files(folder: Path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+class FlakyProxy:
+    """A loopback TCP proxy in front of an endpoint that can be taken down for a while: while
+    down it accepts and at once closes connections (as a restarting load balancer does)."""
+
+    def __init__(self, target: str) -> None:
+        import socket
+        from urllib.parse import urlparse
+
+        parsed = urlparse(target)
+        self.target = (parsed.hostname, parsed.port)
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.down_until = 0.0
+        self.refused = 0
+        self.closing = False
+
+    def down_for(self, seconds: float) -> None:
+        self.down_until = time.monotonic() + seconds
+
+    def __enter__(self) -> FlakyProxy:
+        import threading
+
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.closing = True
+        self.server.close()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while not self.closing:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            if time.monotonic() < self.down_until:
+                self.refused += 1
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                client.close()  # a reset
+                continue
+            upstream = socket.create_connection(self.target)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src, dst) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with suppress(OSError):
+                    sock.close()

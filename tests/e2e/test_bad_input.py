@@ -55,11 +55,15 @@ def test_corrupt_annotations(s3, s3_endpoint: str, tiny_coco: Path, bucket: str,
     assert s3.list_objects_v2(Bucket=bucket, Prefix="out/").get("KeyCount") == 0
 
 
-def test_unreachable_s3(tmp_path: Path) -> None:
+def test_s3_down_past_the_retry_budget_exits_1_for_a_retry(tmp_path: Path) -> None:
+    """Not bad input: an outage. Retried with backoff for KUBETUNE_STORAGE_RETRY_S, then exit 1,
+    so the Job's podFailurePolicy retries the pod instead of failing the job."""
     endpoint = f"http://127.0.0.1:{free_port()}"
-    code, out, reason = run_cli(job_manifest("s3://data/x/", "s3://out/x/", endpoint), tmp_path)
-    assert code == 2, out[-2000:]
-    assert "cannot reach the S3 endpoint" in reason and endpoint in reason
+    spec = job_manifest("s3://data/x/", "s3://out/x/", endpoint)
+    code, out, reason = run_cli(spec, tmp_path, {"KUBETUNE_STORAGE_RETRY_S": "2"})
+    assert code == 1, out[-2000:]
+    assert "S3 unavailable for s3://data/x/" in reason and endpoint in reason and "retried for 2 s" in reason
+    assert '"event": "storage unavailable, retrying"' in out
 
 
 def test_missing_output_bucket_fails_before_training(s3_endpoint: str, tiny_coco_s3: str, tmp_path: Path) -> None:

@@ -29,3 +29,8 @@ class DataError(KubetuneError):
     """The dataset cannot be used (no usable sample, unreadable annotations...)."""
 
     exit_code = EXIT_BAD_INPUT
+
+
+class StorageUnavailable(KubetuneError):
+    """Object storage did not answer (outage, timeouts, 5xx, SlowDown) for longer than the retry
+    budget: the pod is worth retrying, the job's input is not wrong."""

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 from boto3.s3.transfer import TransferConfig
 from kubetune_trainer.config import StorageSpec
-from kubetune_trainer.errors import ConfigError
+from kubetune_trainer.errors import ConfigError, StorageUnavailable
 from kubetune_trainer.storage.staging import INDEX_NAME, fetch_object, stage
 from kubetune_trainer.storage.stores import etag_matches, open_store
+
+from tests.helpers import FlakyProxy
 
 
 def test_stage_downloads_then_skips(s3_endpoint: str, tiny_coco_s3: str, tiny_coco: Path, tmp_path: Path) -> None:
@@ -87,13 +90,31 @@ def test_missing_credentials_are_named(s3_endpoint: str, bucket: str, tmp_path: 
         stage(store, tmp_path)
 
 
-def test_unreachable_endpoint_is_named(tmp_path: Path) -> None:
+def test_an_endpoint_down_past_the_retry_budget_is_retryable_and_named(tmp_path: Path, monkeypatch) -> None:
     from kubetune.s3server import free_port
 
+    monkeypatch.setenv("KUBETUNE_STORAGE_RETRY_S", "1")
     endpoint = f"http://127.0.0.1:{free_port()}"
     store = open_store("s3://data/x/", StorageSpec(endpoint=endpoint))
-    with pytest.raises(ConfigError, match="cannot reach the S3 endpoint"):
+    with pytest.raises(
+        StorageUnavailable, match=f"S3 unavailable for s3://data/x/ at {endpoint}.*retried for 1 s"
+    ) as err:
         stage(store, tmp_path)
+    assert err.value.exit_code == 1  # the Job retries the pod; the spec is not wrong
+
+
+def test_an_outage_shorter_than_the_budget_is_ridden_out(
+    s3_endpoint: str, tiny_coco_s3: str, tmp_path: Path, monkeypatch
+) -> None:
+    """S3 behind a loopback proxy that refuses connections for a while, then forwards again."""
+    monkeypatch.setenv("KUBETUNE_STORAGE_RETRY_S", "60")
+    with FlakyProxy(s3_endpoint) as proxy:
+        proxy.down_for(3.0)
+        store = open_store(tiny_coco_s3, StorageSpec(endpoint=proxy.url, region="us-east-1"))
+        started = time.monotonic()
+        report = stage(store, tmp_path)
+        assert report.downloaded > 0 and time.monotonic() - started >= 2.5
+        assert proxy.refused > 0
 
 
 def test_file_sources_are_used_in_place(tiny_coco: Path, tmp_path: Path) -> None:

@@ -32,3 +32,8 @@ DETECTRON2_ZOO_URL = "KUBETUNE_DETECTRON2_ZOO_URL"
 DEFAULT_DETECTRON2_ZOO_URL = "https://dl.fbaipublicfiles.com/detectron2/"
 HF_TOKEN, HF_ENDPOINT = "HF_TOKEN", "HF_ENDPOINT"
 """huggingface_hub's own names: the token (from model.hfTokenSecret) and the Hub's address."""
+
+STORAGE_RETRY_S = "KUBETUNE_STORAGE_RETRY_S"
+"""How long transient storage errors (outage, timeouts, 5xx, SlowDown) are retried, with
+backoff, before the trainer exits 1 so the Job retries the pod."""
+DEFAULT_STORAGE_RETRY_S = 300.0

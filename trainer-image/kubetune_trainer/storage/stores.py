@@ -10,21 +10,39 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 from urllib.parse import urlparse
 
 import boto3
 import botocore.exceptions
+import s3transfer.exceptions
+import structlog
 from boto3.s3.transfer import TransferConfig, TransferManager
 from botocore.config import Config
 from s3transfer.subscribers import BaseSubscriber
 
-from kubetune_trainer.config import StorageSpec
-from kubetune_trainer.errors import ConfigError, KubetuneError
+from kubetune_trainer.config import StorageSpec, environment
+from kubetune_trainer.errors import ConfigError, KubetuneError, StorageUnavailable
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+# What an outage, an overloaded endpoint or a dropped connection raises: worth retrying.
+TRANSIENT = (
+    botocore.exceptions.ConnectionError,  # refused, unreachable, connect timeouts
+    botocore.exceptions.HTTPClientError,  # resets, read timeouts, proxy and TLS failures
+    botocore.exceptions.IncompleteReadError,
+    botocore.exceptions.ResponseStreamingError,
+    s3transfer.exceptions.RetriesExceededError,
+)
+TRANSIENT_CODES = {
+    "SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling", "ThrottlingException",
+    "RequestLimitExceeded", "500", "502", "503", "504",
+}  # fmt: skip
 
 MiB = 1024 * 1024
 
@@ -152,6 +170,8 @@ class S3Store:
 
     @contextmanager
     def _errors(self, what: str) -> Iterator[None]:
+        """boto3's errors as kubetune's: what retrying cannot fix exits 2 naming the bucket, key
+        or credential; what an outage causes is `StorageUnavailable` (retried by `_call`)."""
         where = f"s3://{self.bucket}/{what}" + (f" at {self.endpoint}" if self.endpoint else "")
         try:
             yield
@@ -160,21 +180,40 @@ class S3Store:
                 f"no S3 credentials for {where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                 "(in a cluster: spec.storage.credentialsSecret)"
             ) from exc
-        except botocore.exceptions.EndpointConnectionError as exc:
-            raise ConfigError(f"cannot reach the S3 endpoint for {where}: {exc}") from exc
+        except TRANSIENT as exc:
+            raise StorageUnavailable(f"S3 unavailable for {where}: {type(exc).__name__}: {exc}") from exc
         except botocore.exceptions.ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
             if code in ("NoSuchBucket",):
                 raise ConfigError(f"bucket {self.bucket!r} does not exist ({where})") from exc
             if code in ("NoSuchKey", "404", "NotFound"):
                 raise ConfigError(f"{where} does not exist") from exc
             if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
                 raise ConfigError(f"S3 refused access to {where} ({code}): check the credentials") from exc
+            if code in TRANSIENT_CODES or status >= 500:
+                raise StorageUnavailable(f"S3 unavailable for {where}: {code or status}") from exc
             raise KubetuneError(f"S3 error on {where}: {exc}") from exc
 
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        """`fn` (one idempotent request), retried with backoff while S3 is unavailable, for up to
+        KUBETUNE_STORAGE_RETRY_S; then `StorageUnavailable` (exit 1: the Job retries the pod)."""
+        budget = float(os.environ.get(environment.STORAGE_RETRY_S, environment.DEFAULT_STORAGE_RETRY_S))
+        deadline, delay = time.monotonic() + budget, 0.5
+        while True:
+            try:
+                with self._errors(what):
+                    return fn()
+            except StorageUnavailable as exc:
+                if time.monotonic() + delay > deadline:
+                    raise StorageUnavailable(f"{exc} (retried for {budget:.0f} s)") from exc
+                log.warning("storage unavailable, retrying", key=what, in_s=delay, reason=str(exc))
+                time.sleep(delay)
+                delay = min(delay * 2, 15.0)
+
     def list(self, prefix: str = "") -> list[ObjectInfo]:
-        out: list[ObjectInfo] = []
-        with self._errors(self.prefix + prefix):
+        def listing() -> list[ObjectInfo]:
+            out: list[ObjectInfo] = []
             pages = self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=self.prefix + prefix
             )
@@ -183,13 +222,14 @@ class S3Store:
                     key = obj["Key"][len(self.prefix) :]
                     if key and not key.endswith("/"):
                         out.append(ObjectInfo(key, obj["Size"], obj["ETag"].strip('"')))
-        return out
+            return out
+
+        return self._call(self.prefix + prefix, listing)
 
     def download(self, key: str, dest: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(dest.name + ".partial")
-        with self._errors(self.prefix + key):
-            self.client.download_file(self.bucket, self.prefix + key, str(tmp))
+        self._call(self.prefix + key, lambda: self.client.download_file(self.bucket, self.prefix + key, str(tmp)))
         os.replace(tmp, dest)
 
     def download_many(self, objects: list[ObjectInfo], root: Path, workers: int) -> Iterator[ObjectInfo]:
@@ -205,27 +245,38 @@ class S3Store:
                 future = tm.download(self.bucket, self.prefix + obj.key, str(tmp), subscribers=[_KnownSize(obj.size)])
                 pending.append((obj, future, tmp, dest))
             for obj, future, tmp, dest in pending:
-                future.result()
+                try:
+                    with self._errors(self.prefix + obj.key):
+                        future.result()
+                except StorageUnavailable:  # this one again alone, with the retry budget
+                    self.download(obj.key, dest)
+                    yield obj
+                    continue
                 os.replace(tmp, dest)
                 yield obj
 
     def upload(self, src: Path, key: str) -> None:
-        with self._errors(self.prefix + key):
-            self.client.upload_file(str(src), self.bucket, self.prefix + key)
+        self._call(self.prefix + key, lambda: self.client.upload_file(str(src), self.bucket, self.prefix + key))
 
     def put_bytes(self, data: bytes, key: str) -> None:
-        with self._errors(self.prefix + key):
-            self.client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data)
+        self._call(
+            self.prefix + key, lambda: self.client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data)
+        )
 
     def get_bytes(self, key: str) -> bytes:
-        with self._errors(self.prefix + key):
-            return self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)["Body"].read()
+        return self._call(
+            self.prefix + key, lambda: self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)["Body"].read()
+        )
 
     def delete(self, keys: list[str]) -> None:
         for start in range(0, len(keys), 1000):  # the API's batch limit
             batch = [{"Key": self.prefix + k} for k in keys[start : start + 1000]]
-            with self._errors(self.prefix):
-                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            self._call(
+                self.prefix,
+                lambda batch=batch: self.client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
+                ),
+            )
 
 
 class _KnownSize(BaseSubscriber):
