@@ -11,6 +11,7 @@ from kubetune_trainer.config import StorageSpec
 from kubetune_trainer.errors import KubetuneError
 from kubetune_trainer.storage.checkpoints import Checkpointer
 from kubetune_trainer.storage.stores import open_store
+from structlog.testing import capture_logs
 
 
 @pytest.fixture(params=["file", "s3"])
@@ -132,3 +133,38 @@ def test_a_checkpoint_in_the_earlier_layout_resumes(tiny_coco: Path) -> None:
     )
     assert hook.baseline == {"miou": 0.1} and (hook.tracker.best, hook.tracker.without_improvement) == (0.4, 1)
     assert trainer.state_dict()["early_stopping"] == earlier["early_stopping"]  # written back the same way
+
+
+def test_resume_falls_back_past_unusable_checkpoints_and_says_why(output, tmp_path: Path) -> None:
+    """The newest is damaged, the next one's state refuses to load, the one before that has a
+    tampered metric log: the one before all three is where training resumes."""
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("owned",))
+
+    ckpt = Checkpointer(output, tmp_path / "cache", keep_last=5)
+    log_file = tmp_path / "metrics.jsonl"
+    for step in (2, 4, 6, 8):
+        log_file.write_text(f'{{"step": {step}}}\n')
+        ckpt.save(step, {"w": torch.full((3,), float(step))} if step != 6 else {"x": Evil()}, {log_file.name: log_file})
+    output.put_bytes(b"damaged in storage", "checkpoints/step-00000008/state.pt")
+    output.put_bytes(b'{"step": 99}\n', "checkpoints/step-00000004/metrics.jsonl")
+    with capture_logs() as logs:
+        assert ckpt.newest_usable() == 2
+    assert ckpt.load(2)["w"].tolist() == [2.0, 2.0, 2.0]
+    skipped = {e["step"]: e["reason"] for e in logs if e["event"] == "checkpoint unusable, trying an older one"}
+    assert list(skipped) == [8, 6, 4]
+    assert "does not match its manifest" in skipped[8] and "Weights only load failed" in skipped[6]
+    assert "metrics.jsonl does not match its manifest" in skipped[4]
+    with pytest.raises(KubetuneError, match="metrics.jsonl does not match its manifest"):
+        ckpt.fetch_extra(4, "metrics.jsonl", tmp_path / "copy.jsonl")
+    assert Checkpointer(output, tmp_path / "other", keep_last=5).newest_usable() == 2  # from any cache
+
+
+def test_no_usable_checkpoint_starts_afresh(output, tmp_path: Path) -> None:
+    ckpt = Checkpointer(output, tmp_path / "cache", keep_last=2)
+    assert ckpt.newest_usable() is None
+    ckpt.save(1, {"w": torch.ones(1)})
+    output.put_bytes(b"{not json", "checkpoints/step-00000001/manifest.json")
+    assert ckpt.newest_usable() is None

@@ -68,7 +68,7 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> Rep
     train, val = read_splits(config, files.root, job_cache(config.job) / "extracted")
     output = open_store(config.output.uri, config.storage)
     checkpointer = Checkpointer(output, job_cache(config.job), config.output.keep_last)
-    latest = distributed.broadcast_object(checkpointer.latest() if ctx.is_main else None) or 0
+    latest = distributed.broadcast_object(checkpointer.newest_usable() if ctx.is_main else None) or 0
     workdir = Path(tempfile.mkdtemp(prefix="kubetune-d2-"))
     cfg, job_plan = build_cfg(config, train, val, files.weights, ctx, workdir)
     masks = bool(cfg.MODEL.MASK_ON)  # the merged config, overrides included, says what the model predicts

@@ -266,7 +266,7 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> Rep
     inputs = stage_inputs(config, ctx, segmenter.weights_are_folder)
     output = open_store(config.output.uri, config.storage)
     checkpointer = Checkpointer(output, job_cache(config.job), config.output.keep_last)
-    latest = distributed.broadcast_object(checkpointer.latest() if ctx.is_main else None)
+    latest = distributed.broadcast_object(checkpointer.newest_usable() if ctx.is_main else None)
 
     module, frozen = build_module(segmenter, config, inputs.weights, ctx)
     loader = build_loader(

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import re
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +22,15 @@ from typing import Any
 import structlog
 import torch
 
-from kubetune_trainer.errors import KubetuneError
+from kubetune_trainer.errors import KubetuneError, StorageUnavailable
 from kubetune_trainer.storage.staging import fetch_object
 from kubetune_trainer.storage.stores import ObjectStore
 
 log = structlog.get_logger(__name__)
+# What a damaged, refused or foreign checkpoint raises (torch's reader on a broken zip: RuntimeError;
+# weights_only's refusal: UnpicklingError).
+UNLOADABLE = (KubetuneError, OSError, ValueError, KeyError, TypeError, RuntimeError, EOFError)
+UNLOADABLE += (pickle.UnpicklingError, zipfile.BadZipFile)
 PREFIX = "checkpoints/"
 STATE = "state.pt"
 MANIFEST = "manifest.json"
@@ -91,20 +97,58 @@ class Checkpointer:
 
     def load(self, step: int) -> dict[str, Any]:
         folder = _folder(step)
-        manifest = json.loads(self.store.get_bytes(folder + MANIFEST))
+        manifest = self._manifest(step)
         local = fetch_object(self.store, folder + STATE, self.cache_root / "checkpoints")
         expected = manifest["files"][STATE]
         if local.stat().st_size != expected["bytes"] or _sha256(local) != expected["sha256"]:
             raise KubetuneError(f"checkpoint {self.store.uri}{folder} does not match its manifest")
         return torch.load(local, map_location="cpu", weights_only=True)
 
-    def fetch_extra(self, step: int, name: str, dest: Path) -> bool:
-        """Copy a file saved with checkpoint `step` to `dest`; False if that checkpoint has none."""
+    def _manifest(self, step: int) -> dict[str, Any]:
         manifest = json.loads(self.store.get_bytes(_folder(step) + MANIFEST))
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+            raise ValueError("its manifest lists no files")
+        return manifest
+
+    def fetch_extra(self, step: int, name: str, dest: Path) -> bool:
+        """Copy a file saved with checkpoint `step` to `dest`, checked against the manifest;
+        False if that checkpoint has none."""
+        manifest = self._manifest(step)
         if name not in manifest["files"]:
             return False
-        dest.write_bytes(self.store.get_bytes(_folder(step) + name))
+        data = self.store.get_bytes(_folder(step) + name)
+        expected = manifest["files"][name]
+        if len(data) != expected["bytes"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
+            raise KubetuneError(f"{self.uri(step)}{name} does not match its manifest")
+        dest.write_bytes(data)
         return True
+
+    def newest_usable(self) -> int | None:
+        """The newest complete checkpoint whose files all match the manifest and whose state
+        loads; older ones are tried in turn, and each one passed over is logged with why. An
+        outage is not a reason to pass one over: it is raised."""
+        for step in reversed(self.complete_steps()):
+            try:
+                self.load(step)
+                with tempfile.TemporaryDirectory(prefix="kubetune-ckpt-") as tmp:
+                    for name in set(self._manifest(step)["files"]) - {STATE}:
+                        self.fetch_extra(step, name, Path(tmp) / name)
+                return step
+            except StorageUnavailable:
+                raise
+            except (
+                KubetuneError,
+                OSError,
+                ValueError,
+                KeyError,
+                TypeError,
+                RuntimeError,
+                EOFError,
+                *UNLOADABLE,
+            ) as exc:
+                # RuntimeError: torch's reader on a damaged zip; UnpicklingError: weights_only's refusal
+                log.warning("checkpoint unusable, trying an older one", step=step, uri=self.uri(step), reason=str(exc))
+        return None
 
     def prune(self) -> None:
         """Keep the newest `keep_last` complete checkpoints; drop older ones and stale partials.
