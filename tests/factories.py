@@ -53,7 +53,7 @@ def train_config(
             "numWorkers": 0,
         },
         "training": {"maxSteps": 3, "batchSize": 2, "precision": "fp32", "optimizer": {"lr": 1e-3}},
-        "output": {"uri": "file:///unused/"},
+        "output": {"uri": "file:///unused-output/"},
     }
     changes = {"model": model or {}, "data": data or {}, "training": training}
     config = TrainConfig.model_validate(merged(raw, changes))

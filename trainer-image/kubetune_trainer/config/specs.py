@@ -432,6 +432,12 @@ class TrainParameters(Section):
     @model_validator(mode="after")
     def _check_combination(self) -> TrainParameters:
         """Rules that span sections, so one message names every field involved."""
+        source, out = (u.rstrip("/") + "/" for u in (self.data.source, self.output.uri))
+        if source.startswith(out) or out.startswith(source):  # outputs would become data, or data be pruned
+            raise ValueError(
+                f"output.uri {self.output.uri!r} and data.source {self.data.source!r} overlap: "
+                "write outputs where the dataset is not"
+            )
         training, family = self.training, self.model.family
         opt = training.optimizer
         if opt.lr_scaling == "linear" and opt.reference_batch is None and family != "detectron2":

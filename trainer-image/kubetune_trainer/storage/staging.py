@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,10 +100,19 @@ def stage(store: ObjectStore, cache: Path, shared: SharedFiles | None = None, wo
         index[obj.key] = {"size": obj.size, "etag": obj.etag}
         if shared is not None:
             shared.offer(path, obj.etag, obj.size)
-    tmp = index_path.with_name(f"{INDEX_NAME}.{os.getpid()}")
-    tmp.write_text(json.dumps(index))
-    os.replace(tmp, index_path)  # the node's other ranks may be reading it
+    _write_index(index_path, index)
     return StageReport(root, len(fetch), len(objects) - len(todo), sum(o.size for o in fetch), len(taken))
+
+
+def _write_index(path: Path, index: dict) -> None:
+    """Atomically: a unique temporary name (pods of several nodes may share a cache folder),
+    flushed to disk, then renamed over the old one; readers see the old index or the new."""
+    tmp = path.with_name(f"{INDEX_NAME}.{uuid.uuid4().hex}.tmp")
+    with tmp.open("w") as fh:
+        json.dump(index, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def _is_current(path: Path, obj: ObjectInfo, index: dict) -> bool:
