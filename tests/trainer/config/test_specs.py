@@ -79,7 +79,10 @@ def test_unknown_fields_are_rejected_by_name(path, value, field) -> None:
         (lambda s: s["model"].update(checkpointSha256="ABC"), "String should match pattern"),
         (lambda s: s["storage"].update(mirror="https://m/"), "storage.mirror must start with s3:// or file://"),
         (lambda s: s["output"].update(uri=s["data"]["source"] + "runs/"), "overlap: write outputs where the dataset"),
-        (lambda s: s["data"].update(source=s["output"]["uri"] + "data"), "and data.source 's3://runs/labpics-sam2/data' overlap"),
+        (
+            lambda s: s["data"].update(source=s["output"]["uri"] + "data"),
+            "and data.source 's3://runs/labpics-sam2/data' overlap",
+        ),
         (lambda s: s["data"].update(format="yolo"), "spec.data.format"),
         (lambda s: s["training"].update(epochs=3), "exactly one of epochs or maxSteps"),
         (lambda s: s["training"].update(batchSize=0), "spec.training.batchSize"),

@@ -131,3 +131,25 @@ def test_fetch_object_caches_weights(s3_endpoint: str, s3, bucket: str, tmp_path
     assert path.read_bytes() == b"weights"
     with pytest.raises(ConfigError, match="missing.pt does not exist"):
         fetch_object(store, "missing.pt", tmp_path)
+
+
+def test_a_multipart_object_with_unusual_parts_is_verified_by_the_part_size_s3_reports(
+    s3, s3_endpoint: str, bucket: str, tmp_path: Path
+) -> None:
+    """12 MiB parts: no size a guess would try (8, 16, 5 MiB, size / parts rounded to MiB)."""
+    big = tmp_path / "weights.bin"
+    big.write_bytes(bytes(range(256)) * (40 * 1024 * 4))  # 40 MiB: parts of 12, 12, 12, 4
+    config = TransferConfig(multipart_threshold=8 << 20, multipart_chunksize=12 << 20)
+    s3.upload_file(str(big), bucket, "w/weights.bin", Config=config)
+    etag = s3.head_object(Bucket=bucket, Key="w/weights.bin")["ETag"].strip('"')
+    assert etag.endswith("-4") and not etag_matches(big, etag)
+    store = open_store(f"s3://{bucket}/w/", StorageSpec(endpoint=s3_endpoint, region="us-east-1"))
+    report = stage(store, tmp_path / "cache")
+    assert report.downloaded == 1 and (report.root / "weights.bin").read_bytes() == big.read_bytes()
+    obj = store.list()[0]
+    staged = report.root / "weights.bin"
+    assert store.verify(obj, staged)
+    with staged.open("r+b") as fh:  # a flipped byte is caught by the same check
+        fh.seek(30 << 20)
+        fh.write(b"\xff")
+    assert not store.verify(obj, staged)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import structlog
 
-from kubetune_trainer.errors import ConfigError, DataError
+from kubetune_trainer.errors import ConfigError, DataError, KubetuneError
 from kubetune_trainer.paths import OutsideRoot, checked_key, inside
 from kubetune_trainer.storage.shared import SharedFiles
 from kubetune_trainer.storage.stores import FileStore, ObjectInfo, ObjectStore, etag_matches
@@ -94,9 +94,7 @@ def stage(store: ObjectStore, cache: Path, shared: SharedFiles | None = None, wo
         index[obj.key] = {"size": obj.size, "etag": obj.etag}
     for obj in store.download_many(fetch, root, workers):  # verified while the rest download
         path = dest[obj.key]
-        if path.stat().st_size != obj.size or not etag_matches(path, obj.etag):
-            path.unlink(missing_ok=True)
-            raise DataError(f"{store.uri}{obj.key}: downloaded file does not match its size/ETag")
+        _verified(store, obj, path)
         index[obj.key] = {"size": obj.size, "etag": obj.etag}
         if shared is not None:
             shared.offer(path, obj.etag, obj.size)
@@ -145,6 +143,19 @@ def fetch_object(store: ObjectStore, key: str, cache: Path, shared: SharedFiles 
         return dest
     if shared is None or not shared.take(obj.etag, obj.size, dest):
         store.download(key, dest)
-        if shared is not None and dest.stat().st_size == obj.size and etag_matches(dest, obj.etag):
+        _verified(store, obj, dest)  # base weights too: a flipped byte must not train silently
+        if shared is not None and etag_matches(dest, obj.etag):
             shared.offer(dest, obj.etag, obj.size)
     return dest
+
+
+def _verified(store: ObjectStore, obj: ObjectInfo, path: Path) -> None:
+    """A download that does not match its object is fetched once more; twice wrong is an error
+    worth a pod retry (a transfer that corrupts, an object changing under us)."""
+    if store.verify(obj, path):
+        return
+    log.warning("a download does not match its size/ETag; fetching it again", key=obj.key)
+    store.download(obj.key, path)
+    if not store.verify(obj, path):
+        path.unlink(missing_ok=True)
+        raise KubetuneError(f"{store.uri}{obj.key}: downloaded twice, and twice it does not match its size/ETag")

@@ -85,6 +85,7 @@ class ObjectStore(Protocol):
     def put_bytes(self, data: bytes, key: str) -> None: ...
     def get_bytes(self, key: str) -> bytes: ...
     def delete(self, keys: list[str]) -> None: ...
+    def verify(self, obj: ObjectInfo, path: Path) -> bool: ...
 
 
 class FileStore:
@@ -145,6 +146,9 @@ class FileStore:
                     folder.rmdir()  # only succeeds when empty
                 except OSError:
                     break
+
+    def verify(self, obj: ObjectInfo, path: Path) -> bool:
+        return path.stat().st_size == obj.size
 
 
 class S3Store:
@@ -277,6 +281,26 @@ class S3Store:
                     Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
                 ),
             )
+
+    def verify(self, obj: ObjectInfo, path: Path) -> bool:
+        return _s3_verify(self, obj, path)
+
+
+def _s3_verify(store: S3Store, obj: ObjectInfo, path: Path) -> bool:
+    """Whether the downloaded `path` is `obj`: its size, and its ETag computed from the bytes,
+    with the part size S3 reports for a multipart object (not guessed). An object encrypted
+    with SSE-KMS or SSE-C has an ETag that is no MD5: its size is all S3 offers to check."""
+    if path.stat().st_size != obj.size:
+        return False
+    if not obj.etag or etag_matches(path, obj.etag):  # the usual part sizes first: no request
+        return True
+    key = store.prefix + obj.key
+    multipart = "-" in obj.etag
+    extra = {"PartNumber": 1} if multipart else {}
+    head = store._call(key, lambda: store.client.head_object(Bucket=store.bucket, Key=key, **extra))
+    if head.get("ServerSideEncryption") == "aws:kms" or head.get("SSECustomerAlgorithm"):
+        return True
+    return multipart and _md5(path, int(head["ContentLength"])) == obj.etag
 
 
 class _KnownSize(BaseSubscriber):
