@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubetune_trainer.config import environment
-from kubetune_trainer.errors import EXIT_BAD_INPUT
+from kubetune_trainer.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED
 
 from .settings import OperatorSettings
 from .specs import GROUP, KIND, VERSION, FineTuneJob
@@ -158,6 +158,11 @@ def _env(ftj: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
         {"name": environment.LOG_FORMAT, "value": "json"},
         {"name": "HOME", "value": "/tmp"},  # read-only root: libraries that write to ~ use /tmp
         {"name": "TMPDIR", "value": "/tmp"},
+        # torchrun's wait for the workers after SIGTERM (they checkpoint), inside the grace period.
+        {
+            "name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT",
+            "value": str(ftj.spec.run_policy.termination_grace_period_seconds - 15),
+        },
     ]
     secret = ftj.spec.storage.credentials_secret or settings.trainer.credentials_secret
     if secret:
@@ -170,6 +175,10 @@ def _env(ftj: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
         ref = {"name": token, "key": environment.HF_TOKEN}
         env.append({"name": environment.HF_TOKEN, "valueFrom": {"secretKeyRef": ref}})
     return env
+
+
+def _grace(ftj: FineTuneJob) -> int:
+    return ftj.spec.run_policy.termination_grace_period_seconds
 
 
 def _job_cache(ftj: FineTuneJob) -> str:
@@ -235,6 +244,7 @@ def render_job(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
     pod_spec: dict[str, Any] = {
         "subdomain": names.service,
         "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": _grace(ftj),
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": {
@@ -295,6 +305,11 @@ def render_job(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
                 },
                 # Preemption, eviction, node drain: retry without spending the backoff budget.
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+                # SIGTERM turned into a checkpoint and exit 3 (see kubetune_trainer.training.preemption).
+                {
+                    "action": "Ignore",
+                    "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_PREEMPTED]},
+                },
             ]
         },
         "podReplacementPolicy": "Failed",  # a new pod only once the old one is gone (one rank per index)

@@ -58,6 +58,9 @@ class RunPolicySpec(Section):
     """Delete the Job's pods this long after it finishes."""
     suspend: bool = False
     """Suspend the job (pods stop; training resumes from the newest checkpoint when unset)."""
+    termination_grace_period_seconds: int = Field(120, ge=30)
+    """How long a preempted pod has to finish its step and write a checkpoint before it is
+    killed (SIGTERM, then SIGKILL after this long)."""
 
 
 class FineTuneJobSpec(TrainParameters):

@@ -7,6 +7,8 @@ detectron2 is not on PyPI; where it is not installed these tests are skipped and
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -251,3 +253,39 @@ def test_config_snapshot_matches_installed_detectron2() -> None:
 
     assert schema.generate() == detectron2_keys.snapshot()
     assert datasets.XYXY_ABS == BoxMode.XYXY_ABS
+
+
+@needs_d2
+@pytest.mark.slow
+def test_sigterm_checkpoints_the_iteration_reached_and_exits_3(start_run, tiny_coco: Path, tmp_path) -> None:
+    """The kubelet's SIGTERM to the launcher mid-run: both ranks stop after the same iteration,
+    it is checkpointed (no final evaluation on the way out), the pod exits 3, the retry resumes there."""
+    out = tmp_path / "out"
+    spec = d2_spec(
+        tiny_coco.as_uri(), "train/annotations.json", "val/annotations.json", "coco", out.as_uri() + "/", None,
+        maxSteps=200, evalEvery=1000,
+    )  # fmt: skip
+    spec["spec"]["output"]["checkpointEvery"] = 1000
+    proc, log = start_run(spec, nproc=2, env={"KUBETUNE_METRICS_PORT": "0"}, name="preempted")
+    deadline = time.time() + 300
+    while '"event": "training"' not in log.read_text():
+        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    time.sleep(4)
+    (launcher,) = [
+        int(c) for t in Path(f"/proc/{proc.pid}/task").iterdir() for c in (t / "children").read_text().split()
+    ]
+    os.kill(launcher, signal.SIGTERM)
+    assert proc.wait(timeout=120) == 3, log.read_text()[-3000:]
+    preempted = [e for e in log_events(log.read_text()) if e.get("event") == "preempted"]
+    assert len(preempted) == 2 and len({e["step"] for e in preempted}) == 1
+    step = preempted[0]["step"]
+    assert [p.parent.name for p in (out / "checkpoints").glob("*/manifest.json")] == [f"step-{step:08d}"]
+    assert '"event": "evaluation"' not in log.read_text().split('"event": "training"')[1]
+    proc, log = start_run(spec, nproc=2, env={"KUBETUNE_METRICS_PORT": "0"}, name="resumed")
+    deadline = time.time() + 300
+    while '"event": "resumed"' not in log.read_text():
+        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    resumed = [e for e in log_events(log.read_text()) if e.get("event") == "resumed"]
+    assert resumed[0]["step"] == step  # iterations lost: 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -142,3 +144,40 @@ def test_learning_on_a_fixed_tiny_dataset(start_run, tiny_coco: Path, tmp_path: 
     first, last = report["evaluations"][0], report["evaluations"][-1]
     assert last["loss"] < 0.5 * first["loss"], report["evaluations"]
     assert last["miou"] > first["miou"] + 0.3, report["evaluations"]
+
+
+def test_sigterm_checkpoints_the_step_reached_and_exits_3(start_run, tiny_coco: Path, tmp_path: Path) -> None:
+    """The kubelet's SIGTERM to PID 1 (the launcher) mid-run: both ranks finish the step they are
+    in, rank 0 checkpoints it, the pod exits 3 (retried without spending backoffLimit), and the
+    retry resumes at that very step: no step lost."""
+    out = tmp_path / "out"
+    spec = job_manifest(tiny_coco.as_uri(), out.as_uri() + "/", data={"validation": None}, maxSteps=400)
+    spec["spec"]["output"]["checkpointEvery"] = 1000  # only the preemption writes one
+    proc, log = start_run(spec, nproc=2, env={"KUBETUNE_METRICS_PORT": "0"}, name="preempted")
+    deadline = time.time() + 300
+    while '"event": "training"' not in log.read_text():
+        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    time.sleep(3)  # mid-training
+    launcher = children(proc.pid)
+    assert len(launcher) == 1
+    os.kill(launcher[0], signal.SIGTERM)
+    assert proc.wait(timeout=120) == 3, log.read_text()[-3000:]
+    preempted = [e for e in log_events(log.read_text()) if e.get("event") == "preempted"]
+    assert len(preempted) == 2 and len({e["step"] for e in preempted}) == 1  # both ranks, one step
+    step = preempted[0]["step"]
+    assert 0 < step < 400
+    saved = sorted(p.parent.name for p in (out / "checkpoints").glob("*/manifest.json"))
+    assert saved == [f"step-{step:08d}"]
+
+    proc, log = start_run(spec, nproc=2, env={"KUBETUNE_METRICS_PORT": "0"}, name="resumed")
+    assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    training = [e for e in log_events(log.read_text()) if e.get("event") == "training"]
+    assert training[0]["start_step"] == step  # steps lost: 0
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found

@@ -215,3 +215,14 @@ def test_the_operators_weights_mirror_is_the_default_storage_mirror() -> None:
     )
     assert kept.storage.mirror == "s3://team/weights/"
     assert TrainConfig.model_validate_json(objects(example())["ConfigMap"]["data"]["train.json"]).storage.mirror is None
+
+
+def test_preemption_gets_a_grace_period_and_a_free_retry() -> None:
+    job = objects(example(runPolicy={"terminationGracePeriodSeconds": 300}))["Job"]
+    pod = job["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 300
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "285"  # torchrun waits for the checkpoint, inside the grace
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert {"action": "Ignore", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [3]}} in rules
+    assert objects(example())["Job"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 120

@@ -4,6 +4,8 @@ Exit codes (the operator's podFailurePolicy relies on them):
   0  training finished (or stopped early)
   1  a retryable failure: crash, lost peer, out of memory, storage hiccup
   2  bad config or data: retrying cannot help, the Job fails at once
+  3  preempted (SIGTERM: node drain, spot reclaim, Kueue): a checkpoint was written at the
+     step reached; the Job retries without spending its backoff budget
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_RETRYABLE = 1
 EXIT_BAD_INPUT = 2
+EXIT_PREEMPTED = 3
 
 
 class KubetuneError(Exception):
@@ -34,3 +37,9 @@ class DataError(KubetuneError):
 class StorageUnavailable(KubetuneError):
     """Object storage did not answer (outage, timeouts, 5xx, SlowDown) for longer than the retry
     budget: the pod is worth retrying, the job's input is not wrong."""
+
+
+class Preempted(KubetuneError):
+    """SIGTERM reached the job: every rank finished its step, rank 0 checkpointed it."""
+
+    exit_code = EXIT_PREEMPTED

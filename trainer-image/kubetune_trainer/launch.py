@@ -1,18 +1,22 @@
 """torchrun, with the trainer's exit code kept: `python -m kubetune_trainer.launch <torchrun args>`.
 
 torchrun reports any failed worker as exit code 1. Kubernetes' podFailurePolicy must tell
-"bad config/data, do not retry" (2) from everything else, so when every failed worker exited with
-2 the launcher exits with 2 as well.
+"bad config/data, do not retry" (2) and "preempted, retry for free" (3) from everything else, so
+when every failed worker exited with one of those the launcher exits with it as well. SIGTERM to
+the launcher (the kubelet's, to PID 1) is forwarded to the workers by torchrun, which waits for
+them: they checkpoint the step they reached (see `training.preemption`), and the launcher exits 3.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import get_args_parser, run
 
-from kubetune_trainer.errors import EXIT_BAD_INPUT, EXIT_RETRYABLE
+from kubetune_trainer.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, EXIT_RETRYABLE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     except ChildFailedError as exc:
         codes = {failure.exitcode for failure in exc.failures.values()}
         print(f"kubetune: trainer workers failed with exit codes {sorted(codes)}", file=sys.stderr)
-        return EXIT_BAD_INPUT if codes == {EXIT_BAD_INPUT} else EXIT_RETRYABLE
+        return codes.pop() if codes in ({EXIT_BAD_INPUT}, {EXIT_PREEMPTED}) else EXIT_RETRYABLE
+    except SignalException as exc:  # torchrun forwarded it and waited for the workers to stop
+        print(f"kubetune: stopped by {signal.Signals(exc.sigval).name}", file=sys.stderr)
+        return EXIT_PREEMPTED if exc.sigval == signal.SIGTERM else EXIT_RETRYABLE
     return 0
 
 

@@ -21,6 +21,7 @@ from kubetune_trainer.storage.checkpoints import Checkpointer
 from kubetune_trainer.storage.stores import ObjectStore
 from kubetune_trainer.training import distributed
 from kubetune_trainer.training.early_stopping import EarlyStopping
+from kubetune_trainer.training.preemption import Preemption
 
 log = structlog.get_logger(__name__)
 
@@ -171,6 +172,21 @@ class EvalHook(HookBase):
     def after_train(self) -> None:
         if not self.stopped_early:
             self._run()
+
+
+class PreemptionHook(HookBase):
+    """After each iteration (metrics and checkpoint hooks done): when any rank got SIGTERM, every
+    rank checkpoints this iteration and stops with exit 3, skipping the final evaluation."""
+
+    def __init__(self, preemption: Preemption, checkpoint: CheckpointHook, evaluation: EvalHook | None) -> None:
+        self.preemption, self.checkpoint, self.evaluation = preemption, checkpoint, evaluation
+
+    def after_step(self) -> None:
+        if self.preemption.agreed():
+            self.checkpoint._save()
+            if self.evaluation is not None:
+                self.evaluation.stopped_early = True  # Detectron2 runs after_train hooks on the way out
+            raise self.preemption.stop(self.checkpoint.progress.completed, self.checkpoint.last_uri)
 
 
 class BridgeHook(HookBase):

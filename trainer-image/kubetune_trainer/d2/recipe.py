@@ -40,7 +40,15 @@ from kubetune_trainer.d2.build import (
     zoo_checkpoint,
 )
 from kubetune_trainer.d2.datasets import Split
-from kubetune_trainer.d2.hooks import BridgeHook, CheckpointHook, EarlyStop, EvalHook, Progress, upload_visualizations
+from kubetune_trainer.d2.hooks import (
+    BridgeHook,
+    CheckpointHook,
+    EarlyStop,
+    EvalHook,
+    PreemptionHook,
+    Progress,
+    upload_visualizations,
+)
 from kubetune_trainer.d2.sampler import ResumableStream
 from kubetune_trainer.metrics.events import METRICS_FILE, EventStorage, JsonlWriter
 from kubetune_trainer.metrics.prometheus import PrometheusWriter
@@ -50,6 +58,7 @@ from kubetune_trainer.storage.stores import open_store
 from kubetune_trainer.training import distributed
 from kubetune_trainer.training.distributed import DistContext
 from kubetune_trainer.training.inputs import job_cache, stage_files
+from kubetune_trainer.training.preemption import Preemption
 from kubetune_trainer.training.publishing import publish
 
 log = structlog.get_logger(__name__)
@@ -132,7 +141,7 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> Rep
         hook_list.append(eval_hook)
     # Metrics are written before the checkpoint, so its copy of the log includes its own step.
     bridge_hook = BridgeHook(progress, shape=shape, writers=writers, device=ctx.device, events=events)
-    hook_list += [bridge_hook, ckpt_hook]
+    hook_list += [bridge_hook, ckpt_hook, PreemptionHook(Preemption().install(), ckpt_hook, eval_hook)]
     if ctx.is_main:
         printers = [CommonMetricPrinter(job_plan.max_iter), JSONWriter(str(d2_log))]
         hook_list.append(d2_hooks.PeriodicWriter(printers, period=20))

@@ -13,6 +13,7 @@ from kubetune_trainer.metrics.events import EventWriter
 from kubetune_trainer.promptable.engine import Hook, Trainer
 from kubetune_trainer.storage.checkpoints import Checkpointer
 from kubetune_trainer.training.early_stopping import EarlyStopping
+from kubetune_trainer.training.preemption import Preemption
 
 log = structlog.get_logger(__name__)
 
@@ -144,6 +145,20 @@ class CheckpointHook(Hook):
 
     def after_train(self, trainer: Trainer) -> None:
         self._save(trainer)
+
+
+class PreemptionHook(Hook):
+    """After each step (the writer's row in): when any rank got SIGTERM, every rank checkpoints
+    this step with `checkpoint` and stops with exit 3."""
+
+    def __init__(self, preemption: Preemption, checkpoint: CheckpointHook) -> None:
+        self.preemption = preemption
+        self.checkpoint = checkpoint
+
+    def after_step(self, trainer: Trainer) -> None:
+        if self.preemption.agreed():
+            self.checkpoint._save(trainer)
+            raise self.preemption.stop(trainer.state.step, self.checkpoint.last_uri)
 
 
 class WriterHook(Hook):

@@ -36,7 +36,7 @@ from kubetune_trainer.promptable.data import (
 from kubetune_trainer.promptable.engine import Trainer
 from kubetune_trainer.promptable.evaluation import evaluate
 from kubetune_trainer.promptable.feature_cache import FeatureCache, fingerprint
-from kubetune_trainer.promptable.hooks import CheckpointHook, EvalHook, WriterHook
+from kubetune_trainer.promptable.hooks import CheckpointHook, EvalHook, PreemptionHook, WriterHook
 from kubetune_trainer.promptable.losses import LOSS_HEADS, compute_loss
 from kubetune_trainer.promptable.models.base import Segmenter
 from kubetune_trainer.promptable.models.registry import segmenter_for
@@ -46,6 +46,7 @@ from kubetune_trainer.storage.stores import ObjectStore, open_store
 from kubetune_trainer.training import distributed
 from kubetune_trainer.training.distributed import DistContext
 from kubetune_trainer.training.inputs import job_cache, stage_files
+from kubetune_trainer.training.preemption import Preemption
 from kubetune_trainer.training.publishing import publish
 
 log = structlog.get_logger(__name__)
@@ -280,6 +281,7 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> Rep
     metrics_log = workdir / METRICS_FILE
     eval_hook = add_evaluation(trainer, module, inputs.validation, config, ctx)
     ckpt_hook = add_recording(trainer, checkpointer, output, config, ctx, metrics, metrics_log)
+    trainer.hooks.append(PreemptionHook(Preemption().install(), ckpt_hook))  # last: the step's row is in
     if latest is not None:
         resume(trainer, checkpointer, latest, ctx, metrics_log)
     log.info(

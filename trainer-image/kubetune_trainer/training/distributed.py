@@ -70,9 +70,15 @@ def barrier() -> None:
 
 
 def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
-    """In-place reduction across ranks; a no-op in a world of one."""
+    """In-place reduction across ranks; a no-op in a world of one. NCCL reduces only CUDA
+    tensors, so a CPU tensor (a flag, an exit code) goes through the device and back."""
     if dist.is_initialized():
-        dist.all_reduce(tensor, op=op)
+        if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+            moved = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(moved, op=op)
+            tensor.copy_(moved.cpu())
+        else:
+            dist.all_reduce(tensor, op=op)
     return tensor
 
 
