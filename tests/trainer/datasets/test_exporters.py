@@ -340,3 +340,20 @@ def test_exif_orientation_is_applied_by_default_and_can_be_ignored(tmp_path: Pat
 
     (raw,) = usable("coco", tmp_path, "ann.json", exifOrientation="ignore")
     assert not raw.exif and image_size(raw.image, raw.exif) == (32, 40)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_a_decompression_bomb_and_a_malformed_entry_are_skipped_not_retried(tmp_path: Path) -> None:
+    """Past Pillow's pixel limit (89 Mpx) an image is skipped with its reason; so is an `images`
+    entry that is not an object. Neither crashes the job into endless retries."""
+    rgb(tmp_path / "a.jpg")
+    Image.new("L", (10000, 9000)).save(tmp_path / "bomb.png")  # 90 Mpx of zeros: small on disk
+    coco(tmp_path / "ann.json", ["a.jpg", "bomb.png"])
+    data = json.loads((tmp_path / "ann.json").read_text())
+    data["images"].append("c.jpg")
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    split = check_split(read("coco", tmp_path, "ann.json"))
+    assert [s.image.name for s in split.samples] == ["a.jpg"]
+    assert split.summary.skipped["unreadable image or mask"] == 1
+    assert "bomb.png" in split.summary.examples["unreadable image or mask"][0]
+    assert split.summary.skipped["missing image file"] == 1

@@ -168,3 +168,15 @@ def test_no_usable_checkpoint_starts_afresh(output, tmp_path: Path) -> None:
     ckpt.save(1, {"w": torch.ones(1)})
     output.put_bytes(b"{not json", "checkpoints/step-00000001/manifest.json")
     assert ckpt.newest_usable() is None
+
+
+def test_uploads_a_killed_writer_left_are_aborted(s3, s3_endpoint: str, bucket: str, tmp_path: Path) -> None:
+    output = open_store(f"s3://{bucket}/runs/x/", StorageSpec(endpoint=s3_endpoint))
+    key = "runs/x/checkpoints/step-00000004/state.pt"
+    upload = s3.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+    s3.upload_part(Bucket=bucket, Key=key, UploadId=upload, PartNumber=1, Body=b"x" * (5 << 20))
+    s3.create_multipart_upload(Bucket=bucket, Key="runs/other/data.bin")  # not the checkpoints': kept
+    ckpt = Checkpointer(output, tmp_path / "cache", keep_last=2)
+    assert ckpt.newest_usable() is None
+    left = s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+    assert [u["Key"] for u in left] == ["runs/other/data.bin"]

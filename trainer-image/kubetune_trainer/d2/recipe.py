@@ -7,9 +7,11 @@ helpers use it as is, plus the per-machine group they need. No second launcher.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import math
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -79,6 +81,7 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> Rep
     checkpointer = Checkpointer(output, job_cache(config.job), config.output.keep_last)
     latest = distributed.broadcast_object(checkpointer.newest_usable() if ctx.is_main else None) or 0
     workdir = Path(tempfile.mkdtemp(prefix="kubetune-d2-"))
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)  # whatever way the run ends
     cfg, job_plan = build_cfg(config, train, val, files.weights, ctx, workdir)
     masks = bool(cfg.MODEL.MASK_ON)  # the merged config, overrides included, says what the model predicts
     metric = _early_metric(config, masks)

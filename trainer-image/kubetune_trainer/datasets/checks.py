@@ -21,7 +21,10 @@ from kubetune_trainer.datasets.readers import Sample, SplitReport, Which, read_s
 from kubetune_trainer.errors import DataError
 
 log = structlog.get_logger(__name__)
-UNREADABLE = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+UNREADABLE = (
+    OSError, UnidentifiedImageError, ValueError, SyntaxError, TypeError, KeyError, IndexError, MemoryError,
+    Image.DecompressionBombError, Image.DecompressionBombWarning,
+)  # fmt: skip  # whatever a damaged file makes Pillow or a decoder raise: skipped, never fatal one by one
 
 
 @dataclass

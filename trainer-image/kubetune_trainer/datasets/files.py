@@ -104,8 +104,12 @@ def orientation(im: Image.Image) -> int:
 
 def load_image(path: Path, exif: bool = True) -> np.ndarray:
     """RGB uint8 array, turned by its EXIF orientation when `exif` (what annotation tools show);
-    raises OSError/ValueError for an unreadable or truncated file."""
+    raises OSError/ValueError for an unreadable or truncated file, and DecompressionBombError
+    for one past Pillow's pixel limit (a 20000×20000 PNG would take GBs to decode per step)."""
     with Image.open(path) as im:
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit and im.width * im.height > limit:  # Pillow only warns up to twice its limit
+            raise Image.DecompressionBombError(f"{im.width}x{im.height} pixels, past the limit of {limit}")
         if exif and orientation(im) != 1:
             im = ImageOps.exif_transpose(im)
         return np.array(im.convert("RGB"))

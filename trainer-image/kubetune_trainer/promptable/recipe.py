@@ -7,7 +7,9 @@ bucket) is checked before the first byte is written to output.uri.
 
 from __future__ import annotations
 
+import atexit
 import random
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -278,6 +280,7 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> Rep
     trainer = build_trainer(module, loader, config, ctx, total)
     trainer.storage.inc("s3_bytes/download", inputs.downloaded_bytes)
     workdir = Path(tempfile.mkdtemp(prefix="kubetune-run-"))
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)  # whatever way the run ends
     metrics_log = workdir / METRICS_FILE
     eval_hook = add_evaluation(trainer, module, inputs.validation, config, ctx)
     ckpt_hook = add_recording(trainer, checkpointer, output, config, ctx, metrics, metrics_log)

@@ -126,7 +126,9 @@ class Checkpointer:
     def newest_usable(self) -> int | None:
         """The newest complete checkpoint whose files all match the manifest and whose state
         loads; older ones are tried in turn, and each one passed over is logged with why. An
-        outage is not a reason to pass one over: it is raised."""
+        outage is not a reason to pass one over: it is raised. Uploads a killed writer left
+        unfinished are aborted first."""
+        self.store.abort_uploads(PREFIX)
         for step in reversed(self.complete_steps()):
             try:
                 self.load(step)
@@ -157,6 +159,8 @@ class Checkpointer:
         """
         folders = self._folders()
         complete = sorted(s for s, names in folders.items() if MANIFEST in names)
+        if aborted := self.store.abort_uploads(PREFIX):  # parts of uploads a killed writer began
+            log.info("aborted unfinished checkpoint uploads", count=aborted)
         keep = set(complete[-self.keep_last :])
         newest = complete[-1] if complete else -1
         for step, names in sorted(folders.items()):

@@ -86,6 +86,7 @@ class ObjectStore(Protocol):
     def get_bytes(self, key: str) -> bytes: ...
     def delete(self, keys: list[str]) -> None: ...
     def verify(self, obj: ObjectInfo, path: Path) -> bool: ...
+    def abort_uploads(self, prefix: str) -> int: ...
 
 
 class FileStore:
@@ -149,6 +150,9 @@ class FileStore:
 
     def verify(self, obj: ObjectInfo, path: Path) -> bool:
         return path.stat().st_size == obj.size
+
+    def abort_uploads(self, prefix: str) -> int:
+        return 0  # a folder has no half-done uploads: files land under a .partial name
 
 
 class S3Store:
@@ -284,6 +288,21 @@ class S3Store:
 
     def verify(self, obj: ObjectInfo, path: Path) -> bool:
         return _s3_verify(self, obj, path)
+
+    def abort_uploads(self, prefix: str) -> int:
+        """Abort multipart uploads a killed writer left under `prefix` (S3 keeps, and bills,
+        their parts forever); returns how many."""
+        key = self.prefix + prefix
+        listing = self._call(key, lambda: self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=key))
+        uploads = listing.get("Uploads", [])
+        for up in uploads:
+            self._call(
+                up["Key"],
+                lambda up=up: self.client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"]
+                ),
+            )
+        return len(uploads)
 
 
 def _s3_verify(store: S3Store, obj: ObjectInfo, path: Path) -> bool:
