@@ -25,6 +25,9 @@ RESOURCE = (GROUP, VERSION, PLURAL)
 def _apply(outcome: reconciling.Outcome, body: Any, patch: kopf.Patch, metrics: OperatorMetrics) -> None:
     patch.status.update(outcome.status)
     metrics.set_phase(body["metadata"]["uid"], outcome.status.get("phase"))
+    if outcome.status.get("phase") == "Failed":
+        failed = [c for c in outcome.status.get("conditions") or [] if c.get("type") in ("Failed", "SpecRejected")]
+        metrics.count_failure(body["metadata"]["uid"], failed[0].get("reason", "Unknown") if failed else "Unknown")
     if outcome.event:
         kind, reason, message = outcome.event
         kopf.event(body, type=kind, reason=reason, message=message or reason)

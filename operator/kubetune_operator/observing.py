@@ -103,8 +103,21 @@ def _job_condition(job: dict[str, Any], kind: str) -> dict[str, Any] | None:
     return None
 
 
+# The classes the trainer's termination message starts with (kubetune_trainer.errors.failure_class).
+FAILURE_CLASSES = (
+    "OOM", "NCCLTimeout", "NonFiniteLoss", "DataError", "ConfigError", "StorageUnavailable", "Preempted", "Crash",
+)  # fmt: skip
+
+
 def failure_reason(job: dict[str, Any], pods: list[dict[str, Any]]) -> str:
     """The trainer's one-line reason from the newest failed pod, else the Job's own condition."""
+    return failure(job, pods)[1]
+
+
+def failure(job: dict[str, Any], pods: list[dict[str, Any]]) -> tuple[str | None, str]:
+    """(the failure class, the one-line reason) from the newest failed pod: the class the trainer
+    wrote first on its termination line, or OOM when the kernel killed the container for memory;
+    else (None, the Job's own condition)."""
     messages = []
     for pod in pods:
         for cs in pod.get("status", {}).get("containerStatuses") or []:
@@ -112,11 +125,16 @@ def failure_reason(job: dict[str, Any], pods: list[dict[str, Any]]) -> str:
             if term and term.get("exitCode", 0) != 0:
                 text = (term.get("message") or "").strip().splitlines()
                 reason = text[-1] if text else term.get("reason", "Error")
-                messages.append((term.get("finishedAt") or "", f"{reason} (exit code {term['exitCode']})"))
+                kind = reason.split(":", 1)[0] if ":" in reason else None
+                if term.get("reason") == "OOMKilled":
+                    kind = "OOM"
+                kind = kind if kind in FAILURE_CLASSES else None
+                messages.append((term.get("finishedAt") or "", kind, f"{reason} (exit code {term['exitCode']})"))
     if messages:
-        return sorted(messages)[-1][1]
+        _, kind, message = sorted(messages, key=lambda m: m[0])[-1]
+        return kind, message
     cond = _job_condition(job, "Failed") or {}
-    return cond.get("message") or cond.get("reason") or "the Job failed"
+    return None, cond.get("message") or cond.get("reason") or "the Job failed"
 
 
 def derive_phase(
@@ -128,11 +146,9 @@ def derive_phase(
     if _job_condition(job, "Complete") or _job_condition(job, "SuccessCriteriaMet"):
         return "Succeeded", "Completed", "training finished"
     if _job_condition(job, "Failed") or _job_condition(job, "FailureTarget"):
-        return (
-            "Failed",
-            (_job_condition(job, "Failed") or _job_condition(job, "FailureTarget") or {}).get("reason", "JobFailed"),
-            failure_reason(job, pods),
-        )
+        kind, message = failure(job, pods)
+        condition = _job_condition(job, "Failed") or _job_condition(job, "FailureTarget") or {}
+        return "Failed", kind or condition.get("reason", "JobFailed"), message
     suspended = job.get("spec", {}).get("suspend", False)
     if ftj.spec.run_policy.suspend:
         return (

@@ -29,6 +29,13 @@ class OperatorMetrics:
         for handler in ("reconcile", "observe"):  # zero-valued series: dashboards show 0, not "no data"
             self.errors.labels(handler=handler)
             self.reconcile_seconds.labels(handler=handler)
+        self.failures = Counter(
+            "kubetune_operator_failures_total",
+            "FineTuneJobs that failed, by failure class (OOM, NCCLTimeout, NonFiniteLoss, DataError...)",
+            ["class"],
+            registry=self.registry,
+        )
+        self._failed: set[str] = set()
         self._phases: dict[str, str] = {}
         for phase in PHASES:
             self.jobs.labels(phase=phase).set(0)
@@ -41,6 +48,12 @@ class OperatorMetrics:
             self._phases[uid] = phase
         for name in PHASES:
             self.jobs.labels(phase=name).set(sum(1 for p in self._phases.values() if p == name))
+
+    def count_failure(self, uid: str, kind: str) -> None:
+        """Count a FineTuneJob's failure once, by its class (the Failed condition's reason)."""
+        if uid not in self._failed:
+            self._failed.add(uid)
+            self.failures.labels(**{"class": kind}).inc()
 
     def serve(self, port: int) -> None:
         if port:

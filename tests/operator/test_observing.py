@@ -217,3 +217,31 @@ def test_baseline_metric_travels_from_the_trainer_to_status() -> None:
     assert (status.baseline_metric.metric, status.baseline_metric.value) == ("f1", 0.31)
     later = derive_status(ftj(), status, CASES[4][2], [], None, T1)
     assert later.baseline_metric == status.baseline_metric  # kept after the pods are gone
+
+
+@pytest.mark.parametrize(
+    ("terminated", "kind"),
+    [
+        ({**BAD_INPUT, "message": "OOM: OutOfMemoryError: CUDA out of memory; lower training.batchSize\n"}, "OOM"),
+        ({**BAD_INPUT, "exitCode": 137, "reason": "OOMKilled", "message": ""}, "OOM"),  # the kernel's kill
+        ({**BAD_INPUT, "message": "NonFiniteLoss: the loss was NaN/inf for 20 steps\n"}, "NonFiniteLoss"),
+        ({**BAD_INPUT, "message": "DataError: data.train: no usable sample\n"}, "DataError"),
+        ({**BAD_INPUT, "message": "Note: something else\n"}, "PodFailurePolicy"),  # not a class: the Job's reason
+    ],
+)
+def test_a_failure_class_becomes_the_failed_conditions_reason(terminated: dict, kind: str) -> None:
+    failed = job(failed=1, conditions=[cond("Failed", "PodFailurePolicy", "failed with exit code 2")])
+    status = derive_status(ftj(), FineTuneJobStatus(), failed, [pod("Failed", terminated=terminated)], None, T1)
+    assert status.phase == "Failed"
+    assert {c.type: c.reason for c in status.conditions}["Failed"] == kind
+    assert f"(exit code {terminated['exitCode']})" in status.message
+
+
+def test_failures_are_counted_once_per_job_by_class() -> None:
+    from kubetune_operator.telemetry import OperatorMetrics
+
+    metrics = OperatorMetrics()
+    for uid, kind in (("a", "OOM"), ("a", "OOM"), ("b", "OOM"), ("c", "DataError")):
+        metrics.count_failure(uid, kind)
+    value = lambda k: metrics.registry.get_sample_value("kubetune_operator_failures_total", {"class": k})  # noqa: E731
+    assert (value("OOM"), value("DataError")) == (2.0, 1.0)

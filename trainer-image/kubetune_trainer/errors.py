@@ -43,3 +43,48 @@ class Preempted(KubetuneError):
     """SIGTERM reached the job: every rank finished its step, rank 0 checkpointed it."""
 
     exit_code = EXIT_PREEMPTED
+
+
+class NonFiniteLoss(KubetuneError):
+    """The loss stayed NaN/inf for many steps in a row: the run diverged, and a retry from the
+    same checkpoint would diverge again."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class OutOfMemory(KubetuneError):
+    """A device (or the host) ran out of memory at this batch size: the same retry fails the same way."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+ADVICE = {
+    "OOM": "lower training.batchSize (raise gradAccumulation to keep the total), lower model.imageSize, "
+    "or set model.gradientCheckpointing",
+    "NonFiniteLoss": "lower training.optimizer.lr, use precision bf16 or fp32, or set training.gradClip",
+    "NCCLTimeout": "a rank stopped answering (a hung GPU or network); the Job retries from the newest checkpoint",
+    "StorageUnavailable": "object storage did not answer; the Job retries",
+    "Preempted": "the Job retries from the checkpoint written at preemption, without spending backoffLimit",
+}
+
+
+def failure_class(exc: BaseException) -> str:
+    """The class the termination message starts with, which the operator puts in status."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    text = str(exc).lower()
+    if isinstance(exc, OutOfMemory | MemoryError) or "OutOfMemoryError" in names or "out of memory" in text:
+        return "OOM"
+    if isinstance(exc, NonFiniteLoss | FloatingPointError):  # Detectron2 raises the latter on a NaN loss
+        return "NonFiniteLoss"
+    if "DistBackendError" in names and "timeout" in text or "watchdog caught collective operation timeout" in text:
+        return "NCCLTimeout"
+    for cls in (Preempted, StorageUnavailable, DataError, ConfigError):
+        if isinstance(exc, cls):
+            return cls.__name__
+    return "Crash"
+
+
+def exit_code_of(exc: BaseException) -> int:
+    if isinstance(exc, KubetuneError):
+        return exc.exit_code
+    return EXIT_BAD_INPUT if failure_class(exc) in ("OOM", "NonFiniteLoss") else EXIT_RETRYABLE

@@ -17,7 +17,7 @@ import structlog
 
 from kubetune_trainer import logs
 from kubetune_trainer.config import TrainConfig, environment, load_validated
-from kubetune_trainer.errors import EXIT_OK, EXIT_RETRYABLE, KubetuneError
+from kubetune_trainer.errors import ADVICE, EXIT_OK, KubetuneError, exit_code_of, failure_class
 
 log = structlog.get_logger("kubetune_trainer")
 
@@ -41,13 +41,15 @@ def main(argv: list[str] | None = None) -> int:
         run(config, ctx, metrics)
         return EXIT_OK
     except KubetuneError as exc:
-        log.error("training failed", reason=str(exc), exit_code=exc.exit_code)
-        write_termination_reason(str(exc))
+        kind = failure_class(exc)
+        log.error("training failed", reason=str(exc), exit_code=exc.exit_code, failure_class=kind)
+        write_termination_reason(_reason(kind, str(exc)))
         return exc.exit_code
-    except Exception as exc:  # anything else is worth a retry by the Job
-        log.exception("training crashed")
-        write_termination_reason(f"{type(exc).__name__}: {exc}")
-        return EXIT_RETRYABLE
+    except Exception as exc:  # a crash is worth a retry by the Job; an OOM or a divergence is not
+        kind, code = failure_class(exc), exit_code_of(exc)
+        log.exception("training crashed", failure_class=kind, exit_code=code)
+        write_termination_reason(_reason(kind, f"{type(exc).__name__}: {exc}"))
+        return code
     finally:
         if ctx is not None:
             from kubetune_trainer.training import distributed
@@ -66,6 +68,12 @@ def recipe_for(family: str):
     else:
         from kubetune_trainer.promptable import recipe
     return recipe.run
+
+
+def _reason(kind: str, message: str) -> str:
+    """`<class>: <message>[; <advice>]`, the line the operator reads into status."""
+    advice = ADVICE.get(kind)
+    return f"{kind}: {message}" + (f"; {advice}" if advice else "")
 
 
 def write_termination_reason(reason: str) -> None:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from kubetune_trainer.config import TrainingSpec
+from kubetune_trainer.errors import NonFiniteLoss
 from kubetune_trainer.metrics.events import EventStorage
 from kubetune_trainer.training import distributed
 from kubetune_trainer.training.distributed import DistContext
@@ -53,6 +54,9 @@ class Hook:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+NONFINITE_LIMIT = 20  # a loss spike is one NaN step; a divergence is a run of them
 
 
 @dataclass
@@ -90,6 +94,7 @@ class Trainer:
         self.storage = EventStorage()
         self.hooks: list[Hook] = []
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.nonfinite_run = 0  # steps in a row whose loss was NaN/inf
 
     @property
     def unwrapped(self) -> nn.Module:
@@ -148,6 +153,14 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return skipped
 
+    def _check_finite(self, loss: float) -> None:
+        """The mean loss is the same number on every rank, so every rank stops together."""
+        self.nonfinite_run = 0 if math.isfinite(loss) else self.nonfinite_run + 1
+        if self.nonfinite_run >= NONFINITE_LIMIT:
+            raise NonFiniteLoss(
+                f"the loss was NaN/inf for {self.nonfinite_run} steps in a row (up to step {self.state.step})"
+            )
+
     def _record(
         self,
         loss: torch.Tensor,
@@ -162,6 +175,7 @@ class Trainer:
         distributed.all_reduce(packed)
         packed /= self.ctx.world_size
         values = packed.tolist()
+        self._check_finite(values[0])
         s = self.storage
         s.step = self.state.step
         s.put(loss=values[0], **dict(zip(keys, values[1:], strict=True)))

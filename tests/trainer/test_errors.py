@@ -1,0 +1,68 @@
+"""Why a run stopped, as a class the operator shows: each failure's class, exit code and advice,
+and a diverged run stopped by the loop itself instead of burning GPU hours on NaNs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from kubetune_trainer.errors import (
+    ConfigError,
+    DataError,
+    NonFiniteLoss,
+    Preempted,
+    StorageUnavailable,
+    exit_code_of,
+    failure_class,
+)
+from kubetune_trainer.main import _reason
+
+from tests.helpers import make_trainer
+
+
+class DistBackendError(RuntimeError):  # torch.distributed's, by name: the class is matched by name
+    pass
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind", "code"),
+    [
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "OOM", 2),
+        (MemoryError(), "OOM", 2),
+        (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate ... out of memory"), "OOM", 2),
+        (FloatingPointError("Loss became infinite or NaN at iteration=7!"), "NonFiniteLoss", 2),  # Detectron2's
+        (NonFiniteLoss("NaN for 20 steps"), "NonFiniteLoss", 2),
+        (DistBackendError("[Rank 1] Watchdog caught collective operation timeout: WorkNCCL(...)"), "NCCLTimeout", 1),
+        (StorageUnavailable("S3 unavailable"), "StorageUnavailable", 1),
+        (Preempted("Preempted at step 4"), "Preempted", 3),
+        (DataError("no usable sample"), "DataError", 2),
+        (ConfigError("bad variant"), "ConfigError", 2),
+        (KeyError("surprise"), "Crash", 1),
+    ],
+)
+def test_each_failure_has_a_class_an_exit_code_and_advice(exc: BaseException, kind: str, code: int) -> None:
+    assert failure_class(exc) == kind
+    assert exit_code_of(exc) == code
+    line = _reason(kind, str(exc))
+    assert line.startswith(f"{kind}: ")
+    if kind == "OOM":
+        assert "batchSize" in line and "gradientCheckpointing" in line
+
+
+def test_a_diverged_run_stops_after_a_run_of_nan_losses(tiny_coco: Path) -> None:
+    trainer = make_trainer(tiny_coco, "fp32")
+    trainer.total_steps = 100
+    real = trainer.loss
+
+    def nan_after_two(outputs, batch):
+        terms = real(outputs, batch)
+        if trainer.state.step >= 2:
+            return SimpleNamespace(total=terms.total * float("nan"), parts=terms.parts)
+        return terms
+
+    trainer.loss = nan_after_two
+    with pytest.raises(NonFiniteLoss, match="NaN/inf for 20 steps in a row"):
+        trainer.train()
+    assert trainer.state.step == 22  # two good steps, then twenty NaN ones: not a hundred
