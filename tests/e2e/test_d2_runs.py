@@ -289,3 +289,34 @@ def test_sigterm_checkpoints_the_iteration_reached_and_exits_3(start_run, tiny_c
         time.sleep(0.2)
     resumed = [e for e in log_events(log.read_text()) if e.get("event") == "resumed"]
     assert resumed[0]["step"] == step  # iterations lost: 0
+
+
+@needs_d2
+@pytest.mark.slow
+def test_a_failure_on_one_rank_ends_every_rank_promptly(start_run, s3, s3_endpoint, tiny_coco_s3, bucket) -> None:
+    """Rank 0's checkpoint fails (its output bucket is gone) while rank 1 is in the next
+    iteration: rank 0 must not go on into the final evaluation or a barrier (Detectron2 runs its
+    after_train hooks on the way out), so the whole run ends at once with rank 0's reason."""
+    s3.create_bucket(Bucket=f"{bucket}-out")
+    spec = d2_spec(tiny_coco_s3, "train/annotations.json", "val/annotations.json", "coco", f"s3://{bucket}-out/run/",
+                   s3_endpoint, maxSteps=200, evalEvery=1000)  # fmt: skip
+    spec["spec"]["output"]["checkpointEvery"] = 2
+    proc, log = start_run(spec, nproc=2, env={"KUBETUNE_METRICS_PORT": "0"}, name="fault")
+    deadline = time.time() + 300
+    while not s3.list_objects_v2(Bucket=f"{bucket}-out", Prefix="run/checkpoints/").get("KeyCount"):
+        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    for _ in range(100):
+        for obj in s3.list_objects_v2(Bucket=f"{bucket}-out").get("Contents", []):
+            s3.delete_object(Bucket=f"{bucket}-out", Key=obj["Key"])
+        try:
+            s3.delete_bucket(Bucket=f"{bucket}-out")
+            break
+        except s3.exceptions.ClientError:
+            time.sleep(0.1)
+    fault = time.time()
+    code = proc.wait(timeout=180)
+    assert code == 2, log.read_text()[-3000:]
+    assert time.time() - fault < 60
+    failed = [e for e in log_events(log.read_text()) if e.get("event") == "training failed"]
+    assert any(e["rank"] == 0 and "does not exist" in e["reason"] for e in failed)

@@ -181,3 +181,35 @@ def children(pid: int) -> list[int]:
     for task in Path(f"/proc/{pid}/task").iterdir():
         found += [int(c) for c in (task / "children").read_text().split()]
     return found
+
+
+def test_a_failure_on_one_rank_ends_every_rank_promptly(
+    start_run, s3, s3_endpoint: str, tiny_coco_s3: str, bucket: str, tmp_path: Path
+) -> None:
+    """Rank 0 alone writes checkpoints; its output bucket disappears mid-run, so its next save
+    fails (exit 2, bad input) while rank 1 is already in the next step's all-reduce. The run must
+    end as a whole, at once, with rank 0's reason: not hang until a collective times out."""
+    s3.create_bucket(Bucket=f"{bucket}-out")
+    spec = job_manifest(tiny_coco_s3, f"s3://{bucket}-out/run/", s3_endpoint, data={"validation": None}, maxSteps=400)
+    spec["spec"]["output"]["checkpointEvery"] = 2
+    proc, log = start_run(spec, nproc=2, env={"KUBETUNE_METRICS_PORT": "0"}, name="fault")
+    deadline = time.time() + 300
+    while not s3.list_objects_v2(Bucket=f"{bucket}-out", Prefix="run/checkpoints/").get("KeyCount"):
+        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    for _ in range(50):  # empty and remove the bucket under the running job
+        for obj in s3.list_objects_v2(Bucket=f"{bucket}-out").get("Contents", []):
+            s3.delete_object(Bucket=f"{bucket}-out", Key=obj["Key"])
+        try:
+            s3.delete_bucket(Bucket=f"{bucket}-out")
+            break
+        except s3.exceptions.ClientError:
+            time.sleep(0.1)
+    fault = time.time()
+    code = proc.wait(timeout=120)
+    ended_after = time.time() - fault
+    text = log.read_text()
+    assert code == 2, text[-3000:]  # rank 0's class: bad input, not a generic failure
+    assert ended_after < 60, f"the run took {ended_after:.0f} s to end after one rank failed"
+    failed = [e for e in log_events(text) if e.get("event") == "training failed"]
+    assert any(e["rank"] == 0 and "does not exist" in e["reason"] for e in failed)

@@ -23,10 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         run(args)
-    except ChildFailedError as exc:
+    except ChildFailedError as exc:  # the first rank to fail says why; the others were stopped after it
         codes = {failure.exitcode for failure in exc.failures.values()}
-        print(f"kubetune: trainer workers failed with exit codes {sorted(codes)}", file=sys.stderr)
-        return codes.pop() if codes in ({EXIT_BAD_INPUT}, {EXIT_PREEMPTED}) else EXIT_RETRYABLE
+        rank, first = exc.get_first_failure()
+        print(f"kubetune: rank {rank} failed first (exit code {first.exitcode}); all: {sorted(codes)}", file=sys.stderr)
+        return first.exitcode if first.exitcode in (EXIT_BAD_INPUT, EXIT_PREEMPTED) else EXIT_RETRYABLE
     except SignalException as exc:  # torchrun forwarded it and waited for the workers to stop
         print(f"kubetune: stopped by {signal.Signals(exc.sigval).name}", file=sys.stderr)
         return EXIT_PREEMPTED if exc.sigval == signal.SIGTERM else EXIT_RETRYABLE

@@ -5,6 +5,7 @@ Prometheus/metrics.jsonl names every job exports (through `bridge`)."""
 from __future__ import annotations
 
 import math
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,14 @@ from kubetune_trainer.training.early_stopping import EarlyStopping
 from kubetune_trainer.training.preemption import Preemption
 
 log = structlog.get_logger(__name__)
+
+
+def unwinding() -> bool:
+    """Whether Detectron2 runs its after_train hooks because training raised. Then no hook may
+    enter a collective (a checkpoint barrier, the final evaluation): the other ranks are in a
+    different one, or gone, and the job would hang instead of ending. An early stop (a
+    BaseException every rank raises together) is not a failure."""
+    return isinstance(sys.exc_info()[1], Exception)
 
 
 class EarlyStop(BaseException):  # noqa: N818 — not an error: Detectron2's loop must not log it as one
@@ -91,7 +100,8 @@ class CheckpointHook(HookBase):
             self._save()
 
     def after_train(self) -> None:
-        self._save()
+        if not unwinding():
+            self._save()
 
 
 class EvalHook(HookBase):
@@ -170,7 +180,7 @@ class EvalHook(HookBase):
             self._run()
 
     def after_train(self) -> None:
-        if not self.stopped_early:
+        if not self.stopped_early and not unwinding():
             self._run()
 
 
@@ -239,7 +249,8 @@ class BridgeHook(HookBase):
         self._flush(self.trainer.iter)
 
     def after_train(self) -> None:
-        self._flush(self.progress.completed - 1, final=True)
+        if not unwinding():
+            self._flush(self.progress.completed - 1, final=True)
         for writer in self.writers:
             writer.close()
 

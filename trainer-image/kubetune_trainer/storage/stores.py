@@ -19,6 +19,7 @@ from typing import Protocol, TypeVar
 from urllib.parse import urlparse
 
 import boto3
+import boto3.exceptions
 import botocore.exceptions
 import s3transfer.exceptions
 import structlog
@@ -188,20 +189,10 @@ class S3Store:
                 f"no S3 credentials for {where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                 "(in a cluster: spec.storage.credentialsSecret)"
             ) from exc
-        except TRANSIENT as exc:
-            raise StorageUnavailable(f"S3 unavailable for {where}: {type(exc).__name__}: {exc}") from exc
-        except botocore.exceptions.ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
-            if code in ("NoSuchBucket",):
-                raise ConfigError(f"bucket {self.bucket!r} does not exist ({where})") from exc
-            if code in ("NoSuchKey", "404", "NotFound"):
-                raise ConfigError(f"{where} does not exist") from exc
-            if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
-                raise ConfigError(f"S3 refused access to {where} ({code}): check the credentials") from exc
-            if code in TRANSIENT_CODES or status >= 500:
-                raise StorageUnavailable(f"S3 unavailable for {where}: {code or status}") from exc
-            raise KubetuneError(f"S3 error on {where}: {exc}") from exc
+        except (*TRANSIENT, botocore.exceptions.ClientError) as exc:
+            raise _translated(exc, where, self.bucket) from exc
+        except boto3.exceptions.S3UploadFailedError as exc:  # boto3 wraps the real error of an upload
+            raise _translated(exc.__cause__ or exc.__context__ or exc, where, self.bucket) from exc
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         """`fn` (one idempotent request), retried with backoff while S3 is unavailable, for up to
@@ -303,6 +294,26 @@ class S3Store:
                 ),
             )
         return len(uploads)
+
+
+def _translated(exc: BaseException, where: str, bucket: str) -> KubetuneError:
+    """A boto3 error as kubetune's: what retrying cannot fix (exit 2, naming the bucket, key or
+    credential) or what an outage causes (`StorageUnavailable`, retried by `S3Store._call`)."""
+    if isinstance(exc, TRANSIENT):
+        return StorageUnavailable(f"S3 unavailable for {where}: {type(exc).__name__}: {exc}")
+    if not isinstance(exc, botocore.exceptions.ClientError):
+        return KubetuneError(f"S3 error on {where}: {exc}")
+    code = exc.response.get("Error", {}).get("Code", "")
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+    if code in ("NoSuchBucket",):
+        return ConfigError(f"bucket {bucket!r} does not exist ({where})")
+    if code in ("NoSuchKey", "404", "NotFound"):
+        return ConfigError(f"{where} does not exist")
+    if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
+        return ConfigError(f"S3 refused access to {where} ({code}): check the credentials")
+    if code in TRANSIENT_CODES or status >= 500:
+        return StorageUnavailable(f"S3 unavailable for {where}: {code or status}")
+    return KubetuneError(f"S3 error on {where}: {exc}")
 
 
 def _s3_verify(store: S3Store, obj: ObjectInfo, path: Path) -> bool:
