@@ -51,7 +51,7 @@ def make_config(root: Path, args: argparse.Namespace, precision: str) -> TrainCo
                 "optimizer": {"lr": args.lr},
                 "schedule": {"type": "constant"},
             },
-            "output": {"uri": "file:///unused/"},
+            "output": {"uri": "file:///unused-output/"},
         }
     ).with_defaults()
 

@@ -55,7 +55,7 @@ def make_config(root: Path, args: argparse.Namespace, cache: str) -> TrainConfig
                 "horizontalFlip": False,  # one entry per image: every item is warm
             },
             "training": {"maxSteps": 1, "batchSize": args.batch, "precision": args.precision},
-            "output": {"uri": "file:///unused/"},
+            "output": {"uri": "file:///unused-output/"},
         }
     ).with_defaults()
 

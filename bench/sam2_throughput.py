@@ -112,7 +112,7 @@ def make_config(
                 "loss": "simple",
                 "schedule": {"type": "constant"},
             },
-            "output": {"uri": "file:///unused/"},
+            "output": {"uri": "file:///unused-output/"},
         }
     ).with_defaults()
 

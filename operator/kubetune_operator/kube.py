@@ -102,6 +102,14 @@ class KubeClient:
             _raise(exc, f"listing pods {selector} in {namespace}")
         return []
 
+    def delete_pod(self, namespace: str, name: str) -> None:
+        """Delete a pod (gone already is fine)."""
+        try:
+            self.core.delete_namespaced_pod(name, namespace)
+        except ApiException as exc:
+            if exc.status != 404:
+                _raise(exc, f"deleting pod {namespace}/{name}")
+
 
 def scrape_metrics(host: str, port: int, timeout: float = 3.0) -> str | None:
     """The exposition text of a trainer rank, or None while it is not serving yet."""

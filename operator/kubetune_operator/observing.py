@@ -12,6 +12,7 @@ Phases:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -176,6 +177,21 @@ def derive_phase(
     return "Pending", "PodsPending", "waiting for pods to be scheduled and started"
 
 
+def stall(ftj: FineTuneJob, phase: str, step: int | None, since: str | None, now: str) -> str | None:
+    """Why a running job counts as stalled (its step has not moved for progressDeadlineSeconds), or None."""
+    deadline = ftj.spec.run_policy.progress_deadline_seconds
+    if phase != "Running" or not deadline or step is None or not since:
+        return None
+    idle = (_parse_time(now) - _parse_time(since)).total_seconds()
+    if idle <= deadline:
+        return None
+    return f"step {step} has not moved for {format_duration(idle)} (runPolicy.progressDeadlineSeconds {deadline})"
+
+
+def _parse_time(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
 def set_condition(
     conditions: list[Condition], kind: str, status: str, reason: str, message: str, now: str
 ) -> list[Condition]:
@@ -206,6 +222,16 @@ def derive_status(
     conditions = set_condition(conditions, "Suspended", "True" if phase == "Suspended" else "False", reason, "", now)
     if phase in ("Succeeded", "Failed"):
         conditions = set_condition(conditions, phase, "True", reason, message, now)
+    step = scrape.step if scrape is not None and scrape.step is not None else None
+    old_step = previous.progress.step if previous.progress else None
+    changed_at = now if step is not None and (step != old_step or not previous.step_changed_at) else None
+    changed_at = changed_at or previous.step_changed_at
+    stalled = stall(ftj, phase, step, changed_at, now)
+    if stalled or any(c.type == "Stalled" for c in conditions):
+        conditions = set_condition(
+            conditions, "Stalled", "True" if stalled else "False", "NoProgress" if stalled else "Progressing",
+            stalled or "", now,
+        )  # fmt: skip
     job_status = (job or {}).get("status", {})
     progress = progress_from(scrape) if scrape is not None and scrape.step is not None else previous.progress
     if phase == "Succeeded" and progress is not None and progress.total_steps:
@@ -232,4 +258,5 @@ def derive_status(
         restarts=int(job_status.get("failed", 0) or 0),
         observed_generation=(ftj.metadata.model_extra or {}).get("generation"),
         message=message,
+        step_changed_at=changed_at,
     )

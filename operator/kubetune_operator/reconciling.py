@@ -174,6 +174,15 @@ def observe(
     outcome = _outcome(previous, status, kind, status.phase or "")
     if refused and previous.message != status.message:
         outcome.event = ("Warning", "SpecRejected", status.message or "")
+    stalled = next((c for c in status.conditions if c.type == "Stalled" and c.status == "True"), None)
+    was_stalled = any(c.type == "Stalled" and c.status == "True" for c in previous.conditions)
+    if stalled is not None and not was_stalled:
+        outcome.event = ("Warning", "Stalled", stalled.message)
+    if stalled is not None and ftj.spec.run_policy.restart_on_stall and pods:
+        for pod in pods:  # the Job starts them again; they resume from the newest checkpoint
+            kube.delete_pod(ftj.metadata.namespace, pod["metadata"]["name"])
+        outcome.status["stepChangedAt"] = now()  # a fresh deadline for the restarted pods
+        outcome.event = ("Warning", "RestartedOnStall", f"{stalled.message}; deleted {len(pods)} pod(s) to restart")
     return outcome
 
 

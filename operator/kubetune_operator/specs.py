@@ -58,6 +58,11 @@ class RunPolicySpec(Section):
     """Delete the Job's pods this long after it finishes."""
     suspend: bool = False
     """Suspend the job (pods stop; training resumes from the newest checkpoint when unset)."""
+    progress_deadline_seconds: int | None = Field(1800, ge=1)
+    """A running job whose step counter has not moved for this long is marked Stalled (a
+    condition, an Event); null: never."""
+    restart_on_stall: bool = False
+    """When Stalled, delete the job's pods so the Job starts them again from the newest checkpoint."""
     termination_grace_period_seconds: int = Field(120, ge=30)
     """How long a preempted pod has to finish its step and write a checkpoint before it is
     killed (SIGTERM, then SIGKILL after this long)."""
@@ -163,3 +168,5 @@ class FineTuneJobStatus(Section):
     """metadata.generation this status describes."""
     message: str | None = None
     """Person-readable reason; on failure the trainer's one-line reason."""
+    step_changed_at: str | None = None
+    """When progress.step last moved (what runPolicy.progressDeadlineSeconds is measured from)."""

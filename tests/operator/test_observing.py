@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from kubetune_operator.observing import Scrape, derive_status, failure_reason, format_duration, parse_metrics
 from kubetune_operator.specs import FineTuneJob, FineTuneJobStatus
@@ -245,3 +247,19 @@ def test_failures_are_counted_once_per_job_by_class() -> None:
         metrics.count_failure(uid, kind)
     value = lambda k: metrics.registry.get_sample_value("kubetune_operator_failures_total", {"class": k})  # noqa: E731
     assert (value("OOM"), value("DataError")) == (2.0, 1.0)
+
+
+def test_a_step_that_does_not_move_past_the_deadline_is_a_stall() -> None:
+    resource = ftj(runPolicy={"progressDeadlineSeconds": 240})
+    running = job(active=2)
+    pods = [pod("Running", 0), pod("Running", 1)]
+    first = derive_status(resource, FineTuneJobStatus(), running, pods, RUNNING, T0)
+    assert first.step_changed_at == T0 and "Stalled" not in {c.type for c in first.conditions}
+    later = derive_status(resource, first, running, pods, RUNNING, T1)  # the same step, five minutes on
+    stalled = {c.type: c for c in later.conditions}["Stalled"]
+    assert (stalled.status, stalled.reason) == ("True", "NoProgress")
+    assert stalled.message == "step 500 has not moved for 5m00s (runPolicy.progressDeadlineSeconds 240)"
+    moved = derive_status(resource, later, running, pods, dataclasses.replace(RUNNING, step=501), T1)
+    assert {c.type: c.status for c in moved.conditions}["Stalled"] == "False" and moved.step_changed_at == T1
+    never = derive_status(ftj(runPolicy={"progressDeadlineSeconds": None}), first, running, pods, RUNNING, T1)
+    assert "Stalled" not in {c.type for c in never.conditions}

@@ -296,3 +296,26 @@ def test_a_foreign_image_or_an_unmarked_secret_is_refused_and_nothing_is_created
     job = wait_for(lambda: kube_api.get(*JOBS, NS, "borrowed"), proc=proc)
     env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "team-keys"
+
+
+def test_a_stalled_job_is_marked_and_its_pods_restarted(kube_api, operator) -> None:
+    """Rank 0's step counter stays at 500: past runPolicy.progressDeadlineSeconds the job is
+    Stalled (a condition and an Event) and, with restartOnStall, its pods are deleted so the Job
+    starts them again from the newest checkpoint."""
+    proc = operator()
+    kube_api.create(manifest("stuck", runPolicy={"progressDeadlineSeconds": 2, "restartOnStall": True}))
+    wait_for(lambda: kube_api.get(*JOBS, NS, "stuck"), proc=proc)
+    kube_api.patch_status(*JOBS, NS, "stuck", {"active": 2, "startTime": "2026-11-22T10:00:00Z"})
+    for index in (0, 1):
+        kube_api.create(pod("stuck", index, "Running"))
+    wait_for(phase_is(kube_api, "stuck", "Running"), proc=proc)
+    stalled = wait_for(
+        lambda: next((c for c in status(kube_api, "stuck").get("conditions", []) if c["type"] == "Stalled"), None),
+        timeout=60,
+        proc=proc,
+    )
+    assert stalled["status"] == "True" and stalled["reason"] == "NoProgress"
+    assert "step 500 has not moved for" in stalled["message"]
+    wait_for(lambda: not kube_api.list("v1", "pods", NS), timeout=30, proc=proc)  # deleted: the Job restarts them
+    reasons = {e.get("reason") for e in kube_api.list("v1", "events", NS)}
+    assert "RestartedOnStall" in reasons or "Stalled" in reasons

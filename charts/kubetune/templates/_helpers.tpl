@@ -63,7 +63,8 @@ app.kubernetes.io/component: operator
   verbs: ["get", "create", "patch"]
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
+  # delete: runPolicy.restartOnStall restarts a stalled job's pods.
+  verbs: ["get", "list", "watch", "delete"]
 # Only the labels of a credentials Secret a job names are read (metadata-only requests).
 - apiGroups: [""]
   resources: ["secrets"]
