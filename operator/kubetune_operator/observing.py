@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from kubetune_trainer.errors import redact
 from prometheus_client.parser import text_string_to_metric_families
 
 from .specs import BestMetric, Condition, FineTuneJob, FineTuneJobStatus, Progress
@@ -113,6 +114,18 @@ FAILURE_CLASSES = (
 def failure_reason(job: dict[str, Any], pods: list[dict[str, Any]]) -> str:
     """The trainer's one-line reason from the newest failed pod, else the Job's own condition."""
     return failure(job, pods)[1]
+
+
+def last_lines(pods: list[dict[str, Any]]) -> str | None:
+    """The newest failed container's termination message (the trainer's last log lines, then its
+    reason), redacted again here, bounded."""
+    found = []
+    for pod in pods:
+        for cs in pod.get("status", {}).get("containerStatuses") or []:
+            term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
+            if term and term.get("exitCode", 0) != 0 and (term.get("message") or "").strip():
+                found.append((term.get("finishedAt") or "", term["message"].strip()))
+    return redact(sorted(found)[-1][1])[:4000] if found else None
 
 
 def failure(job: dict[str, Any], pods: list[dict[str, Any]]) -> tuple[str | None, str]:
@@ -258,5 +271,6 @@ def derive_status(
         restarts=int(job_status.get("failed", 0) or 0),
         observed_generation=(ftj.metadata.model_extra or {}).get("generation"),
         message=message,
+        last_failure=last_lines(pods) if phase == "Failed" else previous.last_failure,
         step_changed_at=changed_at,
     )

@@ -168,5 +168,7 @@ class FineTuneJobStatus(Section):
     """metadata.generation this status describes."""
     message: str | None = None
     """Person-readable reason; on failure the trainer's one-line reason."""
+    last_failure: str | None = None
+    """The failing rank's last log lines (credentials redacted), from its termination message."""
     step_changed_at: str | None = None
     """When progress.step last moved (what runPolicy.progressDeadlineSeconds is measured from)."""

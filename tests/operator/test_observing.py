@@ -263,3 +263,16 @@ def test_a_step_that_does_not_move_past_the_deadline_is_a_stall() -> None:
     assert {c.type: c.status for c in moved.conditions}["Stalled"] == "False" and moved.step_changed_at == T1
     never = derive_status(ftj(runPolicy={"progressDeadlineSeconds": None}), first, running, pods, RUNNING, T1)
     assert "Stalled" not in {c.type for c in never.conditions}
+
+
+def test_the_failing_ranks_last_lines_reach_status_redacted() -> None:
+    lines = (
+        '{"event": "step", "step": 41}\n{"event": "upload", "key": "AKIAABCDEFGHIJKLMNOP"}\nOOM: CUDA out of memory\n'
+    )
+    failed = job(failed=1, conditions=[cond("Failed", "PodFailurePolicy", "failed with exit code 2")])
+    status = derive_status(
+        ftj(), FineTuneJobStatus(), failed, [pod("Failed", terminated={**BAD_INPUT, "message": lines})], None, T1
+    )
+    assert status.last_failure.splitlines()[0] == '{"event": "step", "step": 41}'
+    assert "AKIA" not in status.last_failure and "***" in status.last_failure
+    assert status.message == "OOM: CUDA out of memory (exit code 2)"

@@ -66,3 +66,21 @@ def test_a_diverged_run_stops_after_a_run_of_nan_losses(tiny_coco: Path) -> None
     with pytest.raises(NonFiniteLoss, match="NaN/inf for 20 steps in a row"):
         trainer.train()
     assert trainer.state.step == 22  # two good steps, then twenty NaN ones: not a hundred
+
+
+def test_the_termination_message_ends_with_the_reason_bounded_and_redacted(tmp_path: Path, monkeypatch) -> None:
+    from kubetune_trainer.main import write_termination_reason
+
+    path = tmp_path / "termination-log"
+    path.write_text("")
+    monkeypatch.setenv("KUBETUNE_TERMINATION_LOG", str(path))
+    tail = [f'{{"event": "step", "step": {i}, "detail": "{"x" * 300}"}}' for i in range(40)]
+    tail.append(
+        '{"event": "env", "line": "AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG token=hf_abcdefghijklmnopqrstu"}'
+    )
+    write_termination_reason("OOM: CUDA out of memory; lower training.batchSize", tail)
+    text = path.read_text()
+    lines = text.splitlines()
+    assert len(text.encode()) <= 4096 and lines[-1] == "OOM: CUDA out of memory; lower training.batchSize"
+    assert "wJalrXUtnFEMI" not in text and "hf_abcdefghij" not in text and "***" in lines[-2]
+    assert all(len(line) <= 240 for line in lines[:-1])  # the newest lines kept, each bounded

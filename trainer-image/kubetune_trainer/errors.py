@@ -10,6 +10,8 @@ Exit codes (the operator's podFailurePolicy relies on them):
 
 from __future__ import annotations
 
+import re
+
 EXIT_OK = 0
 EXIT_RETRYABLE = 1
 EXIT_BAD_INPUT = 2
@@ -88,3 +90,24 @@ def exit_code_of(exc: BaseException) -> int:
     if isinstance(exc, KubetuneError):
         return exc.exit_code
     return EXIT_BAD_INPUT if failure_class(exc) in ("OOM", "NonFiniteLoss") else EXIT_RETRYABLE
+
+
+SECRETS = (  # (pattern, whether its first group is a prefix to keep)
+    (re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), False),  # AWS access key ids
+    (re.compile(r"\bhf_[A-Za-z0-9]{20,}\b"), False),  # Hugging Face tokens
+    (re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=-]{8,}"), True),
+    (
+        re.compile(
+            r"(?i)((?:secret|token|password|passwd|credential|signature)[\w-]*[\"']?\s*[:=]\s*[\"']?)[^\s\"',;]+"
+        ),
+        True,
+    ),
+)
+
+
+def redact(text: str) -> str:
+    """Log text with anything that looks like a credential replaced by ***, before it leaves the
+    pod (a termination message, an Event, status)."""
+    for pattern, keep in SECRETS:
+        text = pattern.sub(lambda m, keep=keep: (m.group(1) if keep else "") + "***", text)
+    return text

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gzip
 import os
+import shutil
 import sys
+import time
 from pathlib import Path
 
 import structlog
 
 from kubetune_trainer import logs
 from kubetune_trainer.config import TrainConfig, environment, load_validated
-from kubetune_trainer.errors import ADVICE, EXIT_OK, KubetuneError, exit_code_of, failure_class
+from kubetune_trainer.errors import ADVICE, EXIT_OK, KubetuneError, exit_code_of, failure_class, redact
 
 log = structlog.get_logger("kubetune_trainer")
 
@@ -27,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, type=Path, help="TrainConfig JSON (the operator's ConfigMap)")
     args = parser.parse_args(argv)
     logs.configure(int(os.environ.get("RANK", 0)))
-    ctx = None
+    ctx, config = None, None
     try:
         config = load_validated(args.config, TrainConfig)
         structlog.contextvars.bind_contextvars(job=config.job.name)
@@ -43,14 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     except KubetuneError as exc:
         kind = failure_class(exc)
         log.error("training failed", reason=str(exc), exit_code=exc.exit_code, failure_class=kind)
-        write_termination_reason(_reason(kind, str(exc)))
+        write_termination_reason(_reason(kind, str(exc)), logs.tail())
         return exc.exit_code
     except Exception as exc:  # a crash is worth a retry by the Job; an OOM or a divergence is not
         kind, code = failure_class(exc), exit_code_of(exc)
         log.exception("training crashed", failure_class=kind, exit_code=code)
-        write_termination_reason(_reason(kind, f"{type(exc).__name__}: {exc}"))
+        write_termination_reason(_reason(kind, f"{type(exc).__name__}: {exc}"), logs.tail())
         return code
     finally:
+        if config is not None and logs.training_began():
+            upload_log(config, int(os.environ.get("RANK", 0)))
         if ctx is not None:
             from kubetune_trainer.training import distributed
 
@@ -76,18 +81,42 @@ def _reason(kind: str, message: str) -> str:
     return f"{kind}: {message}" + (f"; {advice}" if advice else "")
 
 
-def write_termination_reason(reason: str) -> None:
-    """Write a one-line reason where the kubelet reads it; silently skip when there is no such file.
+def upload_log(config, rank: int) -> None:
+    """This rank's log, compressed, to output.uri/logs/: it outlives the pod (kept briefly on a
+    storage outage: the pod's own log is still there)."""
+    path = logs.log_file()
+    if path is None or not path.is_file():
+        return
+    from kubetune_trainer.storage.stores import open_store
 
-    Kubernetes only creates /dev/termination-log inside containers; a local run has none.
-    """
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    packed = path.with_suffix(".log.gz")
+    try:
+        with path.open("rb") as src, gzip.open(packed, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.environ[environment.STORAGE_RETRY_S] = "15"  # the job is ending: do not hold it up
+        open_store(config.output.uri, config.storage).upload(packed, f"logs/{stamp}-rank{rank}.log.gz")
+    except Exception as exc:  # failing to keep a log must not change how the run ends
+        log.warning("log not uploaded", reason=str(exc))
+    finally:
+        packed.unlink(missing_ok=True)
+
+
+def write_termination_reason(reason: str, tail: list[str] | None = None) -> None:
+    """Write the last log lines and, last, the one-line reason where the kubelet reads them
+    (it keeps 4096 bytes; the operator reads the last line as the reason and the rest as
+    status.lastFailure), with anything like a credential redacted. Silently skipped where there
+    is no such file: Kubernetes only creates /dev/termination-log inside containers."""
     default = Path(environment.DEFAULT_TERMINATION_LOG)
     path = Path(os.environ.get(environment.TERMINATION_LOG, default))
     if not path.parent.is_dir() or (path == default and not path.exists()):
         return
-    line = " ".join(reason.split())[:4000]  # kubelet keeps at most 4096 bytes
+    line = redact(" ".join(reason.split()))[:2000]
+    lines = [redact(t)[:240] for t in (tail or [])]
+    while lines and len("\n".join([*lines, line]).encode()) > 4000:  # kubelet keeps at most 4096 bytes
+        lines.pop(0)
     with contextlib.suppress(OSError):  # failing to explain must not hide the failure
-        path.write_text(line + "\n")
+        path.write_text("\n".join([*lines, line]) + "\n")
 
 
 def _serve_metrics(metrics, local_rank: int) -> None:

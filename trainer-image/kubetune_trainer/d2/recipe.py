@@ -172,6 +172,7 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> Rep
         world_size=ctx.world_size,
         device=str(ctx.device),
     )
+    logs.training_started()
     with contextlib.suppress(EarlyStop):
         trainer.train(latest, job_plan.max_iter)
     report = Report(

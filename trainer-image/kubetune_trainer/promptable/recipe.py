@@ -20,6 +20,7 @@ import structlog
 import torch
 from torch.utils.data import BatchSampler, DataLoader
 
+from kubetune_trainer import logs
 from kubetune_trainer.config import TrainConfig
 from kubetune_trainer.datasets.checks import load_split
 from kubetune_trainer.datasets.readers import Sample
@@ -302,6 +303,7 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> Rep
         world_size=ctx.world_size,
         device=str(ctx.device),
     )
+    logs.training_started()
     trainer.train()
     report = Report(
         job=config.job.name,
