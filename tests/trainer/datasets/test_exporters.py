@@ -357,3 +357,15 @@ def test_a_decompression_bomb_and_a_malformed_entry_are_skipped_not_retried(tmp_
     assert split.summary.skipped["unreadable image or mask"] == 1
     assert "bomb.png" in split.summary.examples["unreadable image or mask"][0]
     assert split.summary.skipped["missing image file"] == 1
+
+
+def test_the_pixel_limit_follows_the_models_input_side(tmp_path: Path) -> None:
+    from kubetune_trainer.datasets import files
+
+    try:
+        files.set_pixel_limit(2048)  # 64 inputs of 2048²: 268 Mpx
+        assert Image.MAX_IMAGE_PIXELS == 64 * 2048 * 2048
+        files.set_pixel_limit(64)  # never below Pillow's own
+        assert Image.MAX_IMAGE_PIXELS == files.DEFAULT_PIXEL_LIMIT
+    finally:
+        Image.MAX_IMAGE_PIXELS = files.DEFAULT_PIXEL_LIMIT

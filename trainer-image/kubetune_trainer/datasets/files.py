@@ -102,6 +102,16 @@ def orientation(im: Image.Image) -> int:
     return value if value in range(1, 9) else 1
 
 
+def set_pixel_limit(side: int | None) -> None:
+    """Pillow's decompression-bomb limit for this job: 64 model inputs' worth of pixels (photos
+    are often far larger than the model's side, and are scaled down), at least Pillow's own."""
+    if side:
+        Image.MAX_IMAGE_PIXELS = max(64 * side * side, DEFAULT_PIXEL_LIMIT)
+
+
+DEFAULT_PIXEL_LIMIT = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+
 def load_image(path: Path, exif: bool = True) -> np.ndarray:
     """RGB uint8 array, turned by its EXIF orientation when `exif` (what annotation tools show);
     raises OSError/ValueError for an unreadable or truncated file, and DecompressionBombError

@@ -23,6 +23,7 @@ from torch.utils.data import BatchSampler, DataLoader
 from kubetune_trainer import logs
 from kubetune_trainer.config import TrainConfig
 from kubetune_trainer.datasets.checks import load_split
+from kubetune_trainer.datasets.files import set_pixel_limit
 from kubetune_trainer.datasets.readers import Sample
 from kubetune_trainer.errors import DataError
 from kubetune_trainer.metrics.events import METRICS_FILE, JsonlWriter, TerminalWriter
@@ -68,6 +69,7 @@ def stage_inputs(config: TrainConfig, ctx: DistContext, weights_are_folder: bool
     files = stage_files(config, ctx, weights_are_folder)
     data = config.data
     scratch = job_cache(config.job) / "extracted"
+    set_pixel_limit(config.model.image_size)
     train = load_split(data, files.root, "train", scratch).samples
     val = load_split(data, files.root, "validation", scratch).samples if data.validation else []
     return Inputs(train, val, files.weights, files.downloaded_bytes)

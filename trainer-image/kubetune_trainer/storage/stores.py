@@ -171,6 +171,10 @@ class S3Store:
             region_name=storage.region,
             config=Config(
                 retries={"max_attempts": 4, "mode": "standard"},
+                # S3's checksum headers: uploads carry one, downloads are checked against the
+                # object's full-object checksum where it has one (besides kubetune's ETag check).
+                request_checksum_calculation="when_supported",
+                response_checksum_validation="when_supported",
                 connect_timeout=5,
                 read_timeout=60,
                 max_pool_connections=32,
