@@ -159,10 +159,9 @@ def _env(ftj: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
         {"name": "HOME", "value": "/tmp"},  # read-only root: libraries that write to ~ use /tmp
         {"name": "TMPDIR", "value": "/tmp"},
         # torchrun's wait for the workers after SIGTERM (they checkpoint), inside the grace period.
-        {
-            "name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT",
-            "value": str(ftj.spec.run_policy.termination_grace_period_seconds - 15),
-        },
+        {"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": str(_grace(ftj) - 15)},
+        # A hung collective fails the run before the operator would call it stalled.
+        {"name": environment.COLLECTIVE_TIMEOUT_S, "value": str(_collective_timeout(ftj))},
     ]
     secret = ftj.spec.storage.credentials_secret or settings.trainer.credentials_secret
     if secret:
@@ -175,6 +174,11 @@ def _env(ftj: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
         ref = {"name": token, "key": environment.HF_TOKEN}
         env.append({"name": environment.HF_TOKEN, "valueFrom": {"secretKeyRef": ref}})
     return env
+
+
+def _collective_timeout(ftj: FineTuneJob) -> int:
+    deadline = ftj.spec.run_policy.progress_deadline_seconds
+    return max(deadline // 2, 120) if deadline else environment.DEFAULT_COLLECTIVE_TIMEOUT_S
 
 
 def _grace(ftj: FineTuneJob) -> int:

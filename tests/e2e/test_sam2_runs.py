@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.factories import job_manifest, on_fixed_set
 from tests.helpers import (
     DOCUMENTED,
+    FlakyProxy,
     complete_steps,
     free_port_run,
     kill_after_first_checkpoint,
@@ -215,3 +216,18 @@ def test_a_failure_on_one_rank_ends_every_rank_promptly(
     assert ended_after < 60, f"the run took {ended_after:.0f} s to end after one rank failed"
     failed = [e for e in log_events(text) if e.get("event") == "training failed"]
     assert any(e["rank"] == 0 and "does not exist" in e["reason"] for e in failed)
+
+
+def test_staging_longer_than_the_collective_timeout_does_not_end_the_run(
+    start_run, s3_endpoint: str, tiny_coco_s3: str, bucket: str, tmp_path: Path
+) -> None:
+    """Collectives time out fast (so a hung peer ends the run), yet local rank 0 may stage for
+    much longer (here S3 is down for 12 s, the collective timeout is 5 s): rank 1 waits for it
+    outside any collective, and the run completes."""
+    with FlakyProxy(s3_endpoint) as proxy:
+        spec = job_manifest(tiny_coco_s3, (tmp_path / "out").as_uri() + "/", proxy.url, data={"validation": None})
+        proxy.down_for(12.0)
+        env = {"KUBETUNE_METRICS_PORT": "0", "KUBETUNE_COLLECTIVE_TIMEOUT_S": "5", "KUBETUNE_STORAGE_RETRY_S": "60"}
+        proc, log = start_run(spec, nproc=2, env=env, name="slow-staging")
+        assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    assert proxy.refused > 0 and '"event": "storage unavailable, retrying"' in log.read_text()

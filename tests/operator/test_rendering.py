@@ -223,6 +223,7 @@ def test_preemption_gets_a_grace_period_and_a_free_retry() -> None:
     assert pod["terminationGracePeriodSeconds"] == 300
     env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
     assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "285"  # torchrun waits for the checkpoint, inside the grace
+    assert env["KUBETUNE_COLLECTIVE_TIMEOUT_S"] == "900"  # half the default progress deadline: a hang ends first
     rules = job["spec"]["podFailurePolicy"]["rules"]
     assert {"action": "Ignore", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [3]}} in rules
     assert objects(example())["Job"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 120

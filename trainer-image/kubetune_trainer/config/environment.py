@@ -37,3 +37,8 @@ STORAGE_RETRY_S = "KUBETUNE_STORAGE_RETRY_S"
 """How long transient storage errors (outage, timeouts, 5xx, SlowDown) are retried, with
 backoff, before the trainer exits 1 so the Job retries the pod."""
 DEFAULT_STORAGE_RETRY_S = 300.0
+
+COLLECTIVE_TIMEOUT_S = "KUBETUNE_COLLECTIVE_TIMEOUT_S"
+"""How long a collective (all-reduce, barrier) waits for its peers before the run fails: below
+the job's progress deadline, so a hung rank ends the run instead of stalling it."""
+DEFAULT_COLLECTIVE_TIMEOUT_S = 1800

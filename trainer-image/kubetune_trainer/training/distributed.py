@@ -4,6 +4,7 @@ group, device choice, autocast and the GradScaler. Model adapters never touch th
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from kubetune_trainer.config import environment
 from kubetune_trainer.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_RETRYABLE, ConfigError, DataError, KubetuneError
 
 T = TypeVar("T")
@@ -36,11 +38,16 @@ class DistContext:
         return self.local_rank == 0
 
 
-def init(timeout_s: int = 1800) -> DistContext:
+def init(timeout_s: int | None = None) -> DistContext:
     """Read RANK/LOCAL_RANK/WORLD_SIZE (torchrun sets them) and join the process group.
 
     NCCL on GPUs, gloo on the CPU. A plain `python -m kubetune_trainer` is a world of one.
+    Collectives time out after KUBETUNE_COLLECTIVE_TIMEOUT_S (the operator sets it below the
+    job's progress deadline), so a hung peer ends the run instead of stalling it; staging, which
+    may take far longer, waits outside any collective (`leader_first`).
     """
+    if timeout_s is None:
+        timeout_s = int(os.environ.get(environment.COLLECTIVE_TIMEOUT_S, environment.DEFAULT_COLLECTIVE_TIMEOUT_S))
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -105,7 +112,7 @@ def leader_first(ctx: DistContext, fn: Callable[[], T]) -> T:
         except BaseException as exc:  # re-raised below, after telling the other ranks
             error = exc
     code = EXIT_OK if error is None else getattr(error, "exit_code", EXIT_RETRYABLE)
-    flag = all_reduce(torch.tensor([code], dtype=torch.int64), dist.ReduceOp.MAX).item()
+    flag = _leaders_done(ctx, code)
     if error is not None:
         raise error
     if flag == EXIT_BAD_INPUT:
@@ -113,6 +120,26 @@ def leader_first(ctx: DistContext, fn: Callable[[], T]) -> T:
     if flag:
         raise KubetuneError("another node's local rank 0 failed while staging inputs")
     return fn() if not ctx.is_local_leader else result  # type: ignore[return-value]
+
+
+_leader_calls = itertools.count()
+
+
+def _leaders_done(ctx: DistContext, code: int) -> int:
+    """Wait for every node's leader and return the worst exit code among them. Through torchrun's
+    key-value store, not a collective: a download of hours must not run into the collective
+    timeout, which is kept short so that a hung peer ends the run."""
+    if ctx.world_size == 1 or not dist.is_initialized():
+        return code
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timedelta(days=1)
+    )
+    call, nodes = next(_leader_calls), ctx.world_size // ctx.local_world_size
+    keys = [f"kubetune/leader-first/{call}/{node}" for node in range(nodes)]
+    if ctx.is_local_leader:
+        store.set(keys[ctx.rank // ctx.local_world_size], str(code))
+    store.wait(keys, timedelta(days=1))
+    return max(int(store.get(key)) for key in keys)
 
 
 def wrap_ddp(module: torch.nn.Module, ctx: DistContext, static_graph: bool = False) -> torch.nn.Module:
