@@ -85,8 +85,7 @@ class _Look:
 def _look(sample: Sample, keep_empty: bool) -> _Look:
     try:
         height, width = load_image(sample.image, sample.exif).shape[:2]  # a full decode finds truncation
-        masks = sample.masks(height, width)
-        names = sample.masks.labels(height, width)
+        masks, names = sample.masks.decode(height, width)  # one decode: VOC and PNG masks are not cheap
     except UNREADABLE as exc:
         return _Look(None, problem=("unreadable image or mask", f"{sample.image.name}: {exc}"))
     filled = masks.reshape(masks.shape[0], -1).any(axis=1) if masks.size else np.zeros(masks.shape[0], bool)

@@ -22,6 +22,10 @@ Segment = list[list[float]] | dict  # polygons ([x0, y0, x1, y1, ...] each) or c
 class MaskSource(Protocol):
     def __call__(self, height: int, width: int) -> np.ndarray: ...
 
+    def decode(self, height: int, width: int) -> tuple[np.ndarray, list[str]]:
+        """The masks and their class names from one decode (what the data check needs)."""
+        ...
+
     def labels(self, height: int, width: int) -> list[str]: ...
 
     def segments(self, height: int, width: int) -> list[Segment]: ...
@@ -63,9 +67,13 @@ class DecodedMasks:
     def __call__(self, height: int, width: int) -> np.ndarray:
         raise NotImplementedError
 
+    def decode(self, height: int, width: int) -> tuple[np.ndarray, list[str]]:
+        masks = self(height, width)
+        count = masks.shape[0]
+        return masks, list(self.names) if len(self.names) == count else [DEFAULT_CLASS] * count
+
     def labels(self, height: int, width: int) -> list[str]:
-        count = self(height, width).shape[0]
-        return list(self.names) if len(self.names) == count else [DEFAULT_CLASS] * count
+        return self.decode(height, width)[1]
 
     def segments(self, height: int, width: int) -> list[Segment]:
         return [encode(m) for m in self(height, width)]
@@ -87,6 +95,9 @@ class PolygonMasks:
         if isinstance(seg, dict):
             return compressed(seg, height, width)
         return mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
+
+    def decode(self, height: int, width: int) -> tuple[np.ndarray, list[str]]:
+        return self(height, width), self.labels(height, width)
 
     def labels(self, height: int, width: int) -> list[str]:
         return list(self.names) if self.names else [DEFAULT_CLASS] * len(self.segmentations)
@@ -162,12 +173,12 @@ class VocMasks(DecodedMasks):
             names.append(self.labelmap.names[int(np.bincount(under).argmax())] if under.size else DEFAULT_CLASS)
         return masks, names
 
-    def __call__(self, height: int, width: int) -> np.ndarray:
-        masks, _ = self._decode(height, width)
-        return np.stack(masks) if masks else np.zeros((0, height, width), bool)
+    def decode(self, height: int, width: int) -> tuple[np.ndarray, list[str]]:
+        masks, names = self._decode(height, width)
+        return (np.stack(masks) if masks else np.zeros((0, height, width), bool)), names
 
-    def labels(self, height: int, width: int) -> list[str]:
-        return self._decode(height, width)[1]
+    def __call__(self, height: int, width: int) -> np.ndarray:
+        return self.decode(height, width)[0]
 
 
 @dataclass(frozen=True)
@@ -197,6 +208,10 @@ class Subset:
 
     def __call__(self, height: int, width: int) -> np.ndarray:
         return self.source(height, width)[list(self.keep)]
+
+    def decode(self, height: int, width: int) -> tuple[np.ndarray, list[str]]:
+        masks, names = self.source.decode(height, width)
+        return masks[list(self.keep)], [names[i] for i in self.keep]
 
     def labels(self, height: int, width: int) -> list[str]:
         names = self.source.labels(height, width)
