@@ -29,6 +29,7 @@ from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter
 from detectron2.utils.logger import setup_logger
 
+from kubetune_trainer import logs
 from kubetune_trainer.config import TrainConfig
 from kubetune_trainer.d2.bridge import RunShape
 from kubetune_trainer.d2.build import (
@@ -113,13 +114,13 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> Rep
         upload_visualizations(output, step, cfg, module, vis_records, vis_metadata)
 
     # The metric logs travel inside each checkpoint, so a resumed run continues one history.
-    logs = {METRICS_FILE: metrics_log, D2_METRICS_FILE: d2_log}
+    metric_logs = {METRICS_FILE: metrics_log, D2_METRICS_FILE: d2_log}
     ckpt_hook = CheckpointHook(
         progress,
         checkpointer,
         period=cfg.SOLVER.CHECKPOINT_PERIOD,
         state=state,
-        extras=logs,
+        extras=metric_logs,
         is_writer=ctx.is_main,
         on_saved=on_saved,
         events=events,
@@ -156,7 +157,7 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> Rep
         trainer.load_state_dict(saved["trainer"])
         log.info("resumed", step=latest, uri=f"{output.uri}checkpoints/step-{latest:08d}/")
         if ctx.is_main:
-            for path in logs.values():
+            for path in metric_logs.values():
                 checkpointer.fetch_extra(latest, path.name, path)
     log.info(
         "training",
@@ -194,7 +195,7 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> Rep
         wall_seconds=time.time() - started,
     )
     if ctx.is_main:
-        publish(output, write_final(cfg, module, train, workdir), config, report, list(logs.values()))
+        publish(output, write_final(cfg, module, train, workdir), config, report, list(metric_logs.values()))
     distributed.barrier()
     return report
 
