@@ -7,6 +7,7 @@ import random
 import socket
 import time
 import urllib.request
+from collections.abc import Callable
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -246,3 +247,30 @@ class FlakyProxy:
             for sock in (src, dst):
                 with suppress(OSError):
                     sock.close()
+
+
+def wait_while_running(proc, log: Path, done: Callable[[], object], timeout_s: float = 300) -> None:
+    """Poll `done()` while the `kubetune run` process lives; fail with its log if it ends first."""
+    deadline = time.time() + timeout_s
+    while not done():
+        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+
+
+def launcher_of(pid: int) -> int:
+    """The one child of `kubetune run --local`: the launcher, what the kubelet signals as PID 1."""
+    (child,) = [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+    return child
+
+
+def remove_bucket(s3, name: str, tries: int = 100) -> None:
+    """Empty and delete a bucket a running job may still be writing to."""
+    for _ in range(tries):
+        for obj in s3.list_objects_v2(Bucket=name).get("Contents", []):
+            s3.delete_object(Bucket=name, Key=obj["Key"])
+        try:
+            s3.delete_bucket(Bucket=name)
+            return
+        except s3.exceptions.ClientError:  # an upload landed in between
+            time.sleep(0.1)
+    raise AssertionError(f"bucket {name} could not be removed")

@@ -26,10 +26,13 @@ from tests.helpers import (
     DOCUMENTED,
     free_port_run,
     kill_after_first_checkpoint,
+    launcher_of,
     log_events,
     objects,
+    remove_bucket,
     scrape,
     serve_files,
+    wait_while_running,
 )
 
 try:
@@ -267,15 +270,9 @@ def test_sigterm_checkpoints_the_iteration_reached_and_exits_3(start_run, tiny_c
     )  # fmt: skip
     spec["spec"]["output"]["checkpointEvery"] = 1000
     proc, log = start_run(spec, nproc=2, env={"KUBETUNE_METRICS_PORT": "0"}, name="preempted")
-    deadline = time.time() + 300
-    while '"event": "training"' not in log.read_text():
-        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-        time.sleep(0.2)
+    wait_while_running(proc, log, lambda: '"event": "training"' in log.read_text())
     time.sleep(4)
-    (launcher,) = [
-        int(c) for t in Path(f"/proc/{proc.pid}/task").iterdir() for c in (t / "children").read_text().split()
-    ]
-    os.kill(launcher, signal.SIGTERM)
+    os.kill(launcher_of(proc.pid), signal.SIGTERM)
     assert proc.wait(timeout=120) == 3, log.read_text()[-3000:]
     preempted = [e for e in log_events(log.read_text()) if e.get("event") == "preempted"]
     assert len(preempted) == 2 and len({e["step"] for e in preempted}) == 1
@@ -283,10 +280,7 @@ def test_sigterm_checkpoints_the_iteration_reached_and_exits_3(start_run, tiny_c
     assert [p.parent.name for p in (out / "checkpoints").glob("*/manifest.json")] == [f"step-{step:08d}"]
     assert '"event": "evaluation"' not in log.read_text().split('"event": "training"')[1]
     proc, log = start_run(spec, nproc=2, env={"KUBETUNE_METRICS_PORT": "0"}, name="resumed")
-    deadline = time.time() + 300
-    while '"event": "resumed"' not in log.read_text():
-        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-        time.sleep(0.2)
+    wait_while_running(proc, log, lambda: '"event": "resumed"' in log.read_text())
     resumed = [e for e in log_events(log.read_text()) if e.get("event") == "resumed"]
     assert resumed[0]["step"] == step  # iterations lost: 0
 
@@ -302,18 +296,10 @@ def test_a_failure_on_one_rank_ends_every_rank_promptly(start_run, s3, s3_endpoi
                    s3_endpoint, maxSteps=200, evalEvery=1000)  # fmt: skip
     spec["spec"]["output"]["checkpointEvery"] = 2
     proc, log = start_run(spec, nproc=2, env={"KUBETUNE_METRICS_PORT": "0"}, name="fault")
-    deadline = time.time() + 300
-    while not s3.list_objects_v2(Bucket=f"{bucket}-out", Prefix="run/checkpoints/").get("KeyCount"):
-        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-        time.sleep(0.2)
-    for _ in range(100):
-        for obj in s3.list_objects_v2(Bucket=f"{bucket}-out").get("Contents", []):
-            s3.delete_object(Bucket=f"{bucket}-out", Key=obj["Key"])
-        try:
-            s3.delete_bucket(Bucket=f"{bucket}-out")
-            break
-        except s3.exceptions.ClientError:
-            time.sleep(0.1)
+    wait_while_running(
+        proc, log, lambda: s3.list_objects_v2(Bucket=f"{bucket}-out", Prefix="run/checkpoints/")["KeyCount"]
+    )
+    remove_bucket(s3, f"{bucket}-out")  # under the running job
     fault = time.time()
     code = proc.wait(timeout=180)
     assert code == 2, log.read_text()[-3000:]

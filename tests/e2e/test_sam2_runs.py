@@ -20,10 +20,13 @@ from tests.helpers import (
     complete_steps,
     free_port_run,
     kill_after_first_checkpoint,
+    launcher_of,
     log_events,
     make_base_weights,
     objects,
+    remove_bucket,
     scrape,
+    wait_while_running,
 )
 
 pytestmark = pytest.mark.slow
@@ -157,14 +160,9 @@ def test_sigterm_checkpoints_the_step_reached_and_exits_3(start_run, tiny_coco: 
     spec = job_manifest(tiny_coco.as_uri(), out.as_uri() + "/", data={"validation": None}, maxSteps=400)
     spec["spec"]["output"]["checkpointEvery"] = 1000  # only the preemption writes one
     proc, log = start_run(spec, nproc=2, env={"KUBETUNE_METRICS_PORT": "0"}, name="preempted")
-    deadline = time.time() + 300
-    while '"event": "training"' not in log.read_text():
-        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-        time.sleep(0.2)
+    wait_while_running(proc, log, lambda: '"event": "training"' in log.read_text())
     time.sleep(3)  # mid-training
-    launcher = children(proc.pid)
-    assert len(launcher) == 1
-    os.kill(launcher[0], signal.SIGTERM)
+    os.kill(launcher_of(proc.pid), signal.SIGTERM)
     assert proc.wait(timeout=120) == 3, log.read_text()[-3000:]
     preempted = [e for e in log_events(log.read_text()) if e.get("event") == "preempted"]
     assert len(preempted) == 2 and len({e["step"] for e in preempted}) == 1  # both ranks, one step
@@ -179,13 +177,6 @@ def test_sigterm_checkpoints_the_step_reached_and_exits_3(start_run, tiny_coco: 
     assert training[0]["start_step"] == step  # steps lost: 0
 
 
-def children(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(c) for c in (task / "children").read_text().split()]
-    return found
-
-
 def test_a_failure_on_one_rank_ends_every_rank_promptly(
     start_run, s3, s3_endpoint: str, tiny_coco_s3: str, bucket: str, tmp_path: Path
 ) -> None:
@@ -196,18 +187,10 @@ def test_a_failure_on_one_rank_ends_every_rank_promptly(
     spec = job_manifest(tiny_coco_s3, f"s3://{bucket}-out/run/", s3_endpoint, data={"validation": None}, maxSteps=400)
     spec["spec"]["output"]["checkpointEvery"] = 2
     proc, log = start_run(spec, nproc=2, env={"KUBETUNE_METRICS_PORT": "0"}, name="fault")
-    deadline = time.time() + 300
-    while not s3.list_objects_v2(Bucket=f"{bucket}-out", Prefix="run/checkpoints/").get("KeyCount"):
-        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-        time.sleep(0.2)
-    for _ in range(50):  # empty and remove the bucket under the running job
-        for obj in s3.list_objects_v2(Bucket=f"{bucket}-out").get("Contents", []):
-            s3.delete_object(Bucket=f"{bucket}-out", Key=obj["Key"])
-        try:
-            s3.delete_bucket(Bucket=f"{bucket}-out")
-            break
-        except s3.exceptions.ClientError:
-            time.sleep(0.1)
+    wait_while_running(
+        proc, log, lambda: s3.list_objects_v2(Bucket=f"{bucket}-out", Prefix="run/checkpoints/")["KeyCount"]
+    )
+    remove_bucket(s3, f"{bucket}-out")  # under the running job
     fault = time.time()
     code = proc.wait(timeout=120)
     ended_after = time.time() - fault
