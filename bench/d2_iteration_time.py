@@ -85,6 +85,7 @@ def kubetune(args, root: Path, out: Path, endpoint: str | None) -> tuple[list[fl
             "model": {
                 "family": "detectron2",
                 "variant": args.variant,
+                "checkpoint": "none",  # random init, as the baseline's MODEL.WEIGHTS = "" (and offline)
                 "overrides": {**overrides(args.size), "SOLVER.WARMUP_ITERS": 0, "SOLVER.STEPS": []},
             },
             "data": {
@@ -126,7 +127,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
-    parser.add_argument("--lr", type=float, default=0.002)
+    parser.add_argument("--lr", type=float, default=0.0002)
     parser.add_argument("--s3", action="store_true", help="kubetune reads the data from a moto S3 server (staged)")
     parser.add_argument("--out", type=Path, help="write the result JSON here")
     args = parser.parse_args()

@@ -152,9 +152,11 @@ def history(runs: Runs, name: str) -> list[dict]:
 def per_epoch(rows: list[dict], resumed_at: int) -> list[dict]:
     """Median images/s per (run, epoch); an epoch that opens its run computes the features."""
     groups: dict[tuple[int, int], list[float]] = {}
+    waits: dict[tuple[int, int], list[float]] = {}
     for row in rows:
         run = 1 if row["step"] <= resumed_at else 2
         groups.setdefault((run, int(row["epoch"])), []).append(row["images_per_second"])
+        waits.setdefault((run, int(row["epoch"])), []).append(row.get("data_wait_share", float("nan")))
     out, opened = [], set()
     for (run, epoch), values in sorted(groups.items()):
         out.append(
@@ -163,6 +165,8 @@ def per_epoch(rows: list[dict], resumed_at: int) -> list[dict]:
                 "epoch": epoch,
                 "steps": len(values),
                 "images_per_second": statistics.median(values),
+                # The share of each step spent waiting for the DataLoader: host-bound when high.
+                "data_wait_share": statistics.median(waits[(run, epoch)]),
                 "features": "cached" if run in opened else "computed",
             }
         )

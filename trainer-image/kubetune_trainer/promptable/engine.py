@@ -185,6 +185,7 @@ class Trainer:
             epoch=self.batches.epoch,
             lr=self.optimizer.param_groups[0]["lr"],
             images_per_second=images * self.ctx.world_size / seconds,
+            data_wait_share=waited / seconds,
         )
         if self.scaler.is_enabled():
             s.put(**{"amp/grad_scale": self.scaler.get_scale()})
