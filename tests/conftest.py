@@ -1,5 +1,5 @@
 """Shared fixtures: a real S3 endpoint (moto's server on loopback), tiny synthetic datasets, local
-runs of `kubetune run --local`, the Kubernetes API emulator. Helpers are in helpers.py, configs
+runs of `kubetune run --local`, a real Kubernetes control plane (kube_cluster.py). Helpers are in helpers.py, configs
 and manifests in factories.py."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from kubetune.local import kill_tree
 from kubetune.s3server import client, local_s3, upload_tree
 from kubetune.synthetic import write_coco_dataset
 
-from tests.kube_emulator import kube_api  # noqa: F401 - a fixture, shared by the operator tests
+from tests.kube_cluster import cluster, namespace  # noqa: F401 - fixtures: a real control plane, a fresh namespace
 
 
 @pytest.fixture(scope="session")

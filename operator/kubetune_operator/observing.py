@@ -256,9 +256,14 @@ def derive_status(
     checkpoint = previous.last_checkpoint
     if scrape is not None and scrape.checkpoint_step:
         checkpoint = f"{ftj.spec.output.uri.rstrip('/')}/checkpoints/step-{scrape.checkpoint_step:08d}/"
+    # The Job sets completionTime only when it succeeds; a failure's time is its condition's. A
+    # finished status is not observed again, so the first condition that decides the outcome counts
+    # (FailureTarget and SuccessCriteriaMet come before Failed and Complete, once pods terminate).
     completion = job_status.get("completionTime")
-    if phase == "Failed" and not completion:
-        completion = (_job_condition(job or {}, "Failed") or {}).get("lastTransitionTime")
+    if phase in ("Failed", "Succeeded") and not completion:
+        deciding = ("Failed", "FailureTarget") if phase == "Failed" else ("Complete", "SuccessCriteriaMet")
+        conditions_met = (_job_condition(job or {}, kind) for kind in deciding)
+        completion = next((c.get("lastTransitionTime") for c in conditions_met if c), None)
     return FineTuneJobStatus(
         phase=phase,
         conditions=conditions,

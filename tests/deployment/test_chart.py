@@ -68,7 +68,10 @@ def test_namespaced_install_uses_roles_in_each_namespace() -> None:
     roles = [d for d in docs if d["kind"] == "Role"]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["ml-team-a", "ml-team-b"]
     cluster = [d for d in docs if d["kind"] == "ClusterRole"]
-    assert [r["resources"] for c in cluster for r in c["rules"]] == [["customresourcedefinitions"]]
+    # Cluster-wide only what kopf reads to find its resource and the namespaces it serves.
+    rules = [r for c in cluster for r in c["rules"]]
+    assert [r["resources"] for r in rules] == [["customresourcedefinitions"], ["namespaces"]]
+    assert all(r["verbs"] == ["get", "list", "watch"] for r in rules)
     env = {
         e["name"]: e.get("value")
         for e in next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]

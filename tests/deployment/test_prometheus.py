@@ -7,7 +7,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -22,7 +21,7 @@ from kubetune_trainer.metrics.prometheus import PrometheusWriter
 
 from tests.factories import credentials_secret, job_manifest
 from tests.helpers import ROOT
-from tests.kube_emulator import start_kopf, stop_kopf, wait_for
+from tests.kube_cluster import start_operator, stop_operator, wait_for
 
 ALERTS_FILE = ROOT / "charts" / "kubetune" / "files" / "alerts.yaml"
 GPU_ONLY = {"GPU memory"}  # kubetune_gpu_memory_bytes has no series on a CPU run
@@ -73,30 +72,28 @@ def test_alert_rules_pass_promtool() -> None:
 
 def test_dashboard_queries_return_series_for_a_real_run(
     start_run,
-    kube_api,
+    cluster,
+    namespace: str,
     s3_endpoint: str,
     tiny_coco_s3: str,
     bucket: str,
     tmp_path: Path,
 ) -> None:
     trainer_port, operator_port, prom_port = free_port(), free_port(), free_port()
-    kube_api.create_namespace("ml")
-    kube_api.create(credentials_secret("ml"))  # the example names it; the operator refuses unmarked ones
-    operator = start_kopf(
-        kube_api.kubeconfig,
-        "",
-        "ml",
-        cmd=[sys.executable, "-m", "kubetune.cli", "operator"],
+    cluster.create(credentials_secret(namespace))  # the example names it; the operator refuses unmarked ones
+    operator = start_operator(
+        cluster.kubeconfig,
+        log_path=tmp_path / "operator.log",
         env={
-            "KUBETUNE_NAMESPACES": '["ml"]',
+            "KUBETUNE_NAMESPACES": json.dumps([namespace]),
             "KUBETUNE_METRICS_PORT": str(operator_port),
             "KUBETUNE_LIVENESS_PORT": str(free_port()),
             "KUBETUNE_STATUS_INTERVAL_S": "0.5",
         },
     )
     manifest = yaml.safe_load((ROOT / "examples" / "finetunejob.yaml").read_text())
-    manifest["metadata"] = {"name": "watched", "namespace": "ml"}
-    kube_api.create(manifest)
+    manifest["metadata"] = {"name": "watched", "namespace": namespace}
+    cluster.create(manifest)
 
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
@@ -138,7 +135,7 @@ def test_dashboard_queries_return_series_for_a_real_run(
             time.sleep(0.5)
         assert run.returncode == 0, log.read_text()[-3000:]
         assert mid is not None, "Prometheus never saw step 20"
-        wait_for(lambda: query(base, 'kubetune_operator_jobs{phase="Pending"} == 1', time.time()), timeout=30)
+        wait_for(lambda: query(base, "sum(kubetune_operator_jobs) == 1", time.time()), timeout=30)
         now = time.time()
 
         empty = []
@@ -160,7 +157,7 @@ def test_dashboard_queries_return_series_for_a_real_run(
     finally:
         prometheus.terminate()
         prometheus.wait(timeout=30)
-        stop_kopf(operator)
+        stop_operator(operator)
 
 
 def _ready(base: str) -> bool:

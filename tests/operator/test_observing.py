@@ -153,6 +153,15 @@ def test_failure_message_is_the_trainers_reason() -> None:
     assert failure_reason(CASES[6][2], []) == "Job has reached the specified backoff limit"
 
 
+def test_a_failure_decided_before_its_pods_end_has_a_completion_time() -> None:
+    """The Job controller marks FailureTarget when a pod matches a FailJob rule and Failed only once
+    the other pods have terminated; the status is final at the first (real API, Kubernetes 1.31+)."""
+    target = job(failed=1, conditions=[cond("FailureTarget", "PodFailurePolicy")])
+    failed = pod("Failed", 0, {"exitCode": 2, "message": "DataError: no usable sample\n", "finishedAt": T1})
+    status = derive_status(ftj(), FineTuneJobStatus(), target, [failed, pod("Running", 1)], None, T1)
+    assert status.phase == "Failed" and status.completion_time == T1
+
+
 def test_running_status_carries_progress() -> None:
     status = derive_status(ftj(), FineTuneJobStatus(), CASES[3][2], CASES[3][3], RUNNING, T1)
     p = status.progress

@@ -1,13 +1,13 @@
-"""A real `kubetune operator` process against an HTTP Kubernetes API emulator (kmock).
+"""A real `kubetune operator` process against a real Kubernetes control plane (tests/kube_cluster.py).
 
-The emulator proves the wiring: watch -> handler -> API calls -> status. Kubernetes itself is
-played by this test: it patches Job status and creates pods the way the Job controller would.
+The API server validates and defaults what the operator creates, the Job controller makes one pod
+per index, the scheduler places them on kwok's fake GPU nodes, kwok runs them and ends them with
+the exit code a test asks for, and the garbage collector removes what a deleted job owned.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import urllib.request
 from pathlib import Path
 
@@ -18,30 +18,89 @@ from kubetune_trainer.metrics.prometheus import PrometheusWriter
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.factories import credentials_secret, example_job
-from tests.kube_emulator import start_kopf, stop_kopf, wait_for
+from tests.helpers import ROOT
+from tests.kube_cluster import Cluster, KubeAPIError, start_operator, stop_operator, wait_for
 
-NS = "ml"
 FTJ = ("kubetune.dev/v1alpha1", "finetunejobs")
 JOBS = ("batch/v1", "jobs")
-T1 = "2026-11-22T10:05:00Z"
+INDEX = "batch.kubernetes.io/job-completion-index"
 
 
-def manifest(name: str, **spec) -> dict:
-    raw = example_job(**spec)
-    raw["metadata"] = {"name": name, "namespace": NS}
-    return raw
+def manifest(namespace: str, name: str, **spec) -> dict:
+    return example_job(name, namespace, **spec)
 
 
 @pytest.fixture
-def rank0_port() -> int:
-    """A real trainer metrics endpoint (the trainer's own writer) posing as pod index 0."""
-    writer = PrometheusWriter("labpics-sam2", NS, 0, "sam2")
-    port = writer.serve(0, addr="127.0.0.1")
+def operator(cluster: Cluster, namespace: str, tmp_path: Path):
+    """Start `kubetune operator` for the test's namespace (call again to restart it)."""
+    # The example's credentials Secret, marked for kubetune by the namespace's admin.
+    cluster.create(credentials_secret(namespace))
+    env = {
+        "KUBETUNE_NAMESPACES": json.dumps([namespace]),
+        "KUBETUNE_STATUS_INTERVAL_S": "0.5",
+        "KUBETUNE_METRICS_PORT": str(free_port()),
+        "KUBETUNE_LIVENESS_PORT": str(free_port()),
+        "KUBETUNE_TRAINER__METRICS_PORT": str(free_port()),
+        "KUBETUNE_TRAINER__IMAGE": "registry.example/kubetune-trainer:test",
+    }
+    procs = []
+
+    def start():
+        proc = start_operator(cluster.kubeconfig, env, tmp_path / f"operator-{len(procs)}.log")
+        procs.append(proc)
+        proc.ports = {k: int(env[f"KUBETUNE_{k.upper()}_PORT"]) for k in ("metrics", "liveness")}
+        proc.trainer_port = int(env["KUBETUNE_TRAINER__METRICS_PORT"])
+        return proc
+
+    yield start
+    for proc in procs:
+        log = stop_operator(proc)
+        assert "Traceback" not in log, log[-4000:]
+
+
+@pytest.fixture
+def writers():
+    """Trainer metrics endpoints served during a test, closed after it."""
+    opened: list[PrometheusWriter] = []
+    yield opened
+    for writer in opened:
+        writer.close()
+
+
+def status(cluster: Cluster, namespace: str, name: str) -> dict:
+    return (cluster.get(*FTJ, namespace, name) or {}).get("status") or {}
+
+
+def phase_is(cluster: Cluster, namespace: str, name: str, phase: str):
+    return lambda: status(cluster, namespace, name) if status(cluster, namespace, name).get("phase") == phase else None
+
+
+def pods_of(cluster: Cluster, namespace: str, name: str) -> list[dict]:
+    return cluster.list("v1", "pods", namespace, label_selector=f"kubetune.dev/finetunejob={name}")
+
+
+def running_pods(cluster: Cluster, namespace: str, name: str, count: int) -> list[dict]:
+    """Wait until the Job controller's pods for `name` are scheduled and kwok runs them."""
+
+    def ready():
+        pods = [p for p in pods_of(cluster, namespace, name) if not p["metadata"].get("deletionTimestamp")]
+        running = [p for p in pods if p.get("status", {}).get("phase") == "Running"]
+        return sorted(running, key=lambda p: int(p["metadata"]["labels"][INDEX])) if len(running) == count else None
+
+    return wait_for(ready, timeout=60)
+
+
+def serve_rank0(pod: dict, port: int, writers: list, step: int = 500) -> PrometheusWriter:
+    """The trainer's own metrics writer on rank 0's pod address (a loopback address under kwok)."""
+    meta = pod["metadata"]
+    writer = PrometheusWriter(meta["labels"]["kubetune.dev/finetunejob"], meta["namespace"], 0, "sam2")
+    writer.serve(port, addr=pod["status"]["podIP"])
+    writers.append(writer)
     writer.write(
         Snapshot(
-            step=500,
+            step=step,
             scalars={
-                "step": 500,
+                "step": step,
                 "total_steps": 2000,
                 "epoch": 1,
                 "loss": 0.25,
@@ -54,90 +113,59 @@ def rank0_port() -> int:
             increments={},
         )
     )
-    return port
+    return writer
 
 
-@pytest.fixture
-def operator(kube_api, rank0_port: int):
-    kube_api.create_namespace(NS)
-    # The example's credentials Secret, marked for kubetune by the namespace's admin.
-    kube_api.create(credentials_secret(NS))
-    env = {
-        "KUBETUNE_NAMESPACES": json.dumps([NS]),
-        "KUBETUNE_STATUS_INTERVAL_S": "0.5",
-        "KUBETUNE_METRICS_PORT": str(free_port()),
-        "KUBETUNE_LIVENESS_PORT": str(free_port()),
-        "KUBETUNE_TRAINER__METRICS_PORT": str(rank0_port),
-        "KUBETUNE_TRAINER__IMAGE": "registry.example/kubetune-trainer:test",
-    }
-    procs = []
-    ports = {"metrics": int(env["KUBETUNE_METRICS_PORT"]), "liveness": int(env["KUBETUNE_LIVENESS_PORT"])}
-
-    def start():
-        proc = start_kopf(
-            kube_api.kubeconfig,
-            "",
-            NS,
-            env=env,
-            cmd=[sys.executable, "-m", "kubetune.cli", "operator"],
-            log_path=kube_api.kubeconfig.parent / f"operator-{len(procs)}.log",
-        )
-        procs.append(proc)
-        proc.ports = ports
-        return proc
-
-    yield start
-    for proc in procs:
-        log = stop_kopf(proc)
-        assert "Traceback" not in log, log[-4000:]
+def job_conditions(cluster: Cluster, namespace: str, name: str) -> list[dict]:
+    return (cluster.get(*JOBS, namespace, name) or {}).get("status", {}).get("conditions") or []
 
 
-def status(api, name: str) -> dict:
-    return (api.get(*FTJ, NS, name) or {}).get("status") or {}
+def event_reasons(cluster: Cluster, namespace: str) -> set[str]:
+    return {e.get("reason") for e in cluster.list("v1", "events", namespace)}
 
 
-def phase_is(api, name: str, phase: str):
-    return lambda: status(api, name) if status(api, name).get("phase") == phase else None
-
-
-def pod(name: str, index: int, phase: str, terminated: dict | None = None) -> dict:
-    st: dict = {"phase": phase, "podIP": "127.0.0.1"}
-    if terminated:
-        st["containerStatuses"] = [{"name": "trainer", "state": {"terminated": terminated}}]
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": f"{name}-{index}-x",
-            "namespace": NS,
-            "labels": {"kubetune.dev/finetunejob": name, "batch.kubernetes.io/job-completion-index": str(index)},
-        },
-        "spec": {"containers": [{"name": "trainer", "image": "x"}]},
-        "status": st,
-    }
-
-
-def test_lifecycle_apply_to_succeeded(kube_api, operator) -> None:
+def test_apply_run_restart_and_succeed(cluster: Cluster, namespace: str, operator, writers) -> None:
     proc = operator()
-    ftj = kube_api.create(manifest("labpics-sam2"))
-    job = wait_for(lambda: kube_api.get(*JOBS, NS, "labpics-sam2"), proc=proc)
-    config_map = kube_api.get("v1", "configmaps", NS, "labpics-sam2-config")
-    service = kube_api.get("v1", "services", NS, "labpics-sam2")
-    assert json.loads(config_map["data"]["train.json"])["job"] == {"name": "labpics-sam2", "namespace": NS}
+    # As a user does it: the example, applied with kubectl.
+    cluster.kubectl("apply", "-n", namespace, "-f", str(ROOT / "examples" / "finetunejob.yaml"))
+    ftj = cluster.get(*FTJ, namespace, "labpics-sam2")
+    job = wait_for(lambda: cluster.get(*JOBS, namespace, "labpics-sam2"), proc=proc)
+    config_map = cluster.get("v1", "configmaps", namespace, "labpics-sam2-config")
+    service = cluster.get("v1", "services", namespace, "labpics-sam2")
+    assert json.loads(config_map["data"]["train.json"])["job"] == {"name": "labpics-sam2", "namespace": namespace}
     assert service["spec"]["clusterIP"] == "None"
+    assert job["spec"]["completionMode"] == "Indexed"
     assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
-    assert job["metadata"]["ownerReferences"][0]["uid"] == ftj["metadata"]["uid"]
+    owner = job["metadata"]["ownerReferences"][0]
+    assert owner["uid"] == ftj["metadata"]["uid"] and owner["controller"] is True
     container = job["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == "registry.example/kubetune-trainer:test"
-    policy = kube_api.get("networking.k8s.io/v1", "networkpolicies", NS, "labpics-sam2")
+    policy = cluster.get("networking.k8s.io/v1", "networkpolicies", namespace, "labpics-sam2")
     assert policy["spec"]["podSelector"] == {"matchLabels": {"kubetune.dev/finetunejob": "labpics-sam2"}}
-    wait_for(phase_is(kube_api, "labpics-sam2", "Pending"), proc=proc)
 
-    # Kubernetes starts the pods; rank 0 serves metrics: the status timer fills progress.
-    kube_api.patch_status(*JOBS, NS, "labpics-sam2", {"active": 2, "startTime": "2026-11-22T10:00:00Z"})
-    for index in (0, 1):
-        kube_api.create(pod("labpics-sam2", index, "Running"))
-    running = wait_for(phase_is(kube_api, "labpics-sam2", "Running"), proc=proc)
+    # The Job controller makes one pod per index, with the hostnames the rendezvous uses
+    # (<job>-<index>.<service>), scheduled on GPU nodes; kwok runs them.
+    pods = running_pods(cluster, namespace, "labpics-sam2", 2)
+    assert [(p["spec"]["hostname"], p["spec"]["subdomain"]) for p in pods] == [
+        ("labpics-sam2-0", "labpics-sam2"),
+        ("labpics-sam2-1", "labpics-sam2"),
+    ]
+    assert all(p["spec"]["nodeName"].startswith("kwok-gpu-") for p in pods)
+    assert len({p["spec"]["nodeName"] for p in pods}) == 2  # 8 GPUs each: one pod per node
+    limits = pods[0]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "8"
+    torchrun = " ".join(
+        pods[0]["spec"]["containers"][0].get("command", []) + pods[0]["spec"]["containers"][0].get("args", [])
+    )
+    assert "labpics-sam2-0.labpics-sam2" in torchrun
+
+    # Rank 0 serves metrics: the status fills with progress.
+    serve_rank0(pods[0], proc.trainer_port, writers)
+    running = wait_for(
+        lambda: (s := status(cluster, namespace, "labpics-sam2")).get("progress", {}).get("step") == 500 and s,
+        proc=proc,
+    )
+    assert running["phase"] == "Running"
     assert running["progress"] == {
         "epoch": 1,
         "step": 500,
@@ -151,37 +179,28 @@ def test_lifecycle_apply_to_succeeded(kube_api, operator) -> None:
     assert running["bestMetric"] == {"metric": "miou", "value": 0.81}
     assert running["lastCheckpoint"] == "s3://runs/labpics-sam2/checkpoints/step-00000500/"
 
-    # An operator restart changes nothing: still one Job, same uid.
-    stop_kopf(proc)
-    proc = operator()
-    wait_for(lambda: "reconcile" in Path(proc.log_path).read_text() or status(kube_api, "labpics-sam2"), proc=proc)
-    jobs = kube_api.list(*JOBS, NS)
-    assert [j["metadata"]["uid"] for j in jobs] == [job["metadata"]["uid"]]
+    # What a user sees: kubectl's printer columns from the CRD.
+    table = cluster.kubectl("get", "ftj", "-n", namespace).stdout.splitlines()
+    assert table[0].split() == ["NAME", "PHASE", "MODEL", "PROGRESS", "LOSS", "AGE"]
+    assert table[1].split()[:5] == ["labpics-sam2", "Running", "sam2.1_hiera_small", "25", "0.25"]
+    wide = cluster.kubectl("get", "finetunejobs.kubetune.dev", "-n", namespace, "-o", "wide").stdout.splitlines()
+    assert wide[0].split()[5:7] == ["BASE", "BEST"] and "0.81" in wide[1].split()
 
-    kube_api.patch_status(
-        *JOBS,
-        NS,
-        "labpics-sam2",
-        {
-            "active": 0,
-            "succeeded": 2,
-            "completionTime": T1,
-            "conditions": [
-                {"type": "Complete", "status": "True", "reason": "", "message": "", "lastTransitionTime": T1}
-            ],
-        },
-    )
-    done = wait_for(phase_is(kube_api, "labpics-sam2", "Succeeded"), proc=proc)
-    assert done["completionTime"] == T1 and done["progress"]["percent"] == 100.0
+    # An operator restart changes nothing: still one Job, same uid.
+    stop_operator(proc)
+    proc = operator()
+    wait_for(lambda: "reconcile" in Path(proc.log_path).read_text() or None, proc=proc)
+    assert [j["metadata"]["uid"] for j in cluster.list(*JOBS, namespace)] == [job["metadata"]["uid"]]
+
+    # Both trainers exit 0: the Job controller completes the Job, the status follows.
+    for pod in pods:
+        cluster.finish_pod(namespace, pod["metadata"]["name"], 0)
+    done = wait_for(phase_is(cluster, namespace, "labpics-sam2", "Succeeded"), proc=proc)
+    job = cluster.get(*JOBS, namespace, "labpics-sam2")
+    assert done["completionTime"] == job["status"]["completionTime"]
+    assert done["progress"]["percent"] == 100.0
     assert {c["type"]: c["status"] for c in done["conditions"]}["Succeeded"] == "True"
-    reasons = wait_for(
-        lambda: (
-            {e.get("reason") for e in kube_api.list("v1", "events", NS)} >= {"Pending", "Running", "Succeeded"}
-            and {e.get("reason") for e in kube_api.list("v1", "events", NS)}
-        ),
-        proc=proc,
-    )
-    assert "Succeeded" in reasons
+    wait_for(lambda: event_reasons(cluster, namespace) >= {"Pending", "Running", "Succeeded"}, proc=proc)
 
     # The operator's own endpoints: Prometheus metrics and kopf's liveness probe.
     with urllib.request.urlopen(f"http://127.0.0.1:{proc.ports['metrics']}/metrics", timeout=5) as resp:
@@ -193,129 +212,192 @@ def test_lifecycle_apply_to_succeeded(kube_api, operator) -> None:
     assert samples[("kubetune_operator_jobs", (("phase", "Succeeded"),))] == 1.0
     assert samples[("kubetune_operator_jobs", (("phase", "Running"),))] == 0.0
     assert samples[("kubetune_operator_reconcile_seconds_count", (("handler", "observe"),))] > 0
-    assert samples[("kubetune_operator_reconcile_errors_total", (("handler", "observe"),))] == 0.0  # none happened
+    assert samples[("kubetune_operator_reconcile_errors_total", (("handler", "observe"),))] == 0.0
     with urllib.request.urlopen(f"http://127.0.0.1:{proc.ports['liveness']}/healthz", timeout=5) as resp:
         assert resp.status == 200
 
 
-def test_failure_carries_the_trainers_reason(kube_api, operator) -> None:
+def test_a_trainer_that_exits_2_fails_the_job_with_its_reason(cluster: Cluster, namespace: str, operator) -> None:
+    """Exit code 2 (bad input) matches the Job's podFailurePolicy FailJob rule: the real Job
+    controller fails the Job at once, without retries, and the status carries the trainer's
+    termination message."""
     proc = operator()
-    kube_api.create(manifest("bad-data"))
-    wait_for(lambda: kube_api.get(*JOBS, NS, "bad-data"), proc=proc)
+    cluster.create(manifest(namespace, "bad-data"))
+    pods = running_pods(cluster, namespace, "bad-data", 2)
     reason = "no usable sample in coco split 'train/annotations.json' under /var/cache/kubetune/stage/abc"
-    kube_api.create(
-        pod("bad-data", 0, "Failed", {"exitCode": 2, "reason": "Error", "message": reason + "\n", "finishedAt": T1})
-    )
-    kube_api.patch_status(
-        *JOBS,
-        NS,
-        "bad-data",
-        {
-            "failed": 1,
-            "conditions": [
-                {
-                    "type": "Failed",
-                    "status": "True",
-                    "reason": "PodFailurePolicy",
-                    "lastTransitionTime": T1,
-                    "message": "Container trainer for pod ml/bad-data-0-x failed with exit code 2 "
-                    "matching FailJob rule at index 0",
-                }
-            ],
-        },
-    )
-    failed = wait_for(phase_is(kube_api, "bad-data", "Failed"), proc=proc)
+    cluster.finish_pod(namespace, pods[0]["metadata"]["name"], 2, reason + "\n")
+    failed = wait_for(phase_is(cluster, namespace, "bad-data", "Failed"), proc=proc)
     assert failed["message"] == reason + " (exit code 2)"
-    assert failed["restarts"] == 1 and failed["completionTime"] == T1
+    # The Job controller marks the Job FailureTarget at once, terminates the other pod, then Failed.
+    failed_condition = wait_for(
+        lambda: next((c for c in job_conditions(cluster, namespace, "bad-data") if c["type"] == "Failed"), None),
+        proc=proc,
+    )
+    assert failed_condition["reason"] == "PodFailurePolicy"
+    wait_for(lambda: status(cluster, namespace, "bad-data").get("completionTime"), proc=proc)
     warnings = wait_for(
         lambda: [
             e
-            for e in kube_api.list("v1", "events", NS)
-            if e.get("reason") == "PodFailurePolicy" or (e.get("type") == "Warning" and e.get("reason") == "Failed")
+            for e in cluster.list("v1", "events", namespace)
+            if e.get("type") == "Warning" and e.get("reason") in ("Failed", "PodFailurePolicy", "InvalidInput")
         ],
         proc=proc,
     )
-    assert reason in warnings[0]["message"]
+    assert any(reason in w["message"] for w in warnings)
 
 
-def test_suspend_and_refused_changes(kube_api, operator) -> None:
+def test_suspend_resume_and_refused_changes(cluster: Cluster, namespace: str, operator) -> None:
     proc = operator()
-    kube_api.create(manifest("tune"))
-    wait_for(lambda: kube_api.get(*JOBS, NS, "tune"), proc=proc)
-    kube_api.patch(*FTJ, NS, "tune", {"spec": {"runPolicy": {"suspend": True}, "training": {"maxSteps": 4000}}})
-    wait_for(lambda: kube_api.get(*JOBS, NS, "tune")["spec"].get("suspend") is True, proc=proc)
-    wait_for(phase_is(kube_api, "tune", "Suspended"), proc=proc)
-    config = json.loads(kube_api.get("v1", "configmaps", NS, "tune-config")["data"]["train.json"])
+    cluster.create(manifest(namespace, "tune"))
+    running_pods(cluster, namespace, "tune", 2)
+    cluster.patch(*FTJ, namespace, "tune", {"spec": {"runPolicy": {"suspend": True}, "training": {"maxSteps": 4000}}})
+    wait_for(lambda: cluster.get(*JOBS, namespace, "tune")["spec"].get("suspend") is True, proc=proc)
+    # The Job controller removes the pods of a suspended Job.
+    wait_for(lambda: not pods_of(cluster, namespace, "tune"), timeout=60, proc=proc)
+    wait_for(phase_is(cluster, namespace, "tune", "Suspended"), proc=proc)
+    config = json.loads(cluster.get("v1", "configmaps", namespace, "tune-config")["data"]["train.json"])
     assert config["training"]["maxSteps"] == 4000  # mutable: reaches the trainer at its next start
 
-    kube_api.patch(*FTJ, NS, "tune", {"spec": {"runPolicy": {"suspend": False}}})
-    wait_for(lambda: kube_api.get(*JOBS, NS, "tune")["spec"].get("suspend") is False, proc=proc)
+    cluster.patch(*FTJ, namespace, "tune", {"spec": {"runPolicy": {"suspend": False}}})
+    wait_for(lambda: cluster.get(*JOBS, namespace, "tune")["spec"].get("suspend") is False, proc=proc)
+    running_pods(cluster, namespace, "tune", 2)  # resumed: the Job controller starts them again
 
-    kube_api.patch(*FTJ, NS, "tune", {"spec": {"model": {"variant": "sam2.1_hiera_large"}}})
+    cluster.patch(*FTJ, namespace, "tune", {"spec": {"model": {"variant": "sam2.1_hiera_large"}}})
     rejected = wait_for(
-        lambda: "cannot change" in (status(kube_api, "tune").get("message") or "") and status(kube_api, "tune"),
+        lambda: (
+            "cannot change" in (status(cluster, namespace, "tune").get("message") or "")
+            and status(cluster, namespace, "tune")
+        ),
         proc=proc,
     )
     assert rejected["message"].startswith("spec.model.variant cannot change while the job exists")
-    job = kube_api.get(*JOBS, NS, "tune")
+    job = cluster.get(*JOBS, namespace, "tune")
     assert '"variant": "sam2.1_hiera_small"' in job["metadata"]["annotations"]["kubetune.dev/immutable-spec"]
 
 
-def test_invalid_resource_fails_with_the_field_named(kube_api, operator) -> None:
-    proc = operator()
-    bad = manifest("typo")
+def test_the_crd_is_structural_and_served(cluster: Cluster) -> None:
+    versions = json.loads(cluster.kubectl("version", "-o", "json").stdout)
+    assert versions["serverVersion"]["gitVersion"] == versions["clientVersion"]["gitVersion"] == "v1.36.3"
+    crd = cluster.get("apiextensions.k8s.io/v1", "customresourcedefinitions", None, "finetunejobs.kubetune.dev")
+    conditions = {c["type"]: c["status"] for c in crd["status"]["conditions"]}
+    assert conditions["Established"] == "True" and conditions["NamesAccepted"] == "True"
+    assert "NonStructuralSchema" not in conditions
+    resources = json.loads(cluster.kubectl("get", "--raw", "/apis/kubetune.dev/v1alpha1").stdout)["resources"]
+    ftj = next(r for r in resources if r["name"] == "finetunejobs")
+    assert ftj["shortNames"] == ["ftj"] and ftj["categories"] == ["kubetune"]
+    assert any(r["name"] == "finetunejobs/status" for r in resources)
+
+
+def test_the_api_server_refuses_what_the_schema_forbids(cluster: Cluster, namespace: str) -> None:
+    """The CRD's schema is the first check: kubectl (strict field validation by default) gets the
+    API server's refusal, naming the field, and nothing is stored."""
+    bad = manifest(namespace, "typo")
     bad["spec"]["training"]["batchsize"] = 8
-    kube_api.create(bad)
-    failed = wait_for(phase_is(kube_api, "typo", "Failed"), proc=proc)
-    assert "spec.training.batchsize: Extra inputs are not permitted" in failed["message"]
-    assert kube_api.get(*JOBS, NS, "typo") is None
+    out = cluster.kubectl("apply", "-f", "-", input=json.dumps(bad), check=False)
+    assert out.returncode != 0 and 'unknown field "spec.training.batchsize"' in out.stderr
+
+    wrong = manifest(namespace, "wrong")
+    wrong["spec"]["training"]["precision"] = "fp8"
+    wrong["spec"]["resources"]["nodes"] = 0
+    with pytest.raises(KubeAPIError) as refused:
+        cluster.create(wrong)
+    assert refused.value.status == 422
+    assert "spec.training.precision" in str(refused.value) and "spec.resources.nodes" in str(refused.value)
+    assert cluster.get(*FTJ, namespace, "typo") is None and cluster.get(*FTJ, namespace, "wrong") is None
 
 
-def test_a_foreign_image_or_an_unmarked_secret_is_refused_and_nothing_is_created(kube_api, operator) -> None:
+def test_an_invalid_spec_that_passes_the_schema_fails_with_the_field_named(
+    cluster: Cluster, namespace: str, operator
+) -> None:
+    """What only the operator can judge (here a Detectron2 override key that does not exist) is
+    refused in the status, and nothing is created."""
     proc = operator()
-    kube_api.create(credentials_secret(NS, "team-keys", marked=False))  # exists, unmarked by the admin
-    kube_api.create(
-        manifest("borrowed", image="docker.io/attacker/miner:1", storage={"credentialsSecret": "team-keys"})
+    bad = manifest(namespace, "overrides")
+    bad["spec"]["model"] = {"family": "detectron2", "variant": "COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml"}
+    bad["spec"]["model"]["overrides"] = {"MODEL.NO_SUCH_KEY": 1}
+    cluster.create(bad)
+    failed = wait_for(phase_is(cluster, namespace, "overrides", "Failed"), proc=proc)
+    assert "MODEL.NO_SUCH_KEY" in failed["message"]
+    assert cluster.get(*JOBS, namespace, "overrides") is None
+
+
+def test_a_foreign_image_or_an_unmarked_secret_is_refused_and_nothing_is_created(
+    cluster: Cluster, namespace: str, operator
+) -> None:
+    proc = operator()
+    cluster.create(credentials_secret(namespace, "team-keys", marked=False))  # exists, unmarked by the admin
+    cluster.create(
+        manifest(namespace, "borrowed", image="docker.io/attacker/miner:1", storage={"credentialsSecret": "team-keys"})
     )
-    refused = wait_for(phase_is(kube_api, "borrowed", "Failed"), proc=proc)
+    refused = wait_for(phase_is(cluster, namespace, "borrowed", "Failed"), proc=proc)
     assert "spec.image 'docker.io/attacker/miner:1' is not an allowed trainer image" in refused["message"]
     assert "spec.storage.credentialsSecret 'team-keys' is not marked for kubetune" in refused["message"]
     assert {c["type"]: c["reason"] for c in refused["conditions"]}["SpecRejected"] == "PolicyRefused"
-    wait_for(lambda: any(e.get("reason") == "PolicyRefused" for e in kube_api.list("v1", "events", NS)), proc=proc)
+    wait_for(lambda: "PolicyRefused" in event_reasons(cluster, namespace), proc=proc)
     for api_version, plural, name in (
         ("batch/v1", "jobs", "borrowed"),
         ("v1", "configmaps", "borrowed-config"),
         ("v1", "services", "borrowed"),
         ("networking.k8s.io/v1", "networkpolicies", "borrowed"),
     ):
-        assert kube_api.get(api_version, plural, NS, name) is None
+        assert cluster.get(api_version, plural, namespace, name) is None
 
     # The admin marks the Secret and the author drops the image: the job is created.
-    kube_api.patch("v1", "secrets", NS, "team-keys", {"metadata": {"labels": {"kubetune.dev/credentials": "true"}}})
-    kube_api.patch(*FTJ, NS, "borrowed", {"spec": {"image": None}})
-    job = wait_for(lambda: kube_api.get(*JOBS, NS, "borrowed"), proc=proc)
+    cluster.patch(
+        "v1", "secrets", namespace, "team-keys", {"metadata": {"labels": {"kubetune.dev/credentials": "true"}}}
+    )
+    cluster.patch(*FTJ, namespace, "borrowed", {"spec": {"image": None}})
+    job = wait_for(lambda: cluster.get(*JOBS, namespace, "borrowed"), proc=proc)
     env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "team-keys"
 
 
-def test_a_stalled_job_is_marked_and_its_pods_restarted(kube_api, operator) -> None:
+def test_a_stalled_job_is_marked_and_its_pods_restarted(cluster: Cluster, namespace: str, operator, writers) -> None:
     """Rank 0's step counter stays at 500: past runPolicy.progressDeadlineSeconds the job is
-    Stalled (a condition and an Event) and, with restartOnStall, its pods are deleted so the Job
-    starts them again from the newest checkpoint."""
+    Stalled (a condition and an Event) and, with restartOnStall, its pods are deleted; the Job
+    controller starts new ones (they resume from the newest checkpoint)."""
     proc = operator()
-    kube_api.create(manifest("stuck", runPolicy={"progressDeadlineSeconds": 2, "restartOnStall": True}))
-    wait_for(lambda: kube_api.get(*JOBS, NS, "stuck"), proc=proc)
-    kube_api.patch_status(*JOBS, NS, "stuck", {"active": 2, "startTime": "2026-11-22T10:00:00Z"})
-    for index in (0, 1):
-        kube_api.create(pod("stuck", index, "Running"))
-    wait_for(phase_is(kube_api, "stuck", "Running"), proc=proc)
+    cluster.create(manifest(namespace, "stuck", runPolicy={"progressDeadlineSeconds": 2, "restartOnStall": True}))
+    pods = running_pods(cluster, namespace, "stuck", 2)
+    serve_rank0(pods[0], proc.trainer_port, writers)
+    wait_for(phase_is(cluster, namespace, "stuck", "Running"), proc=proc)
     stalled = wait_for(
-        lambda: next((c for c in status(kube_api, "stuck").get("conditions", []) if c["type"] == "Stalled"), None),
+        lambda: next(
+            (c for c in status(cluster, namespace, "stuck").get("conditions", []) if c["type"] == "Stalled"), None
+        ),
         timeout=60,
         proc=proc,
     )
     assert stalled["status"] == "True" and stalled["reason"] == "NoProgress"
     assert "step 500 has not moved for" in stalled["message"]
-    wait_for(lambda: not kube_api.list("v1", "pods", NS), timeout=30, proc=proc)  # deleted: the Job restarts them
-    reasons = {e.get("reason") for e in kube_api.list("v1", "events", NS)}
-    assert "RestartedOnStall" in reasons or "Stalled" in reasons
+    first = {p["metadata"]["uid"] for p in pods}
+    replaced = wait_for(
+        lambda: (
+            (now := {p["metadata"]["uid"] for p in pods_of(cluster, namespace, "stuck")}) and not now & first and now
+        ),
+        timeout=60,
+        proc=proc,
+    )
+    assert len(replaced) == 2
+    assert {"RestartedOnStall", "Stalled"} & event_reasons(cluster, namespace)
+
+
+def test_deleting_a_job_collects_everything_it_owned(cluster: Cluster, namespace: str, operator) -> None:
+    proc = operator()
+    cluster.create(manifest(namespace, "gone"))
+    running_pods(cluster, namespace, "gone", 2)
+    owned = [
+        ("batch/v1", "jobs", "gone"),
+        ("v1", "configmaps", "gone-config"),
+        ("v1", "services", "gone"),
+        ("networking.k8s.io/v1", "networkpolicies", "gone"),
+    ]
+    assert all(cluster.get(*o[:2], namespace, o[2]) for o in owned)
+    cluster.kubectl("delete", "ftj", "gone", "-n", namespace, "--wait=true", "--timeout=60s")
+    wait_for(
+        lambda: (
+            all(cluster.get(*o[:2], namespace, o[2]) is None for o in owned) and not pods_of(cluster, namespace, "gone")
+        ),
+        timeout=60,
+        proc=proc,
+    )
