@@ -45,8 +45,11 @@ def register(registry: kopf.OperatorRegistry, ops: OperatorSettings, metrics: Op
         start = time.perf_counter()
         try:
             _apply(work(), body, patch, metrics)
-        except reconciling.InvalidSpec as exc:  # a bad spec, or one the admin's policy refuses
+        except reconciling.InvalidSpec as exc:  # a bad spec, one the admin's policy or the API server refuses
             _apply(reconciling.invalid_status(dict(body), str(exc), exc.reason), body, patch, metrics)
+        except reconciling.Waiting as exc:  # said in the status; kopf tries again
+            _apply(reconciling.waiting_status(dict(body), str(exc)), body, patch, metrics)
+            raise kopf.TemporaryError(str(exc), delay=5) from exc
         except Exception:
             metrics.errors.labels(handler=handler).inc()
             raise
@@ -84,9 +87,15 @@ def register(registry: kopf.OperatorRegistry, ops: OperatorSettings, metrics: Op
 
 
 def _settled(body: Any) -> bool:
-    """A finished job whose status describes its current generation needs no more polling."""
+    """A finished job whose status describes its current generation needs no more polling, once
+    nothing is left to clean up (runPolicy.ttlSecondsAfterFinished)."""
     status = body.get("status") or {}
-    return status.get("observedGeneration") == body.get("metadata", {}).get("generation")
+    if status.get("observedGeneration") != body.get("metadata", {}).get("generation"):
+        return False
+    ttl = ((body.get("spec") or {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished")
+    true = {c.get("type") for c in status.get("conditions") or [] if c.get("status") == "True"}
+    trained = bool(true & {"Succeeded", "Failed"})  # else the spec was refused: no Job to clean up
+    return not trained or ttl is None or "Cleaned" in true
 
 
 def run(settings: OperatorSettings) -> None:

@@ -21,6 +21,10 @@ SNAKE_KINDS = {"Job": "job", "ConfigMap": "config_map", "Service": "service", "N
 METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
 
 
+class Refused(kopf.PermanentError):
+    """The API server refused an object (400, 403 or 422): its message names the field."""
+
+
 def _raise(exc: ApiException, what: str) -> None:
     reason = exc.reason or ""
     with contextlib.suppress(ValueError, AttributeError):  # the body is not always Status JSON
@@ -28,7 +32,7 @@ def _raise(exc: ApiException, what: str) -> None:
     message = f"{what}: {exc.status} {reason}".strip()
     if exc.status in TEMPORARY or (exc.status or 0) >= 500:
         raise kopf.TemporaryError(message, delay=10) from exc
-    raise kopf.PermanentError(message) from exc
+    raise Refused(message) from exc
 
 
 class KubeClient:
@@ -62,11 +66,13 @@ class KubeClient:
             _raise(exc, f"reading {kind} {namespace}/{name}")
         return None
 
-    def create(self, obj: dict[str, Any]) -> bool:
-        """Create `obj`; False when it already exists (never a second copy)."""
+    def create(self, obj: dict[str, Any], dry_run: bool = False) -> bool:
+        """Create `obj`; False when it already exists (never a second copy). With `dry_run` the
+        API server validates and admits it without storing anything."""
         kind, meta = obj["kind"], obj["metadata"]
+        extra = {"dry_run": "All"} if dry_run else {}
         try:
-            self._call("create", kind)(meta["namespace"], obj, _preload_content=False)
+            self._call("create", kind)(meta["namespace"], obj, _preload_content=False, **extra)
             return True
         except ApiException as exc:
             if exc.status == 409:
@@ -109,6 +115,15 @@ class KubeClient:
         except ApiException as exc:
             if exc.status != 404:
                 _raise(exc, f"deleting pod {namespace}/{name}")
+
+    def delete_job(self, namespace: str, name: str, uid: str) -> None:
+        """Delete a Job and, in the background, its pods; only the one with `uid` (a precondition)."""
+        body = client.V1DeleteOptions(propagation_policy="Background", preconditions=client.V1Preconditions(uid=uid))
+        try:
+            self.batch.delete_namespaced_job(name, namespace, body=body)
+        except ApiException as exc:
+            if exc.status not in (404, 409):  # gone already, or another Job of that name now
+                _raise(exc, f"deleting Job {namespace}/{name}")
 
 
 def scrape_metrics(host: str, port: int, timeout: float = 3.0) -> str | None:

@@ -15,9 +15,9 @@ from kubetune_trainer.config import describe_validation_error
 from pydantic import ValidationError
 
 from . import policy
-from .kube import KubeClient, scrape_metrics
+from .kube import KubeClient, Refused, scrape_metrics
 from .observing import Scrape, derive_status, parse_metrics, set_condition
-from .rendering import IMMUTABLE_ANNOTATION, JOB_LABEL, Names, immutable_view, render_all
+from .rendering import IMMUTABLE_ANNOTATION, JOB_LABEL, Names, immutable_view, name_problems, render_all
 from .settings import OperatorSettings
 from .specs import FineTuneJob, FineTuneJobStatus
 
@@ -32,6 +32,22 @@ class PolicyRefused(InvalidSpec):
     """The spec asks for what the platform admin does not allow (an image, a Secret)."""
 
     reason = "PolicyRefused"
+
+
+class RefusedByAPIServer(InvalidSpec):
+    """The API server refused an object derived from the spec (a quantity, a label, a limit)."""
+
+    reason = "RefusedByAPIServer"
+
+
+class Waiting(Exception):
+    """Something outside the job must change first (an object of the same name owned by another)."""
+
+    reason = "Waiting"
+
+
+# A status message is read in `kubectl describe` and stored in etcd with the resource: bounded.
+MESSAGE_LIMIT = 2048
 
 
 @dataclass
@@ -54,10 +70,38 @@ def parse(body: dict[str, Any]) -> FineTuneJob:
         raise InvalidSpec(f"invalid FineTuneJob: {describe_validation_error(exc)}") from exc
 
 
-def invalid_status(body: dict[str, Any], message: str, reason: str = InvalidSpec.reason) -> Outcome:
+def bounded(message: str, limit: int = MESSAGE_LIMIT) -> str:
+    """`message`, cut to `limit` characters with a count of what was cut."""
+    if len(message) <= limit:
+        return message
+    cut = len(message) - limit
+    return f"{message[:limit]}... ({cut} more characters cut)"
+
+
+def waiting_status(body: dict[str, Any], message: str) -> Outcome:
+    """Pending, saying what the job waits for (a Warning Event the first time it says so)."""
     previous = _previous(body)
+    status = previous.model_copy(update={"phase": "Pending", "message": bounded(message)})
+    outcome = _outcome(previous, status, "Warning", Waiting.reason)
+    if previous.message != status.message:
+        outcome.event = ("Warning", Waiting.reason, status.message or "")
+    return outcome
+
+
+def finished(status: FineTuneJobStatus) -> bool:
+    """Training ended and its outcome is recorded (a refused spec is not an ending)."""
+    return any(c.type in ("Succeeded", "Failed") and c.status == "True" for c in status.conditions)
+
+
+def invalid_status(body: dict[str, Any], message: str, reason: str = InvalidSpec.reason) -> Outcome:
+    """Failed with the reason; settled at this generation, so it is judged again only when the
+    spec changes."""
+    previous = _previous(body)
+    message = bounded(message)
     conditions = set_condition(previous.conditions, "SpecRejected", "True", reason, message, now())
-    status = previous.model_copy(update={"phase": "Failed", "message": message, "conditions": conditions})
+    generation = (body.get("metadata") or {}).get("generation")
+    update = {"phase": "Failed", "message": message, "conditions": conditions, "observed_generation": generation}
+    status = previous.model_copy(update=update)
     outcome = _outcome(previous, status, "Warning", reason)
     if previous.message != message:  # a new refusal is an Event even when the phase stays Failed
         outcome.event = ("Warning", reason, message)
@@ -84,23 +128,82 @@ def _previous(body: dict[str, Any]) -> FineTuneJobStatus:
 
 def reconcile(body: dict[str, Any], kube: KubeClient, settings: OperatorSettings) -> Outcome:
     ftj = parse(body)
+    previous = _previous(body)
+    if finished(previous):  # whatever was garbage-collected since, a finished job never trains again
+        return Outcome(previous.model_dump(by_alias=True, mode="json"), None)
+    if problems := name_problems(ftj):
+        raise InvalidSpec("; ".join(problems))
     check_policy(ftj, kube, settings)
     names = Names.of(ftj)
     namespace = ftj.metadata.namespace
     desired = render_all(ftj, settings)
     job = kube.get("Job", namespace, names.job)
+    if job is not None and not owned_by(job, ftj):
+        raise Waiting(_foreign(job))
     if job is not None and refused_fields(job, ftj):
         return observe(body, kube, settings, ftj)  # the status says what was refused; nothing is applied
-    for obj in desired:
-        if kube.create(obj) or obj["kind"] == "Service":
-            continue
-        if obj["kind"] == "ConfigMap":  # mutable settings reach the trainer on its next pod start
-            current = kube.get("ConfigMap", namespace, names.config_map) or {}
-            if current.get("data") != obj["data"]:
-                kube.patch("ConfigMap", namespace, names.config_map, {"data": obj["data"]})
-        elif obj["kind"] == "Job":
-            _sync_suspend(kube, ftj, job or kube.get("Job", namespace, names.job) or {})
-    return observe(body, kube, settings, ftj)
+    try:
+        if job is None:  # the API server judges every object before any is stored
+            for obj in desired:
+                kube.create(obj, dry_run=True)
+        for obj in desired:
+            if kube.create(obj):
+                continue
+            current = kube.get(obj["kind"], namespace, obj["metadata"]["name"])
+            if current is not None and not owned_by(current, ftj):
+                # A Job is a training run: never taken over. A ConfigMap, Service or NetworkPolicy
+                # orphaned by `kubectl delete --cascade=orphan` is rewritten and adopted.
+                if obj["kind"] == "Job" or (current.get("metadata") or {}).get("ownerReferences"):
+                    raise Waiting(_foreign(current))
+                kube.patch(obj["kind"], namespace, obj["metadata"]["name"], _adoption(obj))
+            if obj["kind"] == "ConfigMap":  # mutable settings reach the trainer on its next pod start
+                if (current or {}).get("data") != obj["data"]:
+                    kube.patch("ConfigMap", namespace, names.config_map, {"data": obj["data"]})
+            elif obj["kind"] == "Job":
+                _sync_suspend(kube, ftj, current or {})
+    except Refused as exc:
+        raise RefusedByAPIServer(str(exc)) from exc
+    return observe(body, kube, settings, ftj, recreate=False)
+
+
+def _adoption(obj: dict[str, Any]) -> dict[str, Any]:
+    """A merge patch that makes an orphan the desired object: owner, labels and content."""
+    meta = obj["metadata"]
+    body = {k: v for k, v in obj.items() if k in ("data", "spec")}
+    if obj["kind"] == "Service":  # clusterIP and its families are immutable and already right
+        body = {}
+    return {"metadata": {"ownerReferences": meta.get("ownerReferences"), "labels": meta.get("labels")}, **body}
+
+
+def ttl_expired(ftj: FineTuneJob, status: FineTuneJobStatus, at: str) -> bool:
+    """Whether a finished job's Job is due for deletion (runPolicy.ttlSecondsAfterFinished)."""
+    ttl = ftj.spec.run_policy.ttl_seconds_after_finished
+    if ttl is None or not finished(status) or not status.completion_time:
+        return False
+    done = datetime.fromisoformat(status.completion_time.replace("Z", "+00:00"))
+    return (datetime.fromisoformat(at.replace("Z", "+00:00")) - done).total_seconds() >= ttl
+
+
+def cleaned(status: FineTuneJobStatus) -> bool:
+    return any(c.type == "Cleaned" and c.status == "True" for c in status.conditions)
+
+
+def owned_by(obj: dict[str, Any], ftj: FineTuneJob) -> bool:
+    """Whether `obj` is this FineTuneJob's (by uid: a job deleted and re-created under the same
+    name is another owner)."""
+    uid = (ftj.metadata.model_extra or {}).get("uid")
+    owners = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return any(o.get("uid") == uid and o.get("controller") for o in owners)
+
+
+def _foreign(obj: dict[str, Any]) -> str:
+    meta = obj.get("metadata") or {}
+    owners = [f"{o.get('kind')} uid {o.get('uid')}" for o in meta.get("ownerReferences") or []] or ["nobody"]
+    state = "being deleted" if meta.get("deletionTimestamp") else "still there"
+    return (
+        f"waiting: {obj.get('kind')} {meta.get('namespace')}/{meta.get('name')} already exists, owned by "
+        f"{', '.join(owners)} ({state}); this job proceeds once it is gone"
+    )
 
 
 def _changed_fields(accepted: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -152,12 +255,26 @@ def rank0_scrape(pods: list[dict[str, Any]], port: int) -> Scrape | None:
 
 
 def observe(
-    body: dict[str, Any], kube: KubeClient, settings: OperatorSettings, ftj: FineTuneJob | None = None
+    body: dict[str, Any],
+    kube: KubeClient,
+    settings: OperatorSettings,
+    ftj: FineTuneJob | None = None,
+    recreate: bool = True,
 ) -> Outcome:
     ftj = ftj or parse(body)
     previous = _previous(body)
     names = Names.of(ftj)
     job = kube.get("Job", ftj.metadata.namespace, names.job)
+    if job is None and finished(previous):  # removed after the outcome was recorded: nothing changes
+        if not cleaned(previous):
+            message = "the Job and its pods are gone; the outcome above stays"
+            conditions = set_condition(previous.conditions, "Cleaned", "True", "JobGone", message, now())
+            previous = previous.model_copy(update={"conditions": conditions})
+        return Outcome(previous.model_dump(by_alias=True, mode="json"), None)
+    if job is None and recreate and any(c.type == "Created" and c.status == "True" for c in previous.conditions):
+        return reconcile(body, kube, settings)  # deleted by hand or lost: the job is not finished
+    if job is not None and not owned_by(job, ftj):
+        raise Waiting(_foreign(job))
     pods = kube.list_pods(ftj.metadata.namespace, f"{JOB_LABEL}={ftj.metadata.name}") if job else []
     scrape = rank0_scrape(pods, settings.trainer.metrics_port) if job else None
     status = derive_status(ftj, previous, job, pods, scrape, now())
@@ -169,6 +286,14 @@ def observe(
         status = status.model_copy(update={"message": message, "conditions": conditions})
     elif any(c.type == "SpecRejected" for c in status.conditions):
         conditions = set_condition(status.conditions, "SpecRejected", "False", "SpecAccepted", "", now())
+        status = status.model_copy(update={"conditions": conditions})
+    if status.message:
+        status = status.model_copy(update={"message": bounded(status.message)})
+    if job is not None and ttl_expired(ftj, status, now()):
+        kube.delete_job(ftj.metadata.namespace, names.job, job["metadata"]["uid"])
+        seconds = ftj.spec.run_policy.ttl_seconds_after_finished
+        message = f"deleted the Job and its pods {seconds} s after the job finished (runPolicy.ttlSecondsAfterFinished)"
+        conditions = set_condition(status.conditions, "Cleaned", "True", "TTLExpired", message, now())
         status = status.model_copy(update={"conditions": conditions})
     kind = "Warning" if status.phase == "Failed" else "Normal"
     outcome = _outcome(previous, status, kind, status.phase or "")

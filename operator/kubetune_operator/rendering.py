@@ -7,6 +7,7 @@ Indexed batch/v1 Job (one pod per node, each running torchrun). Nothing here tal
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,33 @@ class Names:
     def of(cls, ftj: FineTuneJob) -> Names:
         name = ftj.metadata.name
         return cls(job=name, service=name, config_map=f"{name}-config")
+
+
+DNS_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+DNS_LABEL_MAX = 63
+
+
+def name_problems(ftj: FineTuneJob) -> list[str]:
+    """Why the FineTuneJob's name cannot name what is derived from it, before anything is created.
+
+    The name is the headless Service's (a DNS-1035 label) and the Job's, whose pods are called
+    `<name>-<index>` as hostnames (DNS labels of at most 63 characters) and carry it as a label value.
+    """
+    name = ftj.metadata.name
+    longest = f"{name}-{ftj.spec.resources.nodes - 1}"
+    problems = []
+    if not DNS_LABEL.fullmatch(name):
+        problems.append(
+            f"metadata.name {name!r} must be a DNS label (lower-case letters, digits and '-', starting "
+            "with a letter, no '.'): it names the job's Service and its pods' hostnames"
+        )
+    if len(longest) > DNS_LABEL_MAX:
+        limit = DNS_LABEL_MAX - len(longest) + len(name)
+        problems.append(
+            f"metadata.name is {len(name)} characters; with resources.nodes={ftj.spec.resources.nodes} it may "
+            f"have at most {limit}, since pod hostnames ({longest[:20]}...) are DNS labels of at most {DNS_LABEL_MAX}"
+        )
+    return problems
 
 
 def labels(ftj: FineTuneJob) -> dict[str, str]:
@@ -321,8 +349,9 @@ def render_job(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
     }
     if policy.active_deadline_seconds:
         job_spec["activeDeadlineSeconds"] = policy.active_deadline_seconds
-    if policy.ttl_seconds_after_finished is not None:
-        job_spec["ttlSecondsAfterFinished"] = policy.ttl_seconds_after_finished
+    # runPolicy.ttlSecondsAfterFinished is carried out by the operator, not by the Job's own TTL: the
+    # TTL controller could delete a Job before its outcome is recorded, and a Job that vanished
+    # unrecorded looks like a lost one that must be created again.
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
 
 

@@ -15,6 +15,11 @@ GROUP = "kubetune.dev"
 VERSION = "v1alpha1"
 KIND = "FineTuneJob"
 PLURAL = "finetunejobs"
+# Kubernetes' own rules, in the CRD schema so the API server refuses a bad value naming the field
+# (a quantity it cannot parse fails the Job's decoding without naming any): resource.Quantity's
+# regular expression, and a label value (the queue name becomes Kueue's queue-name label).
+QUANTITY = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
 
 
 class Toleration(Section):
@@ -35,11 +40,11 @@ class ResourcesSpec(Section):
     """Pods (one per node), each running torchrun."""
     gpus_per_node: int = Field(1, ge=0)
     """GPUs per pod and torchrun processes per pod; 0 runs one CPU process per pod."""
-    cpu: str | None = None
+    cpu: str | None = Field(None, pattern=QUANTITY)
     """CPU request and limit per pod, e.g. "16"."""
-    memory: str | None = None
+    memory: str | None = Field(None, pattern=QUANTITY)
     """Memory request and limit per pod, e.g. 128Gi."""
-    shm_size: str = "8Gi"
+    shm_size: str = Field("8Gi", pattern=QUANTITY)
     """Size of the memory-backed /dev/shm (DataLoader workers share batches through it)."""
     node_selector: dict[str, str] = Field(default_factory=dict)
     """Node labels the pods must match."""
@@ -73,7 +78,7 @@ class FineTuneJobSpec(TrainParameters):
     """Nodes, GPUs and pod resources."""
     run_policy: RunPolicySpec = RunPolicySpec()
     """Retries, deadlines, suspension."""
-    queue_name: str | None = None
+    queue_name: str | None = Field(None, max_length=63, pattern=LABEL_VALUE)
     """Kueue LocalQueue; the Job is created suspended and admitted by Kueue as one gang."""
     image: str | None = None
     """Trainer image; default: the operator's configured trainer image."""

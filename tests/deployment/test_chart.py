@@ -54,8 +54,8 @@ def test_rbac_is_least_privilege(scenario: str) -> None:
     for rule in rules:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
         assert not {"deletecollection", "escalate", "bind", "impersonate"} & set(rule["verbs"])
-        # delete only on pods (runPolicy.restartOnStall), nothing else the operator manages
-        assert "delete" not in rule["verbs"] or rule["resources"] == ["pods"]
+        # delete only on pods (runPolicy.restartOnStall) and Jobs (runPolicy.ttlSecondsAfterFinished)
+        assert "delete" not in rule["verbs"] or rule["resources"] in (["pods"], ["jobs"])
     granted = {(g, res) for r in rules for g in r["apiGroups"] for res in r["resources"]}
     assert ("batch", "jobs") in granted and ("kubetune.dev", "finetunejobs/status") in granted
     # Pods read a credentials Secret's data; the operator only gets the labels of one a job names.

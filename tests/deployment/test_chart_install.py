@@ -71,7 +71,7 @@ def test_helm_install_then_the_operator_runs_a_job_with_the_charts_rbac(
 
     # What the ServiceAccount may not do, as the API server's authorizer answers.
     subject = f"system:serviceaccount:{release_ns}:{account}"
-    for verb, resource in (("delete", "jobs"), ("list", "secrets"), ("create", "pods"), ("update", "configmaps")):
+    for verb, resource in (("delete", "configmaps"), ("list", "secrets"), ("create", "pods"), ("update", "jobs")):
         denied = cluster.kubectl("auth", "can-i", verb, resource, "-n", namespace, "--as", subject, check=False)
         assert denied.stdout.strip() == "no", (verb, resource)
 

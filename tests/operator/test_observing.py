@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 from kubetune_operator.observing import Scrape, derive_status, failure_reason, format_duration, parse_metrics
+from kubetune_operator.reconciling import bounded
 from kubetune_operator.specs import FineTuneJob, FineTuneJobStatus
 
 from tests.factories import example_job
@@ -285,3 +286,10 @@ def test_the_failing_ranks_last_lines_reach_status_redacted() -> None:
     assert status.last_failure.splitlines()[0] == '{"event": "step", "step": 41}'
     assert "AKIA" not in status.last_failure and "***" in status.last_failure
     assert status.message == "OOM: CUDA out of memory (exit code 2)"
+
+
+def test_status_messages_are_bounded_with_a_count_of_what_was_cut() -> None:
+    assert bounded("short") == "short"
+    long = "spec.model.overrides.X: unknown key; " * 200
+    cut = bounded(long, limit=100)
+    assert cut.startswith(long[:100]) and cut.endswith(f"... ({len(long) - 100} more characters cut)")

@@ -298,11 +298,13 @@ def test_the_api_server_refuses_what_the_schema_forbids(cluster: Cluster, namesp
 
     wrong = manifest(namespace, "wrong")
     wrong["spec"]["training"]["precision"] = "fp8"
-    wrong["spec"]["resources"]["nodes"] = 0
+    wrong["spec"]["resources"] |= {"nodes": 0, "cpu": "lots"}
+    wrong["spec"]["queueName"] = "my queue!"
     with pytest.raises(KubeAPIError) as refused:
         cluster.create(wrong)
     assert refused.value.status == 422
-    assert "spec.training.precision" in str(refused.value) and "spec.resources.nodes" in str(refused.value)
+    for field in ("spec.training.precision", "spec.resources.nodes", "spec.resources.cpu", "spec.queueName"):
+        assert field in refused.value.body, field
     assert cluster.get(*FTJ, namespace, "typo") is None and cluster.get(*FTJ, namespace, "wrong") is None
 
 

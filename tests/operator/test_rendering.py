@@ -7,7 +7,7 @@ import copy
 import kubernetes_validate
 import pytest
 import yaml
-from kubetune_operator.rendering import IMMUTABLE_ANNOTATION, immutable_view, render_all
+from kubetune_operator.rendering import IMMUTABLE_ANNOTATION, immutable_view, name_problems, render_all
 from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.specs import FineTuneJob
 from kubetune_trainer.config import TrainConfig
@@ -150,7 +150,8 @@ def test_failure_policy_retries_infrastructure_and_fails_bad_input() -> None:
     }
     assert rules[1]["action"] == "Ignore" and rules[1]["onPodConditions"][0]["type"] == "DisruptionTarget"
     assert spec["backoffLimit"] == 0 and spec["activeDeadlineSeconds"] == 3600
-    assert objects(CASES["two nodes x 8 GPUs"])["Job"]["spec"]["ttlSecondsAfterFinished"] == 86400
+    # runPolicy.ttlSecondsAfterFinished (86400 here) is the operator's to carry out, not the Job's.
+    assert "ttlSecondsAfterFinished" not in objects(CASES["two nodes x 8 GPUs"])["Job"]["spec"]
 
 
 def test_owner_labels_and_kueue() -> None:
@@ -227,3 +228,21 @@ def test_preemption_gets_a_grace_period_and_a_free_retry() -> None:
     rules = job["spec"]["podFailurePolicy"]["rules"]
     assert {"action": "Ignore", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [3]}} in rules
     assert objects(example())["Job"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 120
+
+
+@pytest.mark.parametrize(
+    ("name", "nodes", "problem"),
+    [
+        ("labpics-sam2", 2, None),
+        ("n" * 61, 2, None),  # "<61 n>-1" is 63
+        ("n" * 62, 2, "at most 61"),
+        ("n" * 61, 100, "at most 60"),  # "-99"
+        ("2-sam", 1, "must be a DNS label"),  # a Service name starts with a letter
+        ("team.sam", 1, "must be a DNS label"),  # valid for a FineTuneJob, not for a hostname
+    ],
+)
+def test_names_too_long_or_not_dns_labels_are_refused_up_front(name: str, nodes: int, problem: str | None) -> None:
+    ftj = example(resources__nodes=nodes)
+    ftj = ftj.model_copy(update={"metadata": ftj.metadata.model_copy(update={"name": name})})
+    problems = name_problems(ftj)
+    assert (problems == []) if problem is None else any(problem in p for p in problems), problems

@@ -57,7 +57,8 @@ app.kubernetes.io/component: operator
   verbs: ["get", "patch"]
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "patch"]
+  # delete: runPolicy.ttlSecondsAfterFinished, carried out once the outcome is recorded.
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["configmaps", "services"]
   verbs: ["get", "create", "patch"]

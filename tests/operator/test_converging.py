@@ -1,0 +1,162 @@
+"""The operator converges and never gets a job wrong for good, against the real control plane
+(tests/kube_cluster.py): objects lost or left behind, refusals by the API server, finished jobs."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from kubetune.s3server import free_port
+
+from tests.factories import credentials_secret, example_job
+from tests.kube_cluster import Cluster, start_operator, stop_operator, wait_for
+
+FTJ = ("kubetune.dev/v1alpha1", "finetunejobs")
+JOBS = ("batch/v1", "jobs")
+
+
+@pytest.fixture
+def operator(cluster: Cluster, namespace: str, tmp_path: Path):
+    cluster.create(credentials_secret(namespace))
+    env = {
+        "KUBETUNE_NAMESPACES": json.dumps([namespace]),
+        "KUBETUNE_STATUS_INTERVAL_S": "0.5",
+        "KUBETUNE_METRICS_PORT": str(free_port()),
+        "KUBETUNE_LIVENESS_PORT": str(free_port()),
+        "KUBETUNE_TRAINER__IMAGE": "registry.example/kubetune-trainer:test",
+    }
+    procs = []
+
+    def start():
+        proc = start_operator(cluster.kubeconfig, env, tmp_path / f"operator-{len(procs)}.log")
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        stop_operator(proc)
+
+
+def status(cluster: Cluster, namespace: str, name: str) -> dict:
+    return (cluster.get(*FTJ, namespace, name) or {}).get("status") or {}
+
+
+def pods(cluster: Cluster, namespace: str, name: str) -> list[dict]:
+    return cluster.list("v1", "pods", namespace, label_selector=f"kubetune.dev/finetunejob={name}")
+
+
+def running(cluster: Cluster, namespace: str, name: str, count: int = 2) -> list[dict]:
+    def ready():
+        found = [p for p in pods(cluster, namespace, name) if p["status"].get("phase") == "Running"]
+        return found if len(found) == count else None
+
+    return wait_for(ready, timeout=60)
+
+
+def test_a_finished_job_never_trains_again_after_its_job_is_gone(cluster: Cluster, namespace: str, operator) -> None:
+    """runPolicy.ttlSecondsAfterFinished: 0 deletes the Job once the outcome is recorded (by the
+    operator: a Job's own TTL could remove it unrecorded); a restart then finds a Succeeded job
+    without a Job, and leaves it so."""
+    proc = operator()
+    cluster.create(example_job("done", namespace, runPolicy={"ttlSecondsAfterFinished": 0}))
+    for pod in running(cluster, namespace, "done"):
+        cluster.finish_pod(namespace, pod["metadata"]["name"], 0)
+    wait_for(lambda: status(cluster, namespace, "done").get("phase") == "Succeeded", proc=proc)
+    wait_for(lambda: cluster.get(*JOBS, namespace, "done") is None, timeout=60, proc=proc)
+    stop_operator(proc)
+    proc = operator()
+    time.sleep(5)  # a restart's resume and several status passes
+    assert proc.poll() is None
+    assert cluster.get(*JOBS, namespace, "done") is None
+    assert status(cluster, namespace, "done")["phase"] == "Succeeded"
+
+
+def test_a_job_deleted_by_hand_is_created_again(cluster: Cluster, namespace: str, operator) -> None:
+    proc = operator()
+    cluster.create(example_job("lost", namespace))
+    first = wait_for(lambda: cluster.get(*JOBS, namespace, "lost"), proc=proc)
+    cluster.kubectl("delete", "job", "lost", "-n", namespace, "--wait=true", "--timeout=60s")
+    again = wait_for(
+        lambda: (
+            (job := cluster.get(*JOBS, namespace, "lost"))
+            and job["metadata"]["uid"] != first["metadata"]["uid"]
+            and job
+        ),
+        timeout=60,
+        proc=proc,
+    )
+    assert again["metadata"]["ownerReferences"][0]["uid"] == cluster.get(*FTJ, namespace, "lost")["metadata"]["uid"]
+    running(cluster, namespace, "lost")
+    wait_for(lambda: status(cluster, namespace, "lost").get("phase") == "Staging", proc=proc)
+
+
+def test_an_object_of_another_owner_is_never_adopted(cluster: Cluster, namespace: str, operator) -> None:
+    """A job deleted with its Job orphaned, then created again under the same name: the new job
+    says what it waits for, and proceeds with its own Job once the old one is gone."""
+    proc = operator()
+    cluster.create(example_job("again", namespace))
+    old = wait_for(lambda: cluster.get(*JOBS, namespace, "again"), proc=proc)
+    cluster.kubectl("delete", "ftj", "again", "-n", namespace, "--cascade=orphan", "--wait=true")
+    created = cluster.create(example_job("again", namespace))
+    waiting = wait_for(
+        lambda: (
+            "already exists" in (status(cluster, namespace, "again").get("message") or "")
+            and status(cluster, namespace, "again")
+        ),
+        proc=proc,
+    )
+    assert waiting["phase"] == "Pending" and "owned by nobody" in waiting["message"]
+    assert f"Job {namespace}/again already exists" in waiting["message"]
+    assert cluster.get(*JOBS, namespace, "again")["metadata"]["uid"] == old["metadata"]["uid"]  # not adopted
+    assert any(e.get("reason") == "Waiting" for e in cluster.list("v1", "events", namespace))
+
+    cluster.kubectl("delete", "job", "again", "-n", namespace, "--wait=true", "--timeout=60s")
+    mine = wait_for(
+        lambda: (
+            (job := cluster.get(*JOBS, namespace, "again")) and job["metadata"]["uid"] != old["metadata"]["uid"] and job
+        ),
+        timeout=60,
+        proc=proc,
+    )
+    assert mine["metadata"]["ownerReferences"][0]["uid"] == created["metadata"]["uid"]
+    # The ConfigMap and Service the orphaning left behind were nobody's: adopted.
+    for plural, object_name in (("configmaps", "again-config"), ("services", "again")):
+        owners = cluster.get("v1", plural, namespace, object_name)["metadata"]["ownerReferences"]
+        assert [o["uid"] for o in owners] == [created["metadata"]["uid"]]
+
+
+def test_a_refusal_by_the_api_server_reaches_the_user_and_nothing_is_left(
+    cluster: Cluster, namespace: str, operator
+) -> None:
+    """A node selector the CRD schema cannot judge (its keys are free) but the Job's validation
+    refuses: the dry run finds it before anything is stored."""
+    proc = operator()
+    name, field = "selector", "spec.template.spec.nodeSelector"
+    resources = {"nodes": 2, "gpusPerNode": 8, "nodeSelector": {"gpu type!": "h100"}}
+    cluster.create(example_job(name, namespace, resources=resources))
+    failed = wait_for(
+        lambda: status(cluster, namespace, name).get("phase") == "Failed" and status(cluster, namespace, name),
+        proc=proc,
+    )
+    assert field in failed["message"] and "Invalid value" in failed["message"]
+    assert {c["type"]: c["reason"] for c in failed["conditions"]}["SpecRejected"] == "RefusedByAPIServer"
+    assert failed["observedGeneration"] == cluster.get(*FTJ, namespace, name)["metadata"]["generation"]
+    warnings = [e for e in cluster.list("v1", "events", namespace) if e.get("type") == "Warning"]
+    assert any(field in e["message"] for e in warnings)
+    for plural, object_name in (("configmaps", f"{name}-config"), ("services", name)):
+        assert cluster.get("v1", plural, namespace, object_name) is None
+    assert cluster.get(*JOBS, namespace, name) is None
+
+
+def test_a_name_too_long_for_the_pods_is_refused_up_front(cluster: Cluster, namespace: str, operator) -> None:
+    proc = operator()
+    name = "n" * 62  # a valid FineTuneJob name; pod hostnames "<name>-<index>" would be 64
+    cluster.create(example_job(name, namespace))
+    failed = wait_for(
+        lambda: status(cluster, namespace, name).get("phase") == "Failed" and status(cluster, namespace, name),
+        proc=proc,
+    )
+    assert "metadata.name is 62 characters; with resources.nodes=2 it may have at most 61" in failed["message"]
+    assert cluster.get("v1", "configmaps", namespace, f"{name}-config") is None
