@@ -249,6 +249,17 @@ class Cluster:
         headers = {"Impersonate-User": as_user} if as_user else None
         return self.request("POST", self.path(obj["apiVersion"], plural, namespace), obj, headers=headers)
 
+    def post_text(self, api_version: str, plural: str, namespace: str, text: str) -> int:
+        """POST a body given as JSON text (one this process could not encode); the status code."""
+        req = urllib.request.Request(
+            self.url + self.path(api_version, plural, namespace),
+            data=text.encode(),
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
+        with self._http.open(req, timeout=30) as rsp:
+            return rsp.status
+
     def create_namespace(self, name: str) -> dict[str, Any]:
         return self.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
 

@@ -7,6 +7,7 @@ import time. `kubetune operator` (the chart's Deployment) calls `run`.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,10 +21,13 @@ from .specs import GROUP, PLURAL, VERSION
 from .telemetry import OperatorMetrics
 
 RESOURCE = (GROUP, VERSION, PLURAL)
+API_MAX_NESTING = 10_000  # k8s.io/apimachinery refuses deeper JSON (CVE-2019-11253)
 
 
 def _apply(outcome: reconciling.Outcome, body: Any, patch: kopf.Patch, metrics: OperatorMetrics) -> None:
-    patch.status.update(outcome.status)
+    current = body.get("status") or {}
+    changed = {k: v for k, v in outcome.status.items() if current.get(k) != v}
+    patch.status.update(changed)  # nothing changed, no PATCH
     metrics.set_phase(body["metadata"]["uid"], outcome.status.get("phase"))
     if outcome.status.get("phase") == "Failed":
         failed = [c for c in outcome.status.get("conditions") or [] if c.get("type") in ("Failed", "SpecRejected")]
@@ -64,6 +68,12 @@ def register(registry: kopf.OperatorRegistry, ops: OperatorSettings, metrics: Op
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.posting.level = logging.WARNING  # our own transition events say what matters
+        # No API call may hold a handler for long: kopf's own requests (status patches, events)
+        # give up after 30 s and are retried; watches reconnect when a stream goes quiet.
+        settings.networking.request_timeout = 30
+        settings.networking.connect_timeout = 5
+        settings.watching.server_timeout = 300
+        settings.watching.client_timeout = 330
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
         metrics.serve(ops.metrics_port)
@@ -100,6 +110,10 @@ def _settled(body: Any) -> bool:
 
 def run(settings: OperatorSettings) -> None:
     """Run the operator in this process until it is stopped (SIGTERM/SIGINT)."""
+    # The API server stores objects nested up to 10,000 levels; Python's JSON decoder stops at the
+    # recursion limit (1,000), and a watch that cannot decode one object ends every watch. Decode
+    # what the API server can store; the spec model then refuses the nesting with the field named.
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), API_MAX_NESTING * 2 + 1_000))
     registry = kopf.OperatorRegistry()
     register(registry, settings, OperatorMetrics())
     kopf.configure(verbose=False)

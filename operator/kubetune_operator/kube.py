@@ -12,10 +12,14 @@ import urllib.request
 from typing import Any
 
 import kopf
+import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 TEMPORARY = {404, 409, 429}
+# (connect, read) seconds for every call: a held request fails and kopf retries the handler,
+# instead of stalling it.
+REQUEST_TIMEOUT = (5.0, 20.0)
 SNAKE_KINDS = {"Job": "job", "ConfigMap": "config_map", "Service": "service", "NetworkPolicy": "network_policy"}
 # Only the metadata of a Secret is ever read (its labels), never its data.
 METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
@@ -33,6 +37,18 @@ def _raise(exc: ApiException, what: str) -> None:
     if exc.status in TEMPORARY or (exc.status or 0) >= 500:
         raise kopf.TemporaryError(message, delay=10) from exc
     raise Refused(message) from exc
+
+
+def _timed(method: Any) -> Any:
+    """`method` with REQUEST_TIMEOUT, and a timeout or dropped connection as a temporary error."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, _request_timeout=REQUEST_TIMEOUT, **kwargs)
+        except urllib3.exceptions.HTTPError as exc:  # timeouts, refused or reset connections
+            raise kopf.TemporaryError(f"the API server did not answer: {exc}", delay=5) from exc
+
+    return call
 
 
 class KubeClient:
@@ -53,9 +69,9 @@ class KubeClient:
         return json.loads(response.data)
 
     def _call(self, verb: str, kind: str) -> Any:
-        """The client method for `verb` on `kind`, e.g. read_namespaced_config_map."""
+        """The client method for `verb` on `kind`, e.g. read_namespaced_config_map, with the timeout."""
         api = {"Job": self.batch, "NetworkPolicy": self.networking}.get(kind, self.core)
-        return getattr(api, f"{verb}_namespaced_{SNAKE_KINDS[kind]}")
+        return _timed(getattr(api, f"{verb}_namespaced_{SNAKE_KINDS[kind]}"))
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
@@ -89,7 +105,7 @@ class KubeClient:
     def secret_labels(self, namespace: str, name: str) -> dict[str, str] | None:
         """The labels of a Secret (None when it does not exist); its data is not requested."""
         try:
-            response = self.core.read_namespaced_secret(
+            response = _timed(self.core.read_namespaced_secret)(
                 name, namespace, _preload_content=False, _headers={"Accept": METADATA_ONLY}
             )
         except ApiException as exc:
@@ -102,7 +118,7 @@ class KubeClient:
     def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
         try:
             return self._json(
-                self.core.list_namespaced_pod(namespace, label_selector=selector, _preload_content=False)
+                _timed(self.core.list_namespaced_pod)(namespace, label_selector=selector, _preload_content=False)
             )["items"]
         except ApiException as exc:
             _raise(exc, f"listing pods {selector} in {namespace}")
@@ -111,7 +127,7 @@ class KubeClient:
     def delete_pod(self, namespace: str, name: str) -> None:
         """Delete a pod (gone already is fine)."""
         try:
-            self.core.delete_namespaced_pod(name, namespace)
+            _timed(self.core.delete_namespaced_pod)(name, namespace)
         except ApiException as exc:
             if exc.status != 404:
                 _raise(exc, f"deleting pod {namespace}/{name}")
@@ -120,13 +136,13 @@ class KubeClient:
         """Delete a Job and, in the background, its pods; only the one with `uid` (a precondition)."""
         body = client.V1DeleteOptions(propagation_policy="Background", preconditions=client.V1Preconditions(uid=uid))
         try:
-            self.batch.delete_namespaced_job(name, namespace, body=body)
+            _timed(self.batch.delete_namespaced_job)(name, namespace, body=body)
         except ApiException as exc:
             if exc.status not in (404, 409):  # gone already, or another Job of that name now
                 _raise(exc, f"deleting Job {namespace}/{name}")
 
 
-def scrape_metrics(host: str, port: int, timeout: float = 3.0) -> str | None:
+def scrape_metrics(host: str, port: int, timeout: float = 1.0) -> str | None:
     """The exposition text of a trainer rank, or None while it is not serving yet."""
     try:
         with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=timeout) as resp:

@@ -11,7 +11,7 @@ import pytest
 from kubetune.s3server import free_port
 
 from tests.factories import credentials_secret, example_job
-from tests.kube_cluster import Cluster, start_operator, stop_operator, wait_for
+from tests.kube_cluster import Cluster, KubeAPIError, start_operator, stop_operator, wait_for
 
 FTJ = ("kubetune.dev/v1alpha1", "finetunejobs")
 JOBS = ("batch/v1", "jobs")
@@ -160,3 +160,32 @@ def test_a_name_too_long_for_the_pods_is_refused_up_front(cluster: Cluster, name
     )
     assert "metadata.name is 62 characters; with resources.nodes=2 it may have at most 61" in failed["message"]
     assert cluster.get("v1", "configmaps", namespace, f"{name}-config") is None
+
+
+def test_one_deeply_nested_spec_cannot_stop_the_operator(cluster: Cluster, namespace: str, operator) -> None:
+    """The API server stores JSON nested 9,000 levels deep; the operator decodes it, refuses it
+    naming the field, and goes on managing the other jobs."""
+    proc = operator()
+    model = {"family": "detectron2", "variant": "COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml", "checkpoint": "none"}
+    deep = example_job("deep", namespace, model={**model, "overrides": {"MODEL.RPN.IN_FEATURES": "DEEP"}})
+    levels = 9000
+    text = json.dumps(deep).replace('"DEEP"', "[" * levels + "1" + "]" * levels)
+    assert cluster.post_text(*FTJ, namespace, text) == 201
+    cluster.create(example_job("neighbour", namespace))
+    wait_for(lambda: cluster.get(*JOBS, namespace, "neighbour"), proc=proc)
+
+    def message() -> str:
+        out = cluster.kubectl("get", "ftj", "deep", "-n", namespace, "-o", "jsonpath={.status.message}")
+        return out.stdout
+
+    refused = wait_for(message, proc=proc)
+    assert f"model.overrides['MODEL.RPN.IN_FEATURES'] nests {levels} levels deep" in refused
+    assert proc.poll() is None
+
+
+def test_free_form_overrides_are_bounded_by_the_schema(cluster: Cluster, namespace: str) -> None:
+    model = {"family": "detectron2", "variant": "COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml", "checkpoint": "none"}
+    bogus = {f"MODEL.KEY_{i}": i for i in range(3000)}
+    with pytest.raises(KubeAPIError) as refused:
+        cluster.create(example_job("many", namespace, model={**model, "overrides": bogus}))
+    assert refused.value.status == 422 and "spec.model.overrides: Too many" in refused.value.body

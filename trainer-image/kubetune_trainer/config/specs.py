@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from kubetune_trainer.config.detectron2_keys import check_overrides, check_variant
@@ -89,6 +89,22 @@ def _check_uri(value: str | None, what: str) -> str | None:
 Trainable = Literal["mask_decoder", "prompt_encoder", "image_encoder"]
 
 
+# model.overrides is free form: bounded in the CRD (keys) and here (nesting).
+OVERRIDES_MAX_KEYS = 256
+OVERRIDES_MAX_DEPTH = 3
+
+
+def nesting(value: Any) -> int:
+    """How deep lists and mappings nest in `value` (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth + 1)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 class ModelSpec(Section):
     family: Literal["sam2", "sam", "detectron2"]
     """Model family: sam2, sam (HF transformers) or detectron2."""
@@ -130,7 +146,9 @@ class ModelSpec(Section):
     target (SAM's own rule) and evaluates the one with the highest predicted IoU; best uses the
     highest predicted IoU for both; mean averages the three masks' logits."""
     overrides: dict[str, Any] = Field(
-        default_factory=dict, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
+        default_factory=dict,
+        max_length=OVERRIDES_MAX_KEYS,
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
     """Detectron2 config keys as in its docs (e.g. SOLVER.BASE_LR, MODEL.ROI_HEADS.NUM_CLASSES),
     applied last; only for family detectron2."""
@@ -138,6 +156,19 @@ class ModelSpec(Section):
     def trainable_parts(self) -> tuple[str, ...]:
         """`trainable`, or this family's default parts when it is null."""
         return tuple(self.trainable) if self.trainable is not None else FAMILY_DEFAULTS[self.family].trainable
+
+    @field_validator("overrides")
+    @classmethod
+    def _bounded_nesting(cls, overrides: dict[str, Any]) -> dict[str, Any]:
+        """Detectron2 values nest at most as lists of lists (ANCHOR_GENERATOR.SIZES); a deeper
+        value is refused before anything walks it recursively."""
+        for key, value in overrides.items():
+            if (depth := nesting(value)) > OVERRIDES_MAX_DEPTH:
+                raise ValueError(
+                    f"model.overrides[{key!r}] nests {depth} levels deep; Detectron2 values nest at most "
+                    f"{OVERRIDES_MAX_DEPTH} (a list of lists)"
+                )
+        return overrides
 
     @model_validator(mode="after")
     def _check_family(self) -> ModelSpec:
