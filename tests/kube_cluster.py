@@ -303,6 +303,11 @@ class Cluster:
             timeout=60,
         )
 
+    def delete_finetunejobs(self, namespace: str) -> None:
+        """Delete a namespace's FineTuneJobs while the operator still runs: kopf holds a finalizer
+        on each (for its status timer), which only a running operator removes."""
+        self.kubectl("delete", "finetunejobs", "--all", "-n", namespace, "--wait=true", "--timeout=60s", check=False)
+
     def finish_pod(self, namespace: str, name: str, exit_code: int, message: str = "") -> None:
         """End a running pod the way its container would: kwok terminates it with this exit code
         (and termination message), and the Job controller takes it from there."""

@@ -16,6 +16,7 @@ import kopf
 
 from . import reconciling
 from .kube import KubeClient
+from .rendering import JOB_LABEL
 from .settings import OperatorSettings
 from .specs import GROUP, PLURAL, VERSION
 from .telemetry import OperatorMetrics
@@ -74,6 +75,10 @@ def register(registry: kopf.OperatorRegistry, ops: OperatorSettings, metrics: Op
         settings.networking.connect_timeout = 5
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
+        # Jobs and pods are watched (indexed below) only where they are a FineTuneJob's: the API
+        # server filters the watches, so other workloads cost nothing.
+        settings.watching.label_selectors["batch", "jobs"] = JOB_LABEL
+        settings.watching.label_selectors["", "pods"] = JOB_LABEL
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
         metrics.serve(ops.metrics_port)
@@ -84,11 +89,23 @@ def register(registry: kopf.OperatorRegistry, ops: OperatorSettings, metrics: Op
     def reconcile(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
         timed("reconcile", lambda: reconciling.reconcile(dict(body), client(), ops), body, patch)
 
+    # What the status is derived from, kept current by watches: a status pass reads no Job and
+    # lists no pods from the API server.
+    @kopf.index("batch", "v1", "jobs", id="jobs", labels={JOB_LABEL: kopf.PRESENT}, registry=registry)
+    def jobs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+        return {(namespace, name): dict(body)}
+
+    @kopf.index("", "v1", "pods", id="pods", labels={JOB_LABEL: kopf.PRESENT}, registry=registry)
+    def pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+        return {(namespace, labels[JOB_LABEL]): dict(body)}
+
     @kopf.timer(*RESOURCE, interval=ops.status_interval_s, registry=registry)
-    def observe(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    def observe(body: kopf.Body, patch: kopf.Patch, jobs: kopf.Index, pods: kopf.Index, **_: Any) -> None:
         if (body.get("status") or {}).get("phase") in ("Succeeded", "Failed") and _settled(body):
             return
-        timed("observe", lambda: reconciling.observe(dict(body), client(), ops), body, patch)
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        seen = reconciling.Seen(job=next(iter(jobs.get(key, [])), None), pods=list(pods.get(key, [])))
+        timed("observe", lambda: reconciling.observe(dict(body), client(), ops, seen=seen), body, patch)
 
     @kopf.on.event(*RESOURCE, registry=registry)
     def forget(event: dict[str, Any], body: kopf.Body, **_: Any) -> None:

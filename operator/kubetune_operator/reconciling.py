@@ -46,8 +46,17 @@ class Waiting(Exception):
     reason = "Waiting"
 
 
+CONTROLLER_UID = "batch.kubernetes.io/controller-uid"
 # A status message is read in `kubectl describe` and stored in etcd with the resource: bounded.
 MESSAGE_LIMIT = 2048
+
+
+@dataclass
+class Seen:
+    """The job's Job and pods as the operator's watches last saw them (no API read needed)."""
+
+    job: dict[str, Any] | None
+    pods: list[dict[str, Any]]
 
 
 @dataclass
@@ -260,11 +269,14 @@ def observe(
     settings: OperatorSettings,
     ftj: FineTuneJob | None = None,
     recreate: bool = True,
+    seen: Seen | None = None,
 ) -> Outcome:
     ftj = ftj or parse(body)
     previous = _previous(body)
     names = Names.of(ftj)
-    job = kube.get("Job", ftj.metadata.namespace, names.job)
+    if seen is not None and seen.job is None:  # the watch may lag a Job just created: ask once
+        seen = None
+    job = seen.job if seen is not None else kube.get("Job", ftj.metadata.namespace, names.job)
     if job is None and finished(previous):  # removed after the outcome was recorded: nothing changes
         if not cleaned(previous):
             message = "the Job and its pods are gone; the outcome above stays"
@@ -275,7 +287,13 @@ def observe(
         return reconcile(body, kube, settings)  # deleted by hand or lost: the job is not finished
     if job is not None and not owned_by(job, ftj):
         raise Waiting(_foreign(job))
-    pods = kube.list_pods(ftj.metadata.namespace, f"{JOB_LABEL}={ftj.metadata.name}") if job else []
+    if seen is not None:
+        pods = seen.pods
+    else:
+        pods = kube.list_pods(ftj.metadata.namespace, f"{JOB_LABEL}={ftj.metadata.name}") if job else []
+    if job is not None:  # a Job of an earlier FineTuneJob of that name left pods that are not ours
+        uid = job["metadata"].get("uid")
+        pods = [p for p in pods if (p["metadata"].get("labels") or {}).get(CONTROLLER_UID, uid) == uid]
     scrape = rank0_scrape(pods, settings.trainer.metrics_port) if job else None
     status = derive_status(ftj, previous, job, pods, scrape, now())
     # Derived from the Job and the spec every time, so no concurrent status write can lose it.

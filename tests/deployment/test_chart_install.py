@@ -118,6 +118,7 @@ def test_helm_install_then_the_operator_runs_a_job_with_the_charts_rbac(
         reasons = {e.get("reason") for e in cluster.list("v1", "events", namespace)}
         assert "Succeeded" in reasons  # the operator may write Events
     finally:
+        cluster.delete_finetunejobs(namespace)
         log = stop_operator(proc)
     # Never refused by the authorizer. (A cluster-wide operator also sees other tests' namespaces
     # being deleted, where the API server refuses new Events for another reason.)

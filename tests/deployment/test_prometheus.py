@@ -157,6 +157,7 @@ def test_dashboard_queries_return_series_for_a_real_run(
     finally:
         prometheus.terminate()
         prometheus.wait(timeout=30)
+        cluster.delete_finetunejobs(namespace)
         stop_operator(operator)
 
 

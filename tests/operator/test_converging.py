@@ -35,6 +35,8 @@ def operator(cluster: Cluster, namespace: str, tmp_path: Path):
         return proc
 
     yield start
+    if procs and procs[-1].poll() is None:
+        cluster.delete_finetunejobs(namespace)
     for proc in procs:
         stop_operator(proc)
 

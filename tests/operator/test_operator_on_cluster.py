@@ -8,6 +8,7 @@ the exit code a test asks for, and the garbage collector removes what a deleted 
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from pathlib import Path
 
@@ -53,6 +54,8 @@ def operator(cluster: Cluster, namespace: str, tmp_path: Path):
         return proc
 
     yield start
+    if procs and procs[-1].poll() is None:
+        cluster.delete_finetunejobs(namespace)
     for proc in procs:
         log = stop_operator(proc)
         assert "Traceback" not in log, log[-4000:]
@@ -375,7 +378,10 @@ def test_a_stalled_job_is_marked_and_its_pods_restarted(cluster: Cluster, namesp
     first = {p["metadata"]["uid"] for p in pods}
     replaced = wait_for(
         lambda: (
-            (now := {p["metadata"]["uid"] for p in pods_of(cluster, namespace, "stuck")}) and not now & first and now
+            (now := {p["metadata"]["uid"] for p in pods_of(cluster, namespace, "stuck")})
+            and not now & first
+            and len(now) == 2
+            and now
         ),
         timeout=60,
         proc=proc,
@@ -403,3 +409,39 @@ def test_deleting_a_job_collects_everything_it_owned(cluster: Cluster, namespace
         timeout=60,
         proc=proc,
     )
+
+
+def api_requests(cluster: Cluster) -> dict[tuple[str, str, str], float]:
+    """The API server's own request counters: (verb, resource, subresource) -> requests so far."""
+    text = cluster.kubectl("get", "--raw", "/metrics").stdout
+    counts: dict[tuple[str, str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "apiserver_request":
+            for s in family.samples:
+                if s.name == "apiserver_request_total":
+                    key = (s.labels["verb"], s.labels["resource"], s.labels.get("subresource", ""))
+                    counts[key] = counts.get(key, 0) + s.value
+    return counts
+
+
+def test_a_steady_job_costs_no_api_reads_and_no_status_writes(cluster: Cluster, namespace: str, operator) -> None:
+    """Status passes run every 0.5 s here; the Job and pods come from the operator's watches, and a
+    status that did not change is not written."""
+    proc = operator()
+    for name in ("steady-a", "steady-b"):
+        cluster.create(manifest(namespace, name))
+    for name in ("steady-a", "steady-b"):
+        running_pods(cluster, namespace, name, 2)
+        wait_for(phase_is(cluster, namespace, name, "Staging"), proc=proc)
+    # The counters are the whole API server's: earlier tests' namespaces must be gone (the namespace
+    # controller lists their pods until they are empty).
+    terminating = lambda: [n for n in cluster.list("v1", "namespaces") if n["status"].get("phase") == "Terminating"]  # noqa: E731
+    wait_for(lambda: not terminating(), timeout=120, proc=proc)
+    time.sleep(2)  # let the last transitions be written
+    before = api_requests(cluster)
+    time.sleep(6)  # 12 status passes per job
+    after = api_requests(cluster)
+    spent = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    assert spent.get(("GET", "jobs", ""), 0) <= 1, spent
+    assert spent.get(("LIST", "pods", ""), 0) <= 1, spent
+    assert spent.get(("PATCH", "finetunejobs", "status"), 0) + spent.get(("PATCH", "finetunejobs", ""), 0) <= 2, spent
