@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import collections
+import threading
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from .specs import Phase
@@ -37,17 +40,24 @@ class OperatorMetrics:
         )
         self._failed: set[str] = set()
         self._phases: dict[str, str] = {}
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._lock = threading.Lock()
         for phase in PHASES:
             self.jobs.labels(phase=phase).set(0)
 
     def set_phase(self, uid: str, phase: str | None) -> None:
-        """Track one FineTuneJob's phase (None: it is gone) and refresh the per-phase counts."""
-        if phase is None:
-            self._phases.pop(uid, None)
-        else:
-            self._phases[uid] = phase
-        for name in PHASES:
-            self.jobs.labels(phase=name).set(sum(1 for p in self._phases.values() if p == name))
+        """Track one FineTuneJob's phase (None: it is gone). Handlers call this from several
+        threads; the counts change by one, not by a recount of every job."""
+        with self._lock:
+            old = self._phases.pop(uid, None) if phase is None else self._phases.get(uid)
+            if phase is not None:
+                self._phases[uid] = phase
+            if old == phase:
+                return
+            for name, step in ((old, -1), (phase, 1)):
+                if name is not None:
+                    self._counts[name] += step
+                    self.jobs.labels(phase=name).set(self._counts[name])
 
     def count_failure(self, uid: str, kind: str) -> None:
         """Count a FineTuneJob's failure once, by its class (the Failed condition's reason)."""

@@ -259,6 +259,26 @@ def test_failures_are_counted_once_per_job_by_class() -> None:
     assert (value("OOM"), value("DataError")) == (2.0, 1.0)
 
 
+def test_phase_counts_follow_jobs_from_many_threads() -> None:
+    """Handlers run in kopf's thread pool: counts stay exact while threads move jobs between phases."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kubetune_operator.telemetry import OperatorMetrics
+
+    metrics = OperatorMetrics()
+
+    def lifecycle(uid: str) -> None:
+        for phase in ("Pending", "Staging", "Running", "Running", "Succeeded"):
+            metrics.set_phase(uid, phase)
+        if uid.endswith("0"):
+            metrics.set_phase(uid, None)  # deleted
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lifecycle, [f"job-{i}" for i in range(500)]))
+    count = lambda phase: metrics.registry.get_sample_value("kubetune_operator_jobs", {"phase": phase})  # noqa: E731
+    assert (count("Succeeded"), count("Running"), count("Pending")) == (450.0, 0.0, 0.0)
+
+
 def test_a_step_that_does_not_move_past_the_deadline_is_a_stall() -> None:
     resource = ftj(runPolicy={"progressDeadlineSeconds": 240})
     running = job(active=2)

@@ -84,3 +84,17 @@ def test_the_termination_message_ends_with_the_reason_bounded_and_redacted(tmp_p
     assert len(text.encode()) <= 4096 and lines[-1] == "OOM: CUDA out of memory; lower training.batchSize"
     assert "wJalrXUtnFEMI" not in text and "hf_abcdefghij" not in text and "***" in lines[-2]
     assert all(len(line) <= 240 for line in lines[:-1])  # the newest lines kept, each bounded
+
+
+def test_the_launcher_reports_the_rank_that_failed_first_by_its_own_record(tmp_path) -> None:
+    """A peer that crashed when the failing rank left (exit 1) may end first; the records say who
+    failed first, and how."""
+    import json
+
+    from kubetune_trainer.launch import first_failure
+
+    assert first_failure(tmp_path) is None
+    (tmp_path / "rank-1.json").write_text(json.dumps({"time": 1000.5, "rank": 1, "exit_code": 1}))
+    (tmp_path / "rank-0.json").write_text(json.dumps({"time": 1000.2, "rank": 0, "exit_code": 2}))
+    (tmp_path / "rank-2.json").write_text("{torn")
+    assert first_failure(tmp_path) == (0, 2)

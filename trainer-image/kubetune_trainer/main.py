@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gzip
+import json
 import os
 import shutil
 import sys
@@ -45,11 +46,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     except KubetuneError as exc:
         kind = failure_class(exc)
+        record_exit(exc.exit_code)
         log.error("training failed", reason=str(exc), exit_code=exc.exit_code, failure_class=kind)
         write_termination_reason(_reason(kind, str(exc)), logs.tail())
         return exc.exit_code
     except Exception as exc:  # a crash is worth a retry by the Job; an OOM or a divergence is not
         kind, code = failure_class(exc), exit_code_of(exc)
+        record_exit(code)
         log.exception("training crashed", failure_class=kind, exit_code=code)
         write_termination_reason(_reason(kind, f"{type(exc).__name__}: {exc}"), logs.tail())
         return code
@@ -60,6 +63,16 @@ def main(argv: list[str] | None = None) -> int:
             from kubetune_trainer.training import distributed
 
             distributed.cleanup()
+
+
+def record_exit(code: int) -> None:
+    """Tell the launcher, first thing, that this rank fails and how (environment.EXIT_RECORD_DIR)."""
+    folder = os.environ.get(environment.EXIT_RECORD_DIR)
+    if folder:
+        rank = int(os.environ.get("RANK", 0))
+        record = {"time": time.time(), "rank": rank, "exit_code": code}
+        with contextlib.suppress(OSError):
+            (Path(folder) / f"rank-{rank}.json").write_text(json.dumps(record))
 
 
 def recipe_for(family: str):

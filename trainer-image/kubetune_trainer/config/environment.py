@@ -42,3 +42,8 @@ COLLECTIVE_TIMEOUT_S = "KUBETUNE_COLLECTIVE_TIMEOUT_S"
 """How long a collective (all-reduce, barrier) waits for its peers before the run fails: below
 the job's progress deadline, so a hung rank ends the run instead of stalling it."""
 DEFAULT_COLLECTIVE_TIMEOUT_S = 1800
+
+EXIT_RECORD_DIR = "KUBETUNE_EXIT_RECORD_DIR"
+"""Set by the launcher: each failing rank writes its exit code and the moment it failed here first
+thing, so the launcher reports the rank that failed first, not a peer that crashed when it left
+(or the first rank's code lost when torchrun stopped it while it was still uploading its log)."""
