@@ -13,7 +13,7 @@ from kubetune.local import kill_tree
 from kubetune.s3server import client, local_s3, upload_tree
 from kubetune.synthetic import write_coco_dataset
 
-from tests.kube_cluster import cluster, namespace  # noqa: F401 - fixtures: a real control plane, a fresh namespace
+from tests.kube_cluster import cluster, namespace, operator  # noqa: F401 - fixtures: a real control plane, a fresh namespace, the operator
 
 
 @pytest.fixture(scope="session")

@@ -43,6 +43,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from kubetune.s3server import free_port
 
+from tests.factories import credentials_secret
+
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "tests" / "controlplane" / "build.sh"
 STAGES = ROOT / "tests" / "controlplane" / "kwok-stages.yaml"
@@ -530,6 +532,37 @@ def namespace(cluster: Cluster, request) -> Iterator[str]:
 
 
 # -- the operator as a process --------------------------------------------------------------------
+
+
+@pytest.fixture
+def operator(cluster: Cluster, namespace: str, tmp_path: Path):
+    """Start `kubetune operator` for the test's namespace (call again to restart it): the
+    example's credentials Secret is there, marked by the namespace's admin. Its FineTuneJobs are
+    deleted while it still runs, and a test fails if its log holds a traceback."""
+    cluster.create(credentials_secret(namespace))
+    env = {
+        "KUBETUNE_NAMESPACES": json.dumps([namespace]),
+        "KUBETUNE_STATUS_INTERVAL_S": "0.5",
+        "KUBETUNE_METRICS_PORT": str(free_port()),
+        "KUBETUNE_LIVENESS_PORT": str(free_port()),
+        "KUBETUNE_TRAINER__METRICS_PORT": str(free_port()),
+        "KUBETUNE_TRAINER__IMAGE": "registry.example/kubetune-trainer:test",
+    }
+    procs = []
+
+    def start():
+        proc = start_operator(cluster.kubeconfig, env, tmp_path / f"operator-{len(procs)}.log")
+        procs.append(proc)
+        proc.ports = {k: int(env[f"KUBETUNE_{k.upper()}_PORT"]) for k in ("metrics", "liveness")}
+        proc.trainer_port = int(env["KUBETUNE_TRAINER__METRICS_PORT"])
+        return proc
+
+    yield start
+    if procs and procs[-1].poll() is None:
+        cluster.delete_finetunejobs(namespace)
+    for proc in procs:
+        log = stop_operator(proc)
+        assert "Traceback" not in log, log[-4000:]
 
 
 def start_operator(kubeconfig: Path, env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:

@@ -101,7 +101,7 @@ def register(registry: kopf.OperatorRegistry, ops: OperatorSettings, metrics: Op
 
     @kopf.timer(*RESOURCE, interval=ops.status_interval_s, registry=registry)
     def observe(body: kopf.Body, patch: kopf.Patch, jobs: kopf.Index, pods: kopf.Index, **_: Any) -> None:
-        if (body.get("status") or {}).get("phase") in ("Succeeded", "Failed") and _settled(body):
+        if reconciling.settled(dict(body)):
             return
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
         seen = reconciling.Seen(job=next(iter(jobs.get(key, [])), None), pods=list(pods.get(key, [])))
@@ -111,18 +111,6 @@ def register(registry: kopf.OperatorRegistry, ops: OperatorSettings, metrics: Op
     def forget(event: dict[str, Any], body: kopf.Body, **_: Any) -> None:
         if event.get("type") == "DELETED":
             metrics.set_phase(body["metadata"]["uid"], None)
-
-
-def _settled(body: Any) -> bool:
-    """A finished job whose status describes its current generation needs no more polling, once
-    nothing is left to clean up (runPolicy.ttlSecondsAfterFinished)."""
-    status = body.get("status") or {}
-    if status.get("observedGeneration") != body.get("metadata", {}).get("generation"):
-        return False
-    ttl = ((body.get("spec") or {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished")
-    true = {c.get("type") for c in status.get("conditions") or [] if c.get("status") == "True"}
-    trained = bool(true & {"Succeeded", "Failed"})  # else the spec was refused: no Job to clean up
-    return not trained or ttl is None or "Cleaned" in true
 
 
 def run(settings: OperatorSettings) -> None:

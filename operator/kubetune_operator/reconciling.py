@@ -197,6 +197,19 @@ def cleaned(status: FineTuneJobStatus) -> bool:
     return any(c.type == "Cleaned" and c.status == "True" for c in status.conditions)
 
 
+def settled(body: dict[str, Any]) -> bool:
+    """A finished job whose status describes its current generation needs no more status passes,
+    once nothing is left to clean up (runPolicy.ttlSecondsAfterFinished). A refused spec has no
+    Job to clean up."""
+    status = _previous(body)
+    if status.phase not in ("Succeeded", "Failed"):
+        return False
+    if status.observed_generation != (body.get("metadata") or {}).get("generation"):
+        return False
+    ttl = ((body.get("spec") or {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished")
+    return not finished(status) or ttl is None or cleaned(status)
+
+
 def owned_by(obj: dict[str, Any], ftj: FineTuneJob) -> bool:
     """Whether `obj` is this FineTuneJob's (by uid: a job deleted and re-created under the same
     name is another owner)."""

@@ -5,40 +5,14 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
-from kubetune.s3server import free_port
 
-from tests.factories import credentials_secret, example_job
-from tests.kube_cluster import Cluster, KubeAPIError, start_operator, stop_operator, wait_for
+from tests.factories import example_job
+from tests.kube_cluster import Cluster, KubeAPIError, stop_operator, wait_for
 
 FTJ = ("kubetune.dev/v1alpha1", "finetunejobs")
 JOBS = ("batch/v1", "jobs")
-
-
-@pytest.fixture
-def operator(cluster: Cluster, namespace: str, tmp_path: Path):
-    cluster.create(credentials_secret(namespace))
-    env = {
-        "KUBETUNE_NAMESPACES": json.dumps([namespace]),
-        "KUBETUNE_STATUS_INTERVAL_S": "0.5",
-        "KUBETUNE_METRICS_PORT": str(free_port()),
-        "KUBETUNE_LIVENESS_PORT": str(free_port()),
-        "KUBETUNE_TRAINER__IMAGE": "registry.example/kubetune-trainer:test",
-    }
-    procs = []
-
-    def start():
-        proc = start_operator(cluster.kubeconfig, env, tmp_path / f"operator-{len(procs)}.log")
-        procs.append(proc)
-        return proc
-
-    yield start
-    if procs and procs[-1].poll() is None:
-        cluster.delete_finetunejobs(namespace)
-    for proc in procs:
-        stop_operator(proc)
 
 
 def status(cluster: Cluster, namespace: str, name: str) -> dict:

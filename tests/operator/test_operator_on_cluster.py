@@ -13,14 +13,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from kubetune.s3server import free_port
 from kubetune_trainer.metrics.events import Snapshot
 from kubetune_trainer.metrics.prometheus import PrometheusWriter
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.factories import credentials_secret, example_job
 from tests.helpers import ROOT
-from tests.kube_cluster import Cluster, KubeAPIError, start_operator, stop_operator, wait_for
+from tests.kube_cluster import Cluster, KubeAPIError, stop_operator, wait_for
 
 FTJ = ("kubetune.dev/v1alpha1", "finetunejobs")
 JOBS = ("batch/v1", "jobs")
@@ -29,36 +28,6 @@ INDEX = "batch.kubernetes.io/job-completion-index"
 
 def manifest(namespace: str, name: str, **spec) -> dict:
     return example_job(name, namespace, **spec)
-
-
-@pytest.fixture
-def operator(cluster: Cluster, namespace: str, tmp_path: Path):
-    """Start `kubetune operator` for the test's namespace (call again to restart it)."""
-    # The example's credentials Secret, marked for kubetune by the namespace's admin.
-    cluster.create(credentials_secret(namespace))
-    env = {
-        "KUBETUNE_NAMESPACES": json.dumps([namespace]),
-        "KUBETUNE_STATUS_INTERVAL_S": "0.5",
-        "KUBETUNE_METRICS_PORT": str(free_port()),
-        "KUBETUNE_LIVENESS_PORT": str(free_port()),
-        "KUBETUNE_TRAINER__METRICS_PORT": str(free_port()),
-        "KUBETUNE_TRAINER__IMAGE": "registry.example/kubetune-trainer:test",
-    }
-    procs = []
-
-    def start():
-        proc = start_operator(cluster.kubeconfig, env, tmp_path / f"operator-{len(procs)}.log")
-        procs.append(proc)
-        proc.ports = {k: int(env[f"KUBETUNE_{k.upper()}_PORT"]) for k in ("metrics", "liveness")}
-        proc.trainer_port = int(env["KUBETUNE_TRAINER__METRICS_PORT"])
-        return proc
-
-    yield start
-    if procs and procs[-1].poll() is None:
-        cluster.delete_finetunejobs(namespace)
-    for proc in procs:
-        log = stop_operator(proc)
-        assert "Traceback" not in log, log[-4000:]
 
 
 @pytest.fixture
