@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from kubetune.s3server import free_port
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.factories import credentials_secret
 
@@ -294,6 +295,25 @@ class Cluster:
     def delete(self, api_version: str, plural: str, namespace: str | None, name: str) -> dict[str, Any] | None:
         return self.request("DELETE", self.path(api_version, plural, namespace, name))
 
+    def request_counts(self) -> dict[tuple[str, str, str], float]:
+        """The API server's own request counters: (verb, resource, subresource) -> requests so far."""
+        counts: dict[tuple[str, str, str], float] = {}
+        for family in text_string_to_metric_families(self.kubectl("get", "--raw", "/metrics").stdout):
+            if family.name == "apiserver_request":
+                for sample in family.samples:
+                    if sample.name == "apiserver_request_total":
+                        labels = sample.labels
+                        key = (labels["verb"], labels["resource"], labels.get("subresource", ""))
+                        counts[key] = counts.get(key, 0) + sample.value
+        return counts
+
+    def watch(self, api_version: str, plural: str, namespace: str) -> Iterator[dict[str, Any]]:
+        """A watch's events (type, object) as they arrive, until the server ends the stream."""
+        path = self.path(api_version, plural, namespace) + "?watch=1&allowWatchBookmarks=false&timeoutSeconds=3600"
+        with self._http.open(urllib.request.Request(self.url + path), timeout=3600) as stream:
+            for line in stream:
+                yield json.loads(line)
+
     def kubectl(self, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
         """The real kubectl against this control plane."""
         return subprocess.run(
@@ -306,8 +326,7 @@ class Cluster:
         )
 
     def delete_finetunejobs(self, namespace: str) -> None:
-        """Delete a namespace's FineTuneJobs while the operator still runs: kopf holds a finalizer
-        on each (for its status timer), which only a running operator removes."""
+        """Delete a namespace's FineTuneJobs while the operator still runs, so it sees them go."""
         self.kubectl("delete", "finetunejobs", "--all", "-n", namespace, "--wait=true", "--timeout=60s", check=False)
 
     def finish_pod(self, namespace: str, name: str, exit_code: int, message: str = "") -> None:
@@ -372,8 +391,8 @@ def _ready(obj: dict[str, Any]) -> bool:
     return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
 
-def node(name: str) -> dict[str, Any]:
-    capacity = {"cpu": "64", "memory": "512Gi", "pods": "110", "nvidia.com/gpu": GPUS_PER_NODE}
+def node(name: str, gpus: str = GPUS_PER_NODE) -> dict[str, Any]:
+    capacity = {"cpu": "64", "memory": "512Gi", "pods": "110", "nvidia.com/gpu": gpus}
     return {
         "apiVersion": "v1",
         "kind": "Node",
@@ -387,8 +406,14 @@ def node(name: str) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def control_plane(workdir: Path) -> Iterator[Cluster]:
-    """Start etcd, the API server, controller-manager, scheduler and kwok; stop them all after."""
+def control_plane(
+    workdir: Path, nodes: int = NODES, gpus_per_node: str = GPUS_PER_NODE, client_qps: int | None = None
+) -> Iterator[Cluster]:
+    """Start etcd, the API server, controller-manager, scheduler and kwok; stop them all after.
+
+    `client_qps` raises the controllers' and kwok's client rate limits (20-50 requests/s by
+    default), as a cluster that runs a thousand jobs at once would."""
+    qps = [f"--kube-api-qps={client_qps}", f"--kube-api-burst={client_qps * 2}"] if client_qps else []
     bin_ = build()
     workdir.mkdir(parents=True, exist_ok=True)
     pki = write_pki(workdir / "pki")
@@ -459,6 +484,7 @@ def control_plane(workdir: Path) -> Iterator[Cluster]:
                 "--bind-address=127.0.0.1",
                 f"--secure-port={free_port()}",
                 "--v=1",
+                *qps,
             ],
         )
         _start(
@@ -473,6 +499,7 @@ def control_plane(workdir: Path) -> Iterator[Cluster]:
                 "--bind-address=127.0.0.1",
                 f"--secure-port={free_port()}",
                 "--v=1",
+                *qps,
             ],
         )
         _start(
@@ -487,15 +514,16 @@ def control_plane(workdir: Path) -> Iterator[Cluster]:
                 f"--cidr={POD_CIDR}",
                 "--node-ip=127.0.0.1",
                 f"--server-address=127.0.0.1:{free_port()}",
+                *([f"--kube-api-qps={client_qps}", f"--kube-api-burst={client_qps * 2}"] if client_qps else []),
             ],
         )
-        for index in range(NODES):
-            cluster.create(node(f"kwok-gpu-{index}"))
+        for index in range(nodes):
+            cluster.create(node(f"kwok-gpu-{index}", gpus_per_node))
         wait_until(lambda: all(_ready(n) for n in cluster.list("v1", "nodes")), timeout=60)
         # The API server taints a new node not-ready; on a cluster the node-lifecycle controller lifts
         # the taint once the kubelet reports Ready. That controller would also evict pods from nodes
         # whose kubelet stops renewing its lease, which kwok's fake kubelets do not: lift it here.
-        for index in range(NODES):
+        for index in range(nodes):
             cluster.patch("v1", "nodes", None, f"kwok-gpu-{index}", {"spec": {"taints": None}})
         wait_until(lambda: cluster.get("v1", "serviceaccounts", "default", "default"), timeout=60)
         yield cluster
@@ -550,7 +578,9 @@ def operator(cluster: Cluster, namespace: str, tmp_path: Path):
     }
     procs = []
 
-    def start():
+    def start(**settings: str):
+        """`settings`: more KUBETUNE_* variables, e.g. status_interval_s="600"."""
+        env.update({f"KUBETUNE_{k.upper()}": v for k, v in settings.items()})
         proc = start_operator(cluster.kubeconfig, env, tmp_path / f"operator-{len(procs)}.log")
         procs.append(proc)
         proc.ports = {k: int(env[f"KUBETUNE_{k.upper()}_PORT"]) for k in ("metrics", "liveness")}

@@ -1,11 +1,15 @@
 """kopf handlers, kept thin: parse, call `reconciling`, hand the status patch to kopf.
 
-Handlers are registered by `register` with the settings bound in, so nothing is configured at
-import time. `kubetune operator` (the chart's Deployment) calls `run`.
+Create, update and resume handlers reconcile; what follows (the status) is the tracker's, woken
+by the watches of the Jobs, pods and other objects the operator owns. Handlers are registered by
+`register` with the settings bound in, so nothing is configured at import time. `kubetune
+operator` (the chart's Deployment) calls `run`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import sys
 import time
@@ -20,19 +24,17 @@ from .rendering import JOB_LABEL
 from .settings import OperatorSettings
 from .specs import GROUP, PLURAL, VERSION
 from .telemetry import OperatorMetrics
+from .tracking import Tracker
 
 RESOURCE = (GROUP, VERSION, PLURAL)
+# What else the operator creates per job, watched (by label) so a deleted one is put back.
+OWNED = (("", "configmaps"), ("", "services"), ("networking.k8s.io", "networkpolicies"))
 API_MAX_NESTING = 10_000  # k8s.io/apimachinery refuses deeper JSON (CVE-2019-11253)
 
 
 def _apply(outcome: reconciling.Outcome, body: Any, patch: kopf.Patch, metrics: OperatorMetrics) -> None:
-    current = body.get("status") or {}
-    changed = {k: v for k, v in outcome.status.items() if current.get(k) != v}
-    patch.status.update(changed)  # nothing changed, no PATCH
-    metrics.set_phase(body["metadata"]["uid"], outcome.status.get("phase"))
-    if outcome.status.get("phase") == "Failed":
-        failed = [c for c in outcome.status.get("conditions") or [] if c.get("type") in ("Failed", "SpecRejected")]
-        metrics.count_failure(body["metadata"]["uid"], failed[0].get("reason", "Unknown") if failed else "Unknown")
+    patch.status.update(reconciling.status_changes(body.get("status"), outcome.status))  # nothing changed, no PATCH
+    metrics.record(body["metadata"]["uid"], outcome.status)
     if outcome.event:
         kind, reason, message = outcome.event
         kopf.event(body, type=kind, reason=reason, message=message or reason)
@@ -40,6 +42,7 @@ def _apply(outcome: reconciling.Outcome, body: Any, patch: kopf.Patch, metrics: 
 
 def register(registry: kopf.OperatorRegistry, ops: OperatorSettings, metrics: OperatorMetrics) -> None:
     kube: KubeClient | None = None
+    tracker: Tracker | None = None
 
     def client() -> KubeClient:
         nonlocal kube
@@ -81,36 +84,70 @@ def register(registry: kopf.OperatorRegistry, ops: OperatorSettings, metrics: Op
         settings.watching.label_selectors["", "pods"] = JOB_LABEL
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+        settings.execution.max_workers = ops.reconcile_workers
+        for group, plural in OWNED:
+            settings.watching.label_selectors[group, plural] = JOB_LABEL
         metrics.serve(ops.metrics_port)
+
+    @kopf.on.startup(registry=registry)
+    async def start_tracking(memo: kopf.Memo, ftjs: kopf.Index, jobs: kopf.Index, pods: kopf.Index, **_: Any) -> None:
+        nonlocal tracker
+        tracker = Tracker(ops, metrics, client, ftjs, jobs, pods)
+        memo["tracking"] = asyncio.create_task(tracker.run(), name="status tracker")
+
+    @kopf.on.cleanup(registry=registry)
+    async def stop_tracking(memo: kopf.Memo, **_: Any) -> None:
+        task = memo.get("tracking")
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     @kopf.on.resume(*RESOURCE, registry=registry)
     @kopf.on.create(*RESOURCE, registry=registry)
     @kopf.on.update(*RESOURCE, registry=registry)
-    def reconcile(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-        timed("reconcile", lambda: reconciling.reconcile(dict(body), client(), ops), body, patch)
+    def reconcile(body: kopf.Body, patch: kopf.Patch, namespace: str, name: str, **_: Any) -> None:
+        assert tracker is not None  # started before any resource handler runs
+        with tracker.reconciling((namespace, name)):
+            timed("reconcile", lambda: reconciling.reconcile(dict(body), client(), ops), body, patch)
 
     # What the status is derived from, kept current by watches: a status pass reads no Job and
     # lists no pods from the API server.
+    @kopf.index(*RESOURCE, id="ftjs", registry=registry)
+    async def ftjs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+        return {(namespace, name): dict(body)}
+
     @kopf.index("batch", "v1", "jobs", id="jobs", labels={JOB_LABEL: kopf.PRESENT}, registry=registry)
-    def jobs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    async def jobs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
         return {(namespace, name): dict(body)}
 
     @kopf.index("", "v1", "pods", id="pods", labels={JOB_LABEL: kopf.PRESENT}, registry=registry)
-    def pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    async def pods(
+        namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any
+    ) -> dict[tuple[str, str], dict[str, Any]]:
         return {(namespace, labels[JOB_LABEL]): dict(body)}
 
-    @kopf.timer(*RESOURCE, interval=ops.status_interval_s, registry=registry)
-    def observe(body: kopf.Body, patch: kopf.Patch, jobs: kopf.Index, pods: kopf.Index, **_: Any) -> None:
-        if reconciling.settled(dict(body)):
-            return
-        key = (body["metadata"]["namespace"], body["metadata"]["name"])
-        seen = reconciling.Seen(job=next(iter(jobs.get(key, [])), None), pods=list(pods.get(key, [])))
-        timed("observe", lambda: reconciling.observe(dict(body), client(), ops, seen=seen), body, patch)
+    # A change to a Job or pod is a status pass for its job; a deleted ConfigMap, Service or
+    # NetworkPolicy of a job is put back.
+    @kopf.on.event("batch", "v1", "jobs", labels={JOB_LABEL: kopf.PRESENT}, registry=registry)
+    @kopf.on.event("", "v1", "pods", labels={JOB_LABEL: kopf.PRESENT}, registry=registry)
+    async def changed(namespace: str, labels: kopf.Labels, **_: Any) -> None:
+        if tracker is not None:
+            tracker.touch((namespace, labels[JOB_LABEL]))
+
+    @kopf.on.event("", "v1", "configmaps", labels={JOB_LABEL: kopf.PRESENT}, registry=registry)
+    @kopf.on.event("", "v1", "services", labels={JOB_LABEL: kopf.PRESENT}, registry=registry)
+    @kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels={JOB_LABEL: kopf.PRESENT}, registry=registry)
+    async def deleted(event: dict[str, Any], namespace: str, labels: kopf.Labels, **_: Any) -> None:
+        if event.get("type") == "DELETED" and tracker is not None:
+            tracker.touch((namespace, labels[JOB_LABEL]), recreate=True)
 
     @kopf.on.event(*RESOURCE, registry=registry)
-    def forget(event: dict[str, Any], body: kopf.Body, **_: Any) -> None:
+    async def forget(event: dict[str, Any], body: kopf.Body, namespace: str, name: str, **_: Any) -> None:
         if event.get("type") == "DELETED":
             metrics.set_phase(body["metadata"]["uid"], None)
+            if tracker is not None:
+                tracker.forget((namespace, name))
 
 
 def run(settings: OperatorSettings) -> None:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import urllib.request
+from datetime import UTC, datetime
 from typing import Any
 
 import kopf
@@ -16,12 +18,15 @@ import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from .specs import GROUP, PLURAL, VERSION
+
 TEMPORARY = {404, 409, 429}
 # (connect, read) seconds for every call: a held request fails and kopf retries the handler,
 # instead of stalling it.
 REQUEST_TIMEOUT = (5.0, 20.0)
 SNAKE_KINDS = {"Job": "job", "ConfigMap": "config_map", "Service": "service", "NetworkPolicy": "network_policy"}
 # Only the metadata of a Secret is ever read (its labels), never its data.
+COMPONENT = "kubetune-operator"
 METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
 
 
@@ -63,6 +68,7 @@ class KubeClient:
         self.core = client.CoreV1Api(self.api)
         self.batch = client.BatchV1Api(self.api)
         self.networking = client.NetworkingV1Api(self.api)
+        self.custom = client.CustomObjectsApi(self.api)
 
     @staticmethod
     def _json(response: Any) -> dict[str, Any]:
@@ -82,25 +88,65 @@ class KubeClient:
             _raise(exc, f"reading {kind} {namespace}/{name}")
         return None
 
-    def create(self, obj: dict[str, Any], dry_run: bool = False) -> bool:
-        """Create `obj`; False when it already exists (never a second copy). With `dry_run` the
-        API server validates and admits it without storing anything."""
+    def create(self, obj: dict[str, Any], dry_run: bool = False) -> dict[str, Any] | None:
+        """Create `obj` and return it as stored; None when it already exists (never a second
+        copy). With `dry_run` the API server validates and admits it without storing anything."""
         kind, meta = obj["kind"], obj["metadata"]
         extra = {"dry_run": "All"} if dry_run else {}
         try:
-            self._call("create", kind)(meta["namespace"], obj, _preload_content=False, **extra)
-            return True
+            return self._json(self._call("create", kind)(meta["namespace"], obj, _preload_content=False, **extra))
         except ApiException as exc:
             if exc.status == 409:
-                return False
+                return None
             _raise(exc, f"creating {kind} {meta['namespace']}/{meta['name']}")
-        return False
+        return None
 
     def patch(self, kind: str, namespace: str, name: str, body: dict[str, Any]) -> None:
         try:
             self._call("patch", kind)(name, namespace, body, _preload_content=False)
         except ApiException as exc:
             _raise(exc, f"patching {kind} {namespace}/{name}")
+
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        """Merge `status` into a FineTuneJob's status subresource."""
+        try:
+            _timed(self.custom.patch_namespaced_custom_object_status)(
+                GROUP, VERSION, namespace, PLURAL, name, {"status": status}, _preload_content=False
+            )
+        except ApiException as exc:
+            if exc.status != 404:  # deleted meanwhile: nothing to say
+                _raise(exc, f"patching the status of FineTuneJob {namespace}/{name}")
+
+    def post_event(self, body: dict[str, Any], kind: str, reason: str, message: str) -> None:
+        """A core/v1 Event about a FineTuneJob (what `kubectl describe ftj` shows)."""
+        meta = body.get("metadata") or {}
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta.get('name')}.", "namespace": meta.get("namespace")},
+            "involvedObject": {
+                "apiVersion": body.get("apiVersion"),
+                "kind": body.get("kind"),
+                "name": meta.get("name"),
+                "namespace": meta.get("namespace"),
+                "uid": meta.get("uid"),
+            },
+            "type": kind,
+            "reason": reason,
+            "message": message[:1024],  # the API server refuses longer Event messages
+            "source": {"component": COMPONENT},
+            "reportingComponent": COMPONENT,
+            "reportingInstance": socket.gethostname()[:128],
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+        }
+        try:
+            _timed(self.core.create_namespaced_event)(meta.get("namespace"), event, _preload_content=False)
+        except ApiException as exc:
+            if exc.status != 404:  # the namespace is going away
+                _raise(exc, f"posting an Event about FineTuneJob {meta.get('namespace')}/{meta.get('name')}")
 
     def secret_labels(self, namespace: str, name: str) -> dict[str, str] | None:
         """The labels of a Secret (None when it does not exist); its data is not requested."""

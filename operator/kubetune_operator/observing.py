@@ -225,6 +225,12 @@ def derive_status(
     now: str,
 ) -> FineTuneJobStatus:
     phase, reason, message = derive_phase(ftj, job, pods, scrape)
+    if phase == "Staging" and previous.phase == "Running" and scrape is None:
+        # Rank 0's metrics did not answer (a hung or firewalled endpoint, a slow pass): its pods
+        # still run, so the job still trains. Only the pods or a scrape change the phase.
+        step = previous.progress.step if previous.progress else None
+        phase, reason = "Running", "Training"
+        message = (f"step {step}" if step is not None else "training") + "; rank 0's metrics are not answering"
     if previous.phase in ("Succeeded", "Failed") and phase != previous.phase and job is not None:
         phase, reason, message = previous.phase, "Finished", previous.message or ""  # terminal phases stay
     conditions = list(previous.conditions)

@@ -57,6 +57,7 @@ class Seen:
 
     job: dict[str, Any] | None
     pods: list[dict[str, Any]]
+    metrics: Scrape | None = None  # rank 0's, scraped by the caller (None: not serving or not asked)
 
 
 @dataclass
@@ -151,12 +152,14 @@ def reconcile(body: dict[str, Any], kube: KubeClient, settings: OperatorSettings
         raise Waiting(_foreign(job))
     if job is not None and refused_fields(job, ftj):
         return observe(body, kube, settings, ftj)  # the status says what was refused; nothing is applied
+    created_job: dict[str, Any] | None = None
     try:
         if job is None:  # the API server judges every object before any is stored
             for obj in desired:
                 kube.create(obj, dry_run=True)
         for obj in desired:
-            if kube.create(obj):
+            if stored := kube.create(obj):
+                created_job = stored if obj["kind"] == "Job" else created_job
                 continue
             current = kube.get(obj["kind"], namespace, obj["metadata"]["name"])
             if current is not None and not owned_by(current, ftj):
@@ -172,7 +175,9 @@ def reconcile(body: dict[str, Any], kube: KubeClient, settings: OperatorSettings
                 _sync_suspend(kube, ftj, current or {})
     except Refused as exc:
         raise RefusedByAPIServer(str(exc)) from exc
-    return observe(body, kube, settings, ftj, recreate=False)
+    # A Job created just now has no pods yet: nothing to read back.
+    seen = Seen(job=created_job, pods=[]) if created_job is not None else None
+    return observe(body, kube, settings, ftj, recreate=False, seen=seen)
 
 
 def _adoption(obj: dict[str, Any]) -> dict[str, Any]:
@@ -262,7 +267,8 @@ def _sync_suspend(kube: KubeClient, ftj: FineTuneJob, job: dict[str, Any]) -> No
         kube.patch("Job", ftj.metadata.namespace, Names.of(ftj).job, {"spec": {"suspend": False}})
 
 
-def rank0_scrape(pods: list[dict[str, Any]], port: int) -> Scrape | None:
+def rank0_address(pods: list[dict[str, Any]]) -> str | None:
+    """The pod IP of index 0 while it runs: where rank 0 serves its metrics."""
     for pod in pods:
         annotations = pod.get("metadata", {}).get("annotations", {}) or {}
         labels = pod.get("metadata", {}).get("labels", {}) or {}
@@ -271,9 +277,31 @@ def rank0_scrape(pods: list[dict[str, Any]], port: int) -> Scrape | None:
         )
         ip = pod.get("status", {}).get("podIP")
         if index == "0" and ip and pod.get("status", {}).get("phase") == "Running":
-            text = scrape_metrics(ip, port)
-            return parse_metrics(text) if text is not None else None
+            return ip
     return None
+
+
+def rank0_scrape(pods: list[dict[str, Any]], port: int) -> Scrape | None:
+    ip = rank0_address(pods)
+    text = scrape_metrics(ip, port) if ip else None
+    return parse_metrics(text) if text is not None else None
+
+
+def status_changes(current: dict[str, Any] | None, status: dict[str, Any]) -> dict[str, Any]:
+    """The top-level status fields that differ from what is stored: the merge patch to send (an
+    empty one is not sent)."""
+    current = current or {}
+    return {k: v for k, v in status.items() if current.get(k) != v}
+
+
+def moves_with_time(body: dict[str, Any]) -> bool:
+    """Whether the job's status can change with no change to its Job or pods: rank 0's metrics
+    (Staging, Running), a stall deadline, a TTL to carry out, or a status not written yet. Other
+    jobs are observed when their Job or pods change."""
+    if settled(body):
+        return False
+    status = _previous(body)
+    return status.phase in (None, "Staging", "Running") or finished(status)
 
 
 def observe(
@@ -307,7 +335,8 @@ def observe(
     if job is not None:  # a Job of an earlier FineTuneJob of that name left pods that are not ours
         uid = job["metadata"].get("uid")
         pods = [p for p in pods if (p["metadata"].get("labels") or {}).get(CONTROLLER_UID, uid) == uid]
-    scrape = rank0_scrape(pods, settings.trainer.metrics_port) if job else None
+    scrape = rank0_scrape(pods, settings.trainer.metrics_port) if seen is None and job else None
+    scrape = seen.metrics if seen is not None else scrape  # the tracker scrapes from async code
     status = derive_status(ftj, previous, job, pods, scrape, now())
     # Derived from the Job and the spec every time, so no concurrent status write can lose it.
     refused = refused_fields(job, ftj) if job is not None else []

@@ -69,4 +69,14 @@ class OperatorSettings(BaseSettings):
     peering: str | None = None
     """kopf peering object name for several replicas (one active); unset: standalone."""
     status_interval_s: float = 15.0
-    """How often running jobs are observed and rank 0's metrics scraped."""
+    """How often Staging and Running jobs are observed and rank 0's metrics scraped (other jobs
+    are observed when their Job or pods change)."""
+    scrape_concurrency: int = Field(64, ge=1)
+    """Rank-0 metrics scrapes in flight at once (async: a hung endpoint holds no thread)."""
+    scrape_timeout_s: float = Field(1.0, gt=0)
+    """A scrape that takes longer is dropped; the job keeps its phase and last progress."""
+    status_workers: int = Field(4, ge=1)
+    """Threads that write statuses and Events for the status tracker (and re-create what was
+    deleted by hand), apart from the reconcile handlers' threads."""
+    reconcile_workers: int = Field(8, ge=1)
+    """Threads that run create, update and resume handlers (kopf's executor)."""

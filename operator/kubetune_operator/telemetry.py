@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import threading
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -58,6 +59,13 @@ class OperatorMetrics:
                 if name is not None:
                     self._counts[name] += step
                     self.jobs.labels(phase=name).set(self._counts[name])
+
+    def record(self, uid: str, status: dict[str, Any]) -> None:
+        """Count a FineTuneJob's status as written: its phase, and its failure class once."""
+        self.set_phase(uid, status.get("phase"))
+        if status.get("phase") == "Failed":
+            failed = [c for c in status.get("conditions") or [] if c.get("type") in ("Failed", "SpecRejected")]
+            self.count_failure(uid, failed[0].get("reason", "Unknown") if failed else "Unknown")
 
     def count_failure(self, uid: str, kind: str) -> None:
         """Count a FineTuneJob's failure once, by its class (the Failed condition's reason)."""

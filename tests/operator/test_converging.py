@@ -68,6 +68,25 @@ def test_a_job_deleted_by_hand_is_created_again(cluster: Cluster, namespace: str
     wait_for(lambda: status(cluster, namespace, "lost").get("phase") == "Staging", proc=proc)
 
 
+def test_a_config_map_or_service_deleted_by_hand_is_put_back(cluster: Cluster, namespace: str, operator) -> None:
+    """The operator watches what it owns: a ConfigMap or Service deleted while the Job exists comes
+    back, owned by the job, without a status pass's timer (they run every 10 minutes here)."""
+    proc = operator(status_interval_s="600")
+    created = cluster.create(example_job("kept", namespace))
+    wait_for(lambda: cluster.get(*JOBS, namespace, "kept"), proc=proc)
+    for plural, name in (("configmaps", "kept-config"), ("services", "kept")):
+        first = cluster.get("v1", plural, namespace, name)
+        cluster.kubectl("delete", plural, name, "-n", namespace, "--wait=true", "--timeout=30s")
+
+        def replaced(plural=plural, name=name, uid=first["metadata"]["uid"]):
+            found = cluster.get("v1", plural, namespace, name)
+            return found if found and found["metadata"]["uid"] != uid else None
+
+        again = wait_for(replaced, timeout=15, proc=proc)
+        assert [o["uid"] for o in again["metadata"]["ownerReferences"]] == [created["metadata"]["uid"]]
+    assert "train.json" in cluster.get("v1", "configmaps", namespace, "kept-config")["data"]
+
+
 def test_an_object_of_another_owner_is_never_adopted(cluster: Cluster, namespace: str, operator) -> None:
     """A job deleted with its Job orphaned, then created again under the same name: the new job
     says what it waits for, and proceeds with its own Job once the old one is gone."""

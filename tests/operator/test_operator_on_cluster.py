@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from kubetune_trainer.metrics.events import Snapshot
 from kubetune_trainer.metrics.prometheus import PrometheusWriter
+from prometheus_client import start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.factories import credentials_secret, example_job
@@ -28,15 +29,6 @@ INDEX = "batch.kubernetes.io/job-completion-index"
 
 def manifest(namespace: str, name: str, **spec) -> dict:
     return example_job(name, namespace, **spec)
-
-
-@pytest.fixture
-def writers():
-    """Trainer metrics endpoints served during a test, closed after it."""
-    opened: list[PrometheusWriter] = []
-    yield opened
-    for writer in opened:
-        writer.close()
 
 
 def status(cluster: Cluster, namespace: str, name: str) -> dict:
@@ -63,10 +55,12 @@ def running_pods(cluster: Cluster, namespace: str, name: str, count: int) -> lis
 
 
 def serve_rank0(pod: dict, port: int, writers: list, step: int = 500) -> PrometheusWriter:
-    """The trainer's own metrics writer on rank 0's pod address (a loopback address under kwok)."""
+    """The trainer's own metrics on rank 0's pod address (a loopback address under kwok), served
+    until the test ends or it calls `writer.stop()`."""
     meta = pod["metadata"]
     writer = PrometheusWriter(meta["labels"]["kubetune.dev/finetunejob"], meta["namespace"], 0, "sam2")
-    writer.serve(port, addr=pod["status"]["podIP"])
+    server, _ = start_http_server(port, addr=pod["status"]["podIP"], registry=writer.registry)
+    writer.stop = lambda: (server.shutdown(), server.server_close())  # type: ignore[attr-defined]
     writers.append(writer)
     writer.write(
         Snapshot(
@@ -380,19 +374,6 @@ def test_deleting_a_job_collects_everything_it_owned(cluster: Cluster, namespace
     )
 
 
-def api_requests(cluster: Cluster) -> dict[tuple[str, str, str], float]:
-    """The API server's own request counters: (verb, resource, subresource) -> requests so far."""
-    text = cluster.kubectl("get", "--raw", "/metrics").stdout
-    counts: dict[tuple[str, str, str], float] = {}
-    for family in text_string_to_metric_families(text):
-        if family.name == "apiserver_request":
-            for s in family.samples:
-                if s.name == "apiserver_request_total":
-                    key = (s.labels["verb"], s.labels["resource"], s.labels.get("subresource", ""))
-                    counts[key] = counts.get(key, 0) + s.value
-    return counts
-
-
 def test_a_steady_job_costs_no_api_reads_and_no_status_writes(cluster: Cluster, namespace: str, operator) -> None:
     """Status passes run every 0.5 s here; the Job and pods come from the operator's watches, and a
     status that did not change is not written."""
@@ -407,9 +388,9 @@ def test_a_steady_job_costs_no_api_reads_and_no_status_writes(cluster: Cluster, 
     terminating = lambda: [n for n in cluster.list("v1", "namespaces") if n["status"].get("phase") == "Terminating"]  # noqa: E731
     wait_for(lambda: not terminating(), timeout=120, proc=proc)
     time.sleep(2)  # let the last transitions be written
-    before = api_requests(cluster)
+    before = cluster.request_counts()
     time.sleep(6)  # 12 status passes per job
-    after = api_requests(cluster)
+    after = cluster.request_counts()
     spent = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     assert spent.get(("GET", "jobs", ""), 0) <= 1, spent
     assert spent.get(("LIST", "pods", ""), 0) <= 1, spent

@@ -59,9 +59,10 @@ app.kubernetes.io/component: operator
   resources: ["jobs"]
   # delete: runPolicy.ttlSecondsAfterFinished, carried out once the outcome is recorded.
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# list, watch: by the operator's label, so one deleted by hand is put back.
 - apiGroups: [""]
   resources: ["configmaps", "services"]
-  verbs: ["get", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: [""]
   resources: ["pods"]
   # delete: runPolicy.restartOnStall restarts a stalled job's pods.
@@ -72,7 +73,7 @@ app.kubernetes.io/component: operator
   verbs: ["get"]
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
-  verbs: ["get", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: ["", "events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]

@@ -1,0 +1,280 @@
+"""The operator at scale, against a real control plane on this machine: the real `kubetune operator`
+process, kube-apiserver and etcd, the Job controller, the scheduler, and kwok's fake GPU nodes
+(tests/controlplane, built by `make controlplane`). Everything shares this machine's cores.
+
+For each size (FineTuneJobs created at once, from 16 client threads), with every rank 0 answering
+its metrics, it prints:
+
+  apply -> Job   p50/p99: from a FineTuneJob's create response to its Job in a watch
+  -> Running     p50/p99: until its status says Running (pods scheduled by the real scheduler,
+                 run by kwok, rank 0 scraped)
+  RSS            of the operator process once every job runs
+
+Then, with the first size's jobs Running (`--steady` of them), windows of `--seconds` each:
+
+  healthy        API requests/s beyond the watches (the operator's: the window's count minus a
+                 window with the operator stopped), the operator's CPU seconds per minute
+  hung           the same while every metrics endpoint accepts connections and never answers; jobs
+                 that left Running; apply -> Job for 20 jobs created meanwhile
+
+    uv run python bench/operator_scale.py --sizes 200 1000 --seconds 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kubetune.s3server import free_port  # noqa: E402
+from kubetune_trainer.metrics.events import Snapshot  # noqa: E402
+from kubetune_trainer.metrics.prometheus import PrometheusWriter  # noqa: E402
+from prometheus_client import start_http_server  # noqa: E402
+
+from tests.factories import credentials_secret, example_job  # noqa: E402
+from tests.kube_cluster import Cluster, control_plane, start_operator, stop_operator, wait_until  # noqa: E402
+
+FTJ = ("kubetune.dev/v1alpha1", "finetunejobs")
+JOBS = ("batch/v1", "jobs")
+SMALL = {"nodes": 1, "gpusPerNode": 1, "cpu": "1", "memory": "4Gi", "shmSize": "1Gi"}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))] if ordered else float("nan")
+
+
+class Watcher:
+    """When each Job first appeared, and when each FineTuneJob first reached each phase."""
+
+    def __init__(self, cluster: Cluster, namespace: str) -> None:
+        self.job_seen: dict[str, float] = {}
+        self.phase_seen: dict[tuple[str, str], float] = {}
+        self.phases: dict[str, str] = {}
+        for target, plural in ((self._job, JOBS), (self._ftj, FTJ)):
+            threading.Thread(target=self._follow, args=(cluster, namespace, plural, target), daemon=True).start()
+
+    @staticmethod
+    def _follow(cluster: Cluster, namespace: str, plural: tuple[str, str], target) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            for event in cluster.watch(*plural, namespace):
+                target(event)
+
+    def _job(self, event: dict) -> None:
+        self.job_seen.setdefault(event["object"]["metadata"]["name"], time.monotonic())
+
+    def _ftj(self, event: dict) -> None:
+        name = event["object"]["metadata"]["name"]
+        phase = (event["object"].get("status") or {}).get("phase")
+        if phase:
+            self.phases[name] = phase
+            self.phase_seen.setdefault((name, phase), time.monotonic())
+
+    def count(self, phase: str) -> int:
+        return sum(1 for p in self.phases.values() if p == phase)
+
+
+def create_jobs(cluster: Cluster, namespace: str, names: list[str]) -> dict[str, float]:
+    """Create the FineTuneJobs at once; when each create answered."""
+    applied: dict[str, float] = {}
+
+    def create(name: str) -> None:
+        cluster.create(example_job(name, namespace, resources=SMALL, runPolicy={"backoffLimit": 3}))
+        applied[name] = time.monotonic()
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(create, names))
+    return applied
+
+
+def latencies(applied: dict[str, float], seen: dict[str, float]) -> list[float]:
+    return [seen[n] - t for n, t in applied.items() if n in seen]
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def api_requests(cluster: Cluster) -> float:
+    """Requests the API server has answered, watches excluded."""
+    return sum(v for (verb, _, _), v in cluster.request_counts().items() if verb not in ("WATCH", "CONNECT"))
+
+
+@contextlib.contextmanager
+def metrics_endpoint(port: int) -> Iterator[None]:
+    """Rank 0's metrics for every pod: kwok's pod addresses are loopback, 0.0.0.0 answers them all."""
+    writer = PrometheusWriter("bench", "bench", 0, "sam2")
+    scalars = {"step": 500, "total_steps": 2000, "epoch": 1, "loss": 0.25, "lr": 1e-5, "images_per_second": 64.0}
+    writer.write(Snapshot(step=500, scalars=scalars, observations={"step_seconds": [0.5]}, increments={}))
+    server, _ = start_http_server(port, addr="0.0.0.0", registry=writer.registry)
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextlib.contextmanager
+def hung_endpoint(port: int) -> Iterator[None]:
+    """Accepts connections (the kernel's backlog) and never answers."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("0.0.0.0", port))
+    sock.listen(4096)
+    try:
+        yield
+    finally:
+        sock.close()
+
+
+def operator_env(namespace: str, trainer_port: int) -> dict[str, str]:
+    return {
+        "KUBETUNE_NAMESPACES": json.dumps([namespace]),
+        "KUBETUNE_METRICS_PORT": str(free_port()),
+        "KUBETUNE_LIVENESS_PORT": str(free_port()),
+        "KUBETUNE_TRAINER__METRICS_PORT": str(trainer_port),
+        "KUBETUNE_TRAINER__IMAGE": "registry.example/kubetune-trainer:bench",
+    }
+
+
+def healthy(env: dict[str, str]) -> bool:
+    with contextlib.suppress(OSError):
+        url = f"http://127.0.0.1:{env['KUBETUNE_LIVENESS_PORT']}/healthz"
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    return False
+
+
+def window(cluster: Cluster, pid: int | None, seconds: float) -> dict[str, float]:
+    requests, cpu, start = api_requests(cluster), cpu_seconds(pid) if pid else 0.0, time.monotonic()
+    time.sleep(seconds)
+    elapsed = time.monotonic() - start
+    out = {"requests_per_s": (api_requests(cluster) - requests) / elapsed}
+    if pid:
+        out["cpu_s_per_min"] = (cpu_seconds(pid) - cpu) / elapsed * 60
+    return out
+
+
+def run_size(cluster: Cluster, workdir: Path, size: int, trainer_port: int, steady: bool, seconds: float) -> dict:
+    namespace = cluster.namespace(f"scale-{size}")
+    cluster.create(credentials_secret(namespace))
+    env = operator_env(namespace, trainer_port)
+    proc = start_operator(cluster.kubeconfig, env, workdir / f"operator-{size}.log")
+    result: dict = {"jobs": size}
+    try:
+        wait_until(lambda: healthy(env), timeout=60)
+        watcher = Watcher(cluster, namespace)
+        time.sleep(1)  # the watches are open
+        names = [f"job-{i:04d}" for i in range(size)]
+        with metrics_endpoint(trainer_port):
+            applied = create_jobs(cluster, namespace, names)
+            wait_until(lambda: watcher.count("Running") >= size, timeout=max(300, size))
+            to_job = latencies(applied, watcher.job_seen)
+            running = latencies(applied, {n: watcher.phase_seen[(n, "Running")] for n in names})
+            result |= {
+                "apply_to_job_s": {"p50": percentile(to_job, 50), "p99": percentile(to_job, 99), "max": max(to_job)},
+                "apply_to_running_s": {"p50": percentile(running, 50), "p99": percentile(running, 99)},
+                "operator_rss_mib": rss_mib(proc.pid),
+            }
+            print(json.dumps(result), flush=True)
+            if steady:
+                time.sleep(5)
+                result["healthy"] = window(cluster, proc.pid, seconds)
+                print(json.dumps({"healthy": result["healthy"]}), flush=True)
+        if steady:
+            with hung_endpoint(trainer_port):
+                hung = window(cluster, proc.pid, seconds / 2)
+                extra = [f"late-{i:02d}" for i in range(20)]
+                late = create_jobs(cluster, namespace, extra)
+                wait_until(lambda: all(n in watcher.job_seen for n in extra), timeout=120)
+                hung |= window(cluster, proc.pid, seconds / 2)
+                hung["left_running"] = sum(1 for n in names if watcher.phases.get(n) != "Running")
+                late_to_job = latencies(late, watcher.job_seen)
+                hung["new_jobs_apply_to_job_s"] = {"p50": percentile(late_to_job, 50), "max": max(late_to_job)}
+                hung["not_answering"] = sum(
+                    1
+                    for n in names[:50]
+                    if "not answering"
+                    in ((cluster.get(*FTJ, namespace, n) or {}).get("status") or {}).get("message", "")
+                )
+                result["hung"] = hung
+                print(json.dumps({"hung": hung}), flush=True)
+    finally:
+        stop_operator(proc, timeout=30)
+    if steady:  # the same cluster without the operator: what the rest of the control plane costs
+        time.sleep(5)
+        result["without_operator"] = window(cluster, None, seconds / 2)
+        print(json.dumps({"without_operator": result["without_operator"]}), flush=True)
+    cluster.delete("v1", "namespaces", None, namespace)
+    wait_until(lambda: cluster.get("v1", "namespaces", None, namespace) is None, timeout=900)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[200, 1000])
+    parser.add_argument("--seconds", type=float, default=60, help="length of each steady-state window")
+    parser.add_argument("--nodes", type=int, default=20, help="kwok nodes of 64 GPUs each")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    results = {"machine": {"cpus": os.cpu_count()}, "sizes": []}
+    with tempfile.TemporaryDirectory(prefix="kubetune-scale-") as tmp:
+        workdir = Path(tmp)
+        with control_plane(workdir / "controlplane", nodes=args.nodes, gpus_per_node="64", client_qps=500) as cluster:
+            cluster.apply_crd(ROOT / "crds" / "finetunejob.yaml")
+            trainer_port = free_port()
+            for i, size in enumerate(args.sizes):
+                results["sizes"].append(run_size(cluster, workdir, size, trainer_port, i == 0, args.seconds))
+    first = results["sizes"][0]
+    if "healthy" in first:
+        base = first["without_operator"]["requests_per_s"]
+        for key in ("healthy", "hung"):
+            first[key]["operator_requests_per_s"] = first[key]["requests_per_s"] - base
+    print("\n== kubetune operator at scale (real kube-apiserver, Job controller, scheduler, kwok) ==")
+    for r in results["sizes"]:
+        print(
+            f"{r['jobs']:5d} jobs: apply -> Job p50 {r['apply_to_job_s']['p50']:.2f} s, "
+            f"p99 {r['apply_to_job_s']['p99']:.2f} s; -> Running p50 {r['apply_to_running_s']['p50']:.2f} s, "
+            f"p99 {r['apply_to_running_s']['p99']:.2f} s; operator RSS {r['operator_rss_mib']:.0f} MiB"
+        )
+    if "healthy" in first:
+        n = first["jobs"]
+        for key in ("healthy", "hung"):
+            w = first[key]
+            print(
+                f"{n} Running, {key:7s}: operator {w['operator_requests_per_s']:+.2f} requests/s "
+                f"({w['operator_requests_per_s'] / n * 100:.2f} per 100 jobs), {w['cpu_s_per_min']:.1f} CPU s/min"
+            )
+        hung = first["hung"]
+        print(
+            f"hung endpoints: {hung['left_running']} of {n} left Running, {hung['not_answering']} of 50 sampled say "
+            f"'not answering'; 20 new jobs apply -> Job p50 {hung['new_jobs_apply_to_job_s']['p50']:.2f} s, "
+            f"max {hung['new_jobs_apply_to_job_s']['max']:.2f} s"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
