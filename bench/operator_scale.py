@@ -116,9 +116,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def api_requests(cluster: Cluster) -> float:
-    """Requests the API server has answered, watches excluded."""
-    return sum(v for (verb, _, _), v in cluster.request_counts().items() if verb not in ("WATCH", "CONNECT"))
+def api_requests(cluster: Cluster) -> dict[str, float]:
+    """Requests the API server has answered, watches excluded, by "VERB resource[/subresource]"."""
+    counts: dict[str, float] = {}
+    for (verb, resource, sub), value in cluster.request_counts().items():
+        if verb not in ("WATCH", "CONNECT"):
+            key = f"{verb} {resource}" + (f"/{sub}" if sub else "")
+            counts[key] = counts.get(key, 0) + value
+    return counts
 
 
 @contextlib.contextmanager
@@ -170,7 +175,9 @@ def window(cluster: Cluster, pid: int | None, seconds: float) -> dict[str, float
     requests, cpu, start = api_requests(cluster), cpu_seconds(pid) if pid else 0.0, time.monotonic()
     time.sleep(seconds)
     elapsed = time.monotonic() - start
-    out = {"requests_per_s": (api_requests(cluster) - requests) / elapsed}
+    spent = {k: v - requests.get(k, 0) for k, v in api_requests(cluster).items()}
+    out: dict = {"requests_per_s": sum(spent.values()) / elapsed}
+    out["by_request"] = {k: round(v / elapsed, 3) for k, v in sorted(spent.items(), key=lambda kv: -kv[1]) if v}
     if pid:
         out["cpu_s_per_min"] = (cpu_seconds(pid) - cpu) / elapsed * 60
     return out
@@ -204,12 +211,11 @@ def run_size(cluster: Cluster, workdir: Path, size: int, trainer_port: int, stea
                 print(json.dumps({"healthy": result["healthy"]}), flush=True)
         if steady:
             with hung_endpoint(trainer_port):
-                hung = window(cluster, proc.pid, seconds / 2)
+                hung = window(cluster, proc.pid, seconds)
+                hung["left_running"] = sum(1 for n in names if watcher.phases.get(n) != "Running")
                 extra = [f"late-{i:02d}" for i in range(20)]
                 late = create_jobs(cluster, namespace, extra)
                 wait_until(lambda: all(n in watcher.job_seen for n in extra), timeout=120)
-                hung |= window(cluster, proc.pid, seconds / 2)
-                hung["left_running"] = sum(1 for n in names if watcher.phases.get(n) != "Running")
                 late_to_job = latencies(late, watcher.job_seen)
                 hung["new_jobs_apply_to_job_s"] = {"p50": percentile(late_to_job, 50), "max": max(late_to_job)}
                 hung["not_answering"] = sum(
@@ -237,10 +243,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60, help="length of each steady-state window")
     parser.add_argument("--nodes", type=int, default=20, help="kwok nodes of 64 GPUs each")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--workdir", type=Path, help="keep the control plane's and operator's logs here")
     args = parser.parse_args()
     results = {"machine": {"cpus": os.cpu_count()}, "sizes": []}
     with tempfile.TemporaryDirectory(prefix="kubetune-scale-") as tmp:
-        workdir = Path(tmp)
+        workdir = args.workdir or Path(tmp)
         with control_plane(workdir / "controlplane", nodes=args.nodes, gpus_per_node="64", client_qps=500) as cluster:
             cluster.apply_crd(ROOT / "crds" / "finetunejob.yaml")
             trainer_port = free_port()

@@ -411,8 +411,9 @@ def control_plane(
 ) -> Iterator[Cluster]:
     """Start etcd, the API server, controller-manager, scheduler and kwok; stop them all after.
 
-    `client_qps` raises the controllers' and kwok's client rate limits (20-50 requests/s by
-    default), as a cluster that runs a thousand jobs at once would."""
+    `client_qps` raises the controller-manager's and scheduler's client rate limits (20 and 50
+    requests/s by default), as a cluster that runs a thousand jobs at once would (kwok's own are
+    high already)."""
     qps = [f"--kube-api-qps={client_qps}", f"--kube-api-burst={client_qps * 2}"] if client_qps else []
     bin_ = build()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -514,7 +515,6 @@ def control_plane(
                 f"--cidr={POD_CIDR}",
                 "--node-ip=127.0.0.1",
                 f"--server-address=127.0.0.1:{free_port()}",
-                *([f"--kube-api-qps={client_qps}", f"--kube-api-burst={client_qps * 2}"] if client_qps else []),
             ],
         )
         for index in range(nodes):

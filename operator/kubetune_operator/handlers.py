@@ -113,41 +113,49 @@ def register(registry: kopf.OperatorRegistry, ops: OperatorSettings, metrics: Op
 
     # What the status is derived from, kept current by watches: a status pass reads no Job and
     # lists no pods from the API server.
+    # Each change to a Job or pod also wakes the tracker for its job (index functions run on every
+    # watch event, and unlike event handlers they log nothing per event).
     @kopf.index(*RESOURCE, id="ftjs", registry=registry)
     async def ftjs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
         return {(namespace, name): dict(body)}
 
     @kopf.index("batch", "v1", "jobs", id="jobs", labels={JOB_LABEL: kopf.PRESENT}, registry=registry)
-    async def jobs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
-        return {(namespace, name): dict(body)}
+    async def jobs(
+        namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any
+    ) -> dict[tuple[str, str], dict[str, Any]]:
+        key = (namespace, labels[JOB_LABEL])
+        if tracker is not None:
+            tracker.touch(key)
+        return {key: dict(body)}
 
     @kopf.index("", "v1", "pods", id="pods", labels={JOB_LABEL: kopf.PRESENT}, registry=registry)
     async def pods(
         namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any
     ) -> dict[tuple[str, str], dict[str, Any]]:
-        return {(namespace, labels[JOB_LABEL]): dict(body)}
-
-    # A change to a Job or pod is a status pass for its job; a deleted ConfigMap, Service or
-    # NetworkPolicy of a job is put back.
-    @kopf.on.event("batch", "v1", "jobs", labels={JOB_LABEL: kopf.PRESENT}, registry=registry)
-    @kopf.on.event("", "v1", "pods", labels={JOB_LABEL: kopf.PRESENT}, registry=registry)
-    async def changed(namespace: str, labels: kopf.Labels, **_: Any) -> None:
+        key = (namespace, labels[JOB_LABEL])
         if tracker is not None:
-            tracker.touch((namespace, labels[JOB_LABEL]))
+            tracker.touch(key)
+        return {key: dict(body)}
 
-    @kopf.on.event("", "v1", "configmaps", labels={JOB_LABEL: kopf.PRESENT}, registry=registry)
-    @kopf.on.event("", "v1", "services", labels={JOB_LABEL: kopf.PRESENT}, registry=registry)
-    @kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels={JOB_LABEL: kopf.PRESENT}, registry=registry)
-    async def deleted(event: dict[str, Any], namespace: str, labels: kopf.Labels, **_: Any) -> None:
-        if event.get("type") == "DELETED" and tracker is not None:
-            tracker.touch((namespace, labels[JOB_LABEL]), recreate=True)
+    # A deleted Job or pod is a status pass for its job (a Job is created again); a deleted
+    # ConfigMap, Service or NetworkPolicy of a job is put back.
+    def gone(event: dict[str, Any], **_: Any) -> bool:
+        return event.get("type") == "DELETED"
 
-    @kopf.on.event(*RESOURCE, registry=registry)
-    async def forget(event: dict[str, Any], body: kopf.Body, namespace: str, name: str, **_: Any) -> None:
-        if event.get("type") == "DELETED":
-            metrics.set_phase(body["metadata"]["uid"], None)
-            if tracker is not None:
-                tracker.forget((namespace, name))
+    @kopf.on.event("batch", "v1", "jobs", labels={JOB_LABEL: kopf.PRESENT}, when=gone, registry=registry)
+    @kopf.on.event("", "v1", "pods", labels={JOB_LABEL: kopf.PRESENT}, when=gone, registry=registry)
+    async def deleted(namespace: str, labels: kopf.Labels, resource: kopf.Resource, **_: Any) -> None:
+        if tracker is not None:
+            tracker.touch((namespace, labels[JOB_LABEL]), recreate=resource.plural not in ("jobs", "pods"))
+
+    for group, plural in OWNED:
+        kopf.on.event(group, "v1", plural, labels={JOB_LABEL: kopf.PRESENT}, when=gone, registry=registry)(deleted)
+
+    @kopf.on.event(*RESOURCE, when=gone, registry=registry)
+    async def forget(body: kopf.Body, namespace: str, name: str, **_: Any) -> None:
+        metrics.set_phase(body["metadata"]["uid"], None)
+        if tracker is not None:
+            tracker.forget((namespace, name))
 
 
 def run(settings: OperatorSettings) -> None:

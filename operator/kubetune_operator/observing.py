@@ -106,6 +106,9 @@ def _job_condition(job: dict[str, Any], kind: str) -> dict[str, Any] | None:
 
 
 # The classes the trainer's termination message starts with (kubetune_trainer.errors.failure_class).
+# Scrapes in a row a running rank 0 may miss before the status says its metrics are not answering.
+UNANSWERED_LIMIT = 3
+
 FAILURE_CLASSES = (
     "OOM", "NCCLTimeout", "NonFiniteLoss", "DataError", "ConfigError", "StorageUnavailable", "Preempted", "Crash",
 )  # fmt: skip
@@ -223,14 +226,17 @@ def derive_status(
     pods: list[dict[str, Any]],
     scrape: Scrape | None,
     now: str,
+    unanswered: int = 0,
 ) -> FineTuneJobStatus:
     phase, reason, message = derive_phase(ftj, job, pods, scrape)
     if phase == "Staging" and previous.phase == "Running" and scrape is None:
-        # Rank 0's metrics did not answer (a hung or firewalled endpoint, a slow pass): its pods
-        # still run, so the job still trains. Only the pods or a scrape change the phase.
+        # Rank 0's metrics did not answer (a hung or firewalled endpoint, a busy trainer): its pods
+        # still run, so the job still trains. Only the pods or a scrape change the phase; the
+        # message says so once the endpoint has missed several scrapes in a row.
         step = previous.progress.step if previous.progress else None
-        phase, reason = "Running", "Training"
-        message = (f"step {step}" if step is not None else "training") + "; rank 0's metrics are not answering"
+        phase, reason, message = "Running", "Training", previous.message or "training"
+        if unanswered >= UNANSWERED_LIMIT:
+            message = (f"step {step}" if step is not None else "training") + "; rank 0's metrics are not answering"
     if previous.phase in ("Succeeded", "Failed") and phase != previous.phase and job is not None:
         phase, reason, message = previous.phase, "Finished", previous.message or ""  # terminal phases stay
     conditions = list(previous.conditions)

@@ -58,6 +58,7 @@ class Seen:
     job: dict[str, Any] | None
     pods: list[dict[str, Any]]
     metrics: Scrape | None = None  # rank 0's, scraped by the caller (None: not serving or not asked)
+    unanswered: int = 0  # consecutive scrapes of a running rank 0 that got no answer
 
 
 @dataclass
@@ -337,7 +338,8 @@ def observe(
         pods = [p for p in pods if (p["metadata"].get("labels") or {}).get(CONTROLLER_UID, uid) == uid]
     scrape = rank0_scrape(pods, settings.trainer.metrics_port) if seen is None and job else None
     scrape = seen.metrics if seen is not None else scrape  # the tracker scrapes from async code
-    status = derive_status(ftj, previous, job, pods, scrape, now())
+    unanswered = seen.unanswered if seen is not None else 0
+    status = derive_status(ftj, previous, job, pods, scrape, now(), unanswered=unanswered)
     # Derived from the Job and the spec every time, so no concurrent status write can lose it.
     refused = refused_fields(job, ftj) if job is not None else []
     if refused:

@@ -73,8 +73,9 @@ class OperatorSettings(BaseSettings):
     are observed when their Job or pods change)."""
     scrape_concurrency: int = Field(64, ge=1)
     """Rank-0 metrics scrapes in flight at once (async: a hung endpoint holds no thread)."""
-    scrape_timeout_s: float = Field(1.0, gt=0)
-    """A scrape that takes longer is dropped; the job keeps its phase and last progress."""
+    scrape_timeout_s: float = Field(2.0, gt=0)
+    """A scrape that takes longer is dropped; the job keeps its phase and last progress (a
+    pass per job runs on its own, so a slow endpoint delays only its own job)."""
     status_workers: int = Field(4, ge=1)
     """Threads that write statuses and Events for the status tracker (and re-create what was
     deleted by hand), apart from the reconcile handlers' threads."""

@@ -56,6 +56,9 @@ class Tracker:
         self._busy: set[Key] = set()  # a reconcile handler is at work on these
         self._written: dict[Key, tuple[str, dict[str, Any]]] = {}  # key -> (resourceVersion read, status written)
         self._io = ThreadPoolExecutor(ops.status_workers, thread_name_prefix="status")
+        self._inflight: dict[Key, asyncio.Task[None]] = {}
+        self._deferred: dict[Key, bool] = {}  # touched while a pass of theirs was in flight
+        self._unanswered: dict[Key, int] = {}  # consecutive scrapes of a running rank 0 that failed
 
     def touch(self, key: Key, recreate: bool = False) -> None:
         """Observe `key` soon (called from the event loop by the watch handlers)."""
@@ -91,9 +94,26 @@ class Tracker:
                         for key, body in list(self.ftjs.items()):
                             if key not in due and reconciling.moves_with_time(next(iter(body), {})):
                                 due[key] = False
-                    await asyncio.gather(*(self._pass(session, key, recreate) for key, recreate in due.items()))
+                    for key, recreate in due.items():
+                        self._start(session, key, recreate)
             finally:
+                for task in list(self._inflight.values()):
+                    task.cancel()
                 self._io.shutdown(wait=False, cancel_futures=True)
+
+    def _start(self, session: aiohttp.ClientSession, key: Key, recreate: bool) -> None:
+        """One pass per job at a time, each its own task: a slow scrape delays only its own job."""
+        if key in self._inflight:  # again once this one is done
+            self._deferred[key] = self._deferred.get(key, False) or recreate
+            return
+        task = asyncio.create_task(self._pass(session, key, recreate), name=f"status of {key[0]}/{key[1]}")
+        self._inflight[key] = task
+        task.add_done_callback(lambda _: self._done(key))
+
+    def _done(self, key: Key) -> None:
+        self._inflight.pop(key, None)
+        if key in self._deferred:
+            self.touch(key, self._deferred.pop(key))
 
     async def _pass(self, session: aiohttp.ClientSession, key: Key, recreate: bool) -> None:
         body = _first(self.ftjs, key)
@@ -106,8 +126,10 @@ class Tracker:
         if reconciling.settled(body):
             return
         job, pods = _first(self.jobs, key), list(self.pods.get(key, ()))
-        metrics = await self._scrape(session, pods) if job is not None else None
-        seen = reconciling.Seen(job=job, pods=pods, metrics=metrics)
+        address = reconciling.rank0_address(pods) if job is not None else None
+        metrics = await self._scrape(session, address) if address else None
+        self._unanswered[key] = self._unanswered.get(key, 0) + 1 if address and metrics is None else 0
+        seen = reconciling.Seen(job=job, pods=pods, metrics=metrics, unanswered=self._unanswered[key])
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
         try:
@@ -120,11 +142,8 @@ class Tracker:
         finally:
             self.metrics.reconcile_seconds.labels(handler="observe").observe(time.perf_counter() - start)
 
-    async def _scrape(self, session: aiohttp.ClientSession, pods: list[dict[str, Any]]) -> Scrape | None:
+    async def _scrape(self, session: aiohttp.ClientSession, ip: str) -> Scrape | None:
         """Rank 0's metrics, or None when it does not answer in time (the phase stays as it is)."""
-        ip = reconciling.rank0_address(pods)
-        if ip is None:
-            return None
         try:
             async with session.get(f"http://{ip}:{self.ops.trainer.metrics_port}/metrics") as response:
                 return parse_metrics(await response.text()) if response.status == 200 else None
@@ -147,6 +166,7 @@ class Tracker:
             outcome, waiting = reconciling.waiting_status(body, str(exc)), True
         changes = reconciling.status_changes(body.get("status"), outcome.status)
         if changes:
+            log.debug("status of FineTuneJob %s/%s: %s changed", *key, ", ".join(sorted(changes)))
             kube.patch_status(*key, changes)
             self._written[key] = (rv, {**(body.get("status") or {}), **changes})
         self.metrics.record(body["metadata"]["uid"], outcome.status)
@@ -155,5 +175,5 @@ class Tracker:
         return waiting
 
     def forget(self, key: Key) -> None:
-        self._written.pop(key, None)
-        self._due.pop(key, None)
+        for state in (self._written, self._due, self._deferred, self._unanswered):
+            state.pop(key, None)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from kubetune_operator.observing import Scrape, derive_status, failure_reason, format_duration, parse_metrics
+from kubetune_operator.observing import (
+    UNANSWERED_LIMIT,
+    Scrape,
+    derive_status,
+    failure_reason,
+    format_duration,
+    parse_metrics,
+)
 from kubetune_operator.reconciling import bounded
 from kubetune_operator.specs import FineTuneJob, FineTuneJobStatus
 
@@ -313,3 +320,20 @@ def test_status_messages_are_bounded_with_a_count_of_what_was_cut() -> None:
     long = "spec.model.overrides.X: unknown key; " * 200
     cut = bounded(long, limit=100)
     assert cut.startswith(long[:100]) and cut.endswith(f"... ({len(long) - 100} more characters cut)")
+
+
+def test_a_running_job_whose_metrics_do_not_answer_stays_running() -> None:
+    """A failed scrape is not a phase change: the pods still run. After UNANSWERED_LIMIT misses in
+    a row the message says so; the last progress stays."""
+    resource, observed, pods = ftj(), job(active=2), [pod("Running"), pod("Running", 1)]
+    running = derive_status(resource, FineTuneJobStatus(), observed, pods, RUNNING, T0)
+    assert running.phase == "Running" and running.message == "step 500 of 2000"
+    for missed in range(UNANSWERED_LIMIT):
+        quiet = derive_status(resource, running, observed, pods, None, T1, unanswered=missed)
+        assert quiet.phase == "Running" and quiet.message == "step 500 of 2000"
+        assert quiet.conditions == running.conditions  # nothing to write
+    silent = derive_status(resource, running, observed, pods, None, T1, unanswered=UNANSWERED_LIMIT)
+    assert silent.phase == "Running" and silent.progress == running.progress
+    assert silent.message == "step 500; rank 0's metrics are not answering"
+    # Pods that stop running do change the phase.
+    assert derive_status(resource, running, observed, [pod("Pending")], None, T1).phase == "Pending"
