@@ -69,9 +69,15 @@ class Watcher:
 
     @staticmethod
     def _follow(cluster: Cluster, namespace: str, plural: tuple[str, str], target) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            for event in cluster.watch(*plural, namespace):
-                target(event)
+        """Follow the watch, opened again whenever the server ends it."""
+        while True:
+            try:
+                for event in cluster.watch(*plural, namespace):
+                    if event.get("type") in ("ADDED", "MODIFIED"):
+                        target(event)
+            except (OSError, ValueError) as exc:
+                print(f"watch of {plural[1]} ended ({exc}); opening it again", file=sys.stderr, flush=True)
+                time.sleep(1)
 
     def _job(self, event: dict) -> None:
         self.job_seen.setdefault(event["object"]["metadata"]["name"], time.monotonic())

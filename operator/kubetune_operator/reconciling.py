@@ -17,7 +17,15 @@ from pydantic import ValidationError
 from . import policy
 from .kube import KubeClient, Refused, scrape_metrics
 from .observing import Scrape, derive_status, parse_metrics, set_condition
-from .rendering import IMMUTABLE_ANNOTATION, JOB_LABEL, Names, immutable_view, name_problems, render_all
+from .rendering import (
+    IMMUTABLE_ANNOTATION,
+    JOB_LABEL,
+    Names,
+    immutable_digests,
+    immutable_view,
+    name_problems,
+    render_all,
+)
 from .settings import OperatorSettings
 from .specs import FineTuneJob, FineTuneJobStatus
 
@@ -49,6 +57,9 @@ class Waiting(Exception):
 CONTROLLER_UID = "batch.kubernetes.io/controller-uid"
 # A status message is read in `kubectl describe` and stored in etcd with the resource: bounded.
 MESSAGE_LIMIT = 2048
+# A finished job is observed for this long after it ended: the Job's watch event can come before
+# the pods' (whose termination message says why it failed).
+SETTLE_S = 10
 
 
 @dataclass
@@ -137,7 +148,9 @@ def _previous(body: dict[str, Any]) -> FineTuneJobStatus:
         return FineTuneJobStatus()
 
 
-def reconcile(body: dict[str, Any], kube: KubeClient, settings: OperatorSettings) -> Outcome:
+def reconcile(body: dict[str, Any], kube: KubeClient, settings: OperatorSettings, seen: Seen | None = None) -> Outcome:
+    """Make the cluster hold the job's objects, then observe. `seen`: the Job and pods as the
+    watches have them (a Job they do not show yet is read from the API server)."""
     ftj = parse(body)
     previous = _previous(body)
     if finished(previous):  # whatever was garbage-collected since, a finished job never trains again
@@ -148,21 +161,25 @@ def reconcile(body: dict[str, Any], kube: KubeClient, settings: OperatorSettings
     names = Names.of(ftj)
     namespace = ftj.metadata.namespace
     desired = render_all(ftj, settings)
-    job = kube.get("Job", namespace, names.job)
+    job = seen.job if seen is not None and seen.job is not None else kube.get("Job", namespace, names.job)
     if job is not None and not owned_by(job, ftj):
         raise Waiting(_foreign(job))
     if job is not None and refused_fields(job, ftj):
-        return observe(body, kube, settings, ftj)  # the status says what was refused; nothing is applied
+        return observe(body, kube, settings, ftj, seen=seen)  # the status says what was refused; nothing is applied
     created_job: dict[str, Any] | None = None
     try:
         if job is None:  # the API server judges every object before any is stored
             for obj in desired:
                 kube.create(obj, dry_run=True)
         for obj in desired:
-            if stored := kube.create(obj):
-                created_job = stored if obj["kind"] == "Job" else created_job
-                continue
-            current = kube.get(obj["kind"], namespace, obj["metadata"]["name"])
+            kind, name = obj["kind"], obj["metadata"]["name"]
+            # A job whose Job exists most likely has its other objects too: read them, not create.
+            current = job if kind == "Job" else (kube.get(kind, namespace, name) if job is not None else None)
+            if current is None:
+                if stored := kube.create(obj):
+                    created_job = stored if kind == "Job" else created_job
+                    continue
+                current = kube.get(kind, namespace, name)  # created meanwhile
             if current is not None and not owned_by(current, ftj):
                 # A Job is a training run: never taken over. A ConfigMap, Service or NetworkPolicy
                 # orphaned by `kubectl delete --cascade=orphan` is rewritten and adopted.
@@ -177,7 +194,7 @@ def reconcile(body: dict[str, Any], kube: KubeClient, settings: OperatorSettings
     except Refused as exc:
         raise RefusedByAPIServer(str(exc)) from exc
     # A Job created just now has no pods yet: nothing to read back.
-    seen = Seen(job=created_job, pods=[]) if created_job is not None else None
+    seen = Seen(job=created_job, pods=[]) if created_job is not None else seen
     return observe(body, kube, settings, ftj, recreate=False, seen=seen)
 
 
@@ -190,13 +207,17 @@ def _adoption(obj: dict[str, Any]) -> dict[str, Any]:
     return {"metadata": {"ownerReferences": meta.get("ownerReferences"), "labels": meta.get("labels")}, **body}
 
 
+def _seconds_between(start: str, end: str) -> float:
+    parse = lambda text: datetime.fromisoformat(text.replace("Z", "+00:00"))  # noqa: E731
+    return (parse(end) - parse(start)).total_seconds()
+
+
 def ttl_expired(ftj: FineTuneJob, status: FineTuneJobStatus, at: str) -> bool:
     """Whether a finished job's Job is due for deletion (runPolicy.ttlSecondsAfterFinished)."""
     ttl = ftj.spec.run_policy.ttl_seconds_after_finished
     if ttl is None or not finished(status) or not status.completion_time:
         return False
-    done = datetime.fromisoformat(status.completion_time.replace("Z", "+00:00"))
-    return (datetime.fromisoformat(at.replace("Z", "+00:00")) - done).total_seconds() >= ttl
+    return _seconds_between(status.completion_time, at) >= ttl
 
 
 def cleaned(status: FineTuneJobStatus) -> bool:
@@ -212,6 +233,8 @@ def settled(body: dict[str, Any]) -> bool:
         return False
     if status.observed_generation != (body.get("metadata") or {}).get("generation"):
         return False
+    if status.completion_time and _seconds_between(status.completion_time, now()) < SETTLE_S:
+        return False  # the pods' watch may still bring the trainer's termination message
     ttl = ((body.get("spec") or {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished")
     return not finished(status) or ttl is None or cleaned(status)
 
@@ -248,7 +271,8 @@ def _changed_fields(accepted: dict[str, Any], current: dict[str, Any]) -> list[s
 def refused_fields(job: dict[str, Any], ftj: FineTuneJob) -> list[str]:
     """Fields changed since the Job was created that may not change while it exists."""
     accepted = json.loads(((job.get("metadata") or {}).get("annotations") or {}).get(IMMUTABLE_ANNOTATION, "{}"))
-    return _changed_fields(accepted, immutable_view(ftj)) if accepted else []
+    current = immutable_digests(immutable_view(ftj))
+    return _changed_fields(immutable_digests(accepted), current) if accepted else []
 
 
 def refusal_message(fields: list[str]) -> str:

@@ -6,6 +6,7 @@ Indexed batch/v1 Job (one pod per node, each running torchrun). Nothing here tal
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -264,13 +265,32 @@ def immutable_view(ftj: FineTuneJob) -> dict[str, Any]:
     return view
 
 
+def _digest(value: Any) -> str:
+    return "sha256:" + hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def immutable_digests(view: dict[str, Any]) -> dict[str, Any]:
+    """`view` with each field's value replaced by a digest: the Job's annotation stays small (a
+    spec of hundreds of KiB would not fit in the 256 KiB the API server allows all annotations),
+    and a change is still named by field. Values that are digests already stay as they are (an
+    annotation written by an earlier version holds the values themselves)."""
+
+    def one(value: Any) -> str:
+        return value if isinstance(value, str) and value.startswith("sha256:") else _digest(value)
+
+    return {
+        section: {k: one(v) for k, v in value.items()} if isinstance(value, dict) else one(value)
+        for section, value in view.items()
+    }
+
+
 def render_job(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
     names = Names.of(ftj)
     spec = ftj.spec
     policy = spec.run_policy
     trainer = settings.trainer
     meta = _meta(ftj, names.job)
-    meta["annotations"] = {IMMUTABLE_ANNOTATION: json.dumps(immutable_view(ftj), sort_keys=True)}
+    meta["annotations"] = {IMMUTABLE_ANNOTATION: json.dumps(immutable_digests(immutable_view(ftj)), sort_keys=True)}
     if spec.queue_name:
         meta["labels"]["kueue.x-k8s.io/queue-name"] = spec.queue_name
     pod_spec: dict[str, Any] = {

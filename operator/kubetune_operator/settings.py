@@ -76,8 +76,6 @@ class OperatorSettings(BaseSettings):
     scrape_timeout_s: float = Field(2.0, gt=0)
     """A scrape that takes longer is dropped; the job keeps its phase and last progress (a
     pass per job runs on its own, so a slow endpoint delays only its own job)."""
-    status_workers: int = Field(4, ge=1)
-    """Threads that write statuses and Events for the status tracker (and re-create what was
-    deleted by hand), apart from the reconcile handlers' threads."""
-    reconcile_workers: int = Field(8, ge=1)
-    """Threads that run create, update and resume handlers (kopf's executor)."""
+    workers: int = Field(8, ge=1)
+    """Jobs reconciled or written at once (threads that talk to the API server); scrapes and
+    the watches need none."""

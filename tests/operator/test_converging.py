@@ -7,8 +7,10 @@ import json
 import time
 
 import pytest
+import yaml
 
 from tests.factories import example_job
+from tests.helpers import ROOT
 from tests.kube_cluster import Cluster, KubeAPIError, stop_operator, wait_for
 
 FTJ = ("kubetune.dev/v1alpha1", "finetunejobs")
@@ -184,3 +186,31 @@ def test_free_form_overrides_are_bounded_by_the_schema(cluster: Cluster, namespa
     with pytest.raises(KubeAPIError) as refused:
         cluster.create(example_job("many", namespace, model={**model, "overrides": bogus}))
     assert refused.value.status == 422 and "spec.model.overrides: Too many" in refused.value.body
+
+
+def test_a_spec_of_hundreds_of_kib_gets_its_job(cluster: Cluster, namespace: str, operator) -> None:
+    """No copy of the spec goes into an annotation (all of an object's annotations share 256 KiB):
+    neither kopf's (it keeps none here) nor the Job's record of the fields that may not change
+    (digests). A 300 KB spec the API server stores runs like any other."""
+    proc = operator()
+    job = yaml.safe_load((ROOT / "examples" / "finetunejob-detectron2.yaml").read_text())
+    job["metadata"] |= {"name": "big", "namespace": namespace}
+    job["spec"]["model"]["overrides"]["INPUT.MIN_SIZE_TRAIN"] = list(range(100_000, 150_000))
+    assert len(json.dumps(job)) > 300_000
+    cluster.create(job)
+    created = wait_for(lambda: cluster.get(*JOBS, namespace, "big"), proc=proc)
+    assert sum(len(v) for v in created["metadata"]["annotations"].values()) < 4096
+    assert not cluster.get(*FTJ, namespace, "big")["metadata"].get("annotations")
+    config = json.loads(cluster.get("v1", "configmaps", namespace, "big-config")["data"]["train.json"])
+    assert config["model"]["overrides"]["INPUT.MIN_SIZE_TRAIN"][-1] == 149_999
+
+
+def test_free_strings_and_lists_are_bounded_by_the_schema(cluster: Cluster, namespace: str) -> None:
+    job = example_job("long", namespace)
+    job["spec"]["data"]["train"] = "train/" + "a" * 5000 + ".json"
+    job["spec"]["resources"]["tolerations"] = [{"key": f"k{i}", "operator": "Exists"} for i in range(100)]
+    with pytest.raises(KubeAPIError) as refused:
+        cluster.create(job)
+    assert refused.value.status == 422
+    assert "spec.data.train" in refused.value.body and "4096" in refused.value.body
+    assert "spec.resources.tolerations" in refused.value.body and "64" in refused.value.body

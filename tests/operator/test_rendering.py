@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import kubernetes_validate
 import pytest
 import yaml
-from kubetune_operator.rendering import IMMUTABLE_ANNOTATION, immutable_view, name_problems, render_all
+from kubetune_operator.rendering import (
+    IMMUTABLE_ANNOTATION,
+    immutable_digests,
+    immutable_view,
+    name_problems,
+    render_all,
+)
 from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.specs import FineTuneJob
 from kubetune_trainer.config import TrainConfig
@@ -185,7 +192,12 @@ def test_immutable_view_ignores_mutable_fields() -> None:
     changed = copy.deepcopy(same)
     changed["spec"]["model"]["variant"] = "sam2.1_hiera_large"
     assert immutable_view(FineTuneJob.model_validate(changed)) != base
-    assert IMMUTABLE_ANNOTATION in objects(example())["Job"]["metadata"]["annotations"]
+    # The Job keeps digests, field by field (a spec of any size fits in its annotation); one
+    # written by an earlier version, with the values themselves, compares equal.
+    stored = json.loads(objects(example())["Job"]["metadata"]["annotations"][IMMUTABLE_ANNOTATION])
+    assert stored == immutable_digests(base) == immutable_digests(immutable_digests(base))
+    assert stored["model"]["variant"].startswith("sha256:") and len(json.dumps(stored)) < 2048
+    assert immutable_digests(immutable_view(FineTuneJob.model_validate(changed)))["model"] != stored["model"]
 
 
 def test_a_hub_token_reaches_the_pods_as_hf_token_and_nowhere_else() -> None:

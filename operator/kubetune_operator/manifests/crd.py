@@ -86,6 +86,33 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
     return node
 
 
+# Bounds on what the spec leaves free (a URI, a path, a list of tolerations, node labels): the
+# API server refuses more, naming the field, before anything of the operator's reads it.
+STRING_MAX = 4096  # an S3 key is at most 1,024 bytes; a URI or path of 4 KiB is already absurd
+LIST_MAX = 64
+MAP_MAX = 64
+
+
+def _bounded(node: Any) -> Any:
+    """`node` with a maxLength on every free string, maxItems on every list and maxProperties on
+    every map that the models do not bound more tightly."""
+    if isinstance(node, list):
+        return [_bounded(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = {k: _bounded(v) if k in ("properties", "items", "additionalProperties") else v for k, v in node.items()}
+    if "properties" in node:
+        node["properties"] = {k: _bounded(v) for k, v in node["properties"].items()}
+    kind = node.get("type")
+    if kind == "string" and "enum" not in node:
+        node.setdefault("maxLength", STRING_MAX)
+    elif kind == "array":
+        node.setdefault("maxItems", LIST_MAX)
+    elif kind == "object" and "properties" not in node:
+        node.setdefault("maxProperties", MAP_MAX)
+    return node
+
+
 def openapi_schema(model: type) -> dict[str, Any]:
     schema = model.model_json_schema(by_alias=True, mode="validation")
     defs = schema.pop("$defs", {})
@@ -93,7 +120,7 @@ def openapi_schema(model: type) -> dict[str, Any]:
 
 
 def build_crd() -> dict[str, Any]:
-    spec = openapi_schema(FineTuneJobSpec)
+    spec = _bounded(openapi_schema(FineTuneJobSpec))
     spec["description"] = "What to fine-tune, on which data, how, and where the results go."
     status = openapi_schema(FineTuneJobStatus)
     status["description"] = "Observed state, written by the kubetune operator."

@@ -1,12 +1,18 @@
-"""The status tracker: one loop keeps every FineTuneJob's status current from the operator's
-watches, instead of a kopf timer (and so a finalizer) per job.
+"""The control loop: every FineTuneJob is worked on here, woken by the operator's watches.
 
-A job is observed when its Job or pods change (the watches wake the loop), and every
-`status_interval_s` while its status moves with time (Staging and Running jobs: rank 0's metrics;
-finished jobs with a TTL to carry out). Rank 0 is scraped from async code, with a bound on
-scrapes in flight and a short timeout, so a hung endpoint holds no thread and delays no other job.
-Status PATCHes, Events and the rare write (re-creating what was deleted by hand) go through a
-small executor of their own: they neither wait behind the reconcile handlers nor hold them.
+Level-triggered, as Kubernetes controllers are: a job is reconciled (its objects made right) when
+its spec has a generation its status has not observed yet, when this process first sees it, and
+when an object it owns is deleted; otherwise it is observed (its status derived from its Job,
+pods and rank 0's metrics). A pass is due when a watch reports a change, and every
+`status_interval_s` while the status moves with time (Staging and Running jobs; finished jobs with
+a TTL to carry out). kopf supplies the watches and indexes; no kopf handler writes to a job, so
+there are no annotations of kopf's on it (a spec of any size the API server stores is fine) and no
+finalizer.
+
+One pass per job at a time, each its own task: rank 0 is scraped from async code (bounded, timed
+out), so a hung endpoint delays only its own job and holds no thread. Everything that talks to the
+API server runs in a bounded executor (`workers`). A pass that fails (the API server did not
+answer, or a job waits for another owner's object) is tried again after a delay.
 """
 
 from __future__ import annotations
@@ -15,11 +21,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import aiohttp
+import kopf
 
 from . import reconciling
 from .kube import KubeClient
@@ -31,15 +38,16 @@ Key = tuple[str, str]  # (namespace, FineTuneJob name)
 Index = Mapping[Key, Any]  # a kopf index: key -> the objects stored under it
 
 log = logging.getLogger(__name__)
-DEBOUNCE_S = 0.2  # a burst of watch events (a thousand new Jobs) becomes one pass
-RETRY_S = 5.0  # after a failed pass (the API server did not answer)
+DEBOUNCE_S = 0.1  # a burst of watch events becomes one wake-up
+RETRY_S = 5.0  # after a failed pass, unless the error says otherwise
+WAIT_S = 5.0  # a job waiting for another owner's object looks again
 
 
 def _first(index: Index, key: Key) -> dict[str, Any] | None:
     return next(iter(index.get(key, ())), None)
 
 
-class Tracker:
+class ControlLoop:
     def __init__(
         self,
         ops: OperatorSettings,
@@ -51,28 +59,25 @@ class Tracker:
     ) -> None:
         self.ops, self.metrics, self.kube = ops, metrics, kube
         self.ftjs, self.jobs, self.pods = ftjs, jobs, pods
-        self._due: dict[Key, bool] = {}  # key -> re-create what is missing (an owned object was deleted)
+        self._due: dict[Key, bool] = {}  # key -> reconcile (not only observe)
         self._wake = asyncio.Event()
-        self._busy: set[Key] = set()  # a reconcile handler is at work on these
-        self._written: dict[Key, tuple[str, dict[str, Any]]] = {}  # key -> (resourceVersion read, status written)
-        self._io = ThreadPoolExecutor(ops.status_workers, thread_name_prefix="status")
         self._inflight: dict[Key, asyncio.Task[None]] = {}
         self._deferred: dict[Key, bool] = {}  # touched while a pass of theirs was in flight
+        self._reconciled: set[Key] = set()  # reconciled by this process at least once
+        self._written: dict[Key, tuple[str, dict[str, Any]]] = {}  # key -> (resourceVersion read, status written)
         self._unanswered: dict[Key, int] = {}  # consecutive scrapes of a running rank 0 that failed
+        self._io = ThreadPoolExecutor(ops.workers, thread_name_prefix="kubetune")
 
-    def touch(self, key: Key, recreate: bool = False) -> None:
-        """Observe `key` soon (called from the event loop by the watch handlers)."""
-        self._due[key] = self._due.get(key, False) or recreate
+    def touch(self, key: Key, reconcile: bool = False) -> None:
+        """Work on `key` soon (called in the event loop, by the watch handlers)."""
+        self._due[key] = self._due.get(key, False) or reconcile
         self._wake.set()
 
-    @contextlib.contextmanager
-    def reconciling(self, key: Key) -> Iterator[None]:
-        """A reconcile handler works on `key` (and writes its status): passes leave it alone."""
-        self._busy.add(key)
-        try:
-            yield
-        finally:
-            self._busy.discard(key)
+    def forget(self, key: Key) -> None:
+        """The FineTuneJob is gone."""
+        for state in (self._written, self._due, self._deferred, self._unanswered):
+            state.pop(key, None)
+        self._reconciled.discard(key)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -91,22 +96,25 @@ class Tracker:
                     due, self._due = self._due, {}
                     if loop.time() >= next_full:
                         next_full = loop.time() + self.ops.status_interval_s
-                        for key, body in list(self.ftjs.items()):
-                            if key not in due and reconciling.moves_with_time(next(iter(body), {})):
+                        for key, stored in list(self.ftjs.items()):
+                            body = next(iter(stored), None)
+                            if key not in due and body is not None and self._moves(key, body):
                                 due[key] = False
-                    for key, recreate in due.items():
-                        self._start(session, key, recreate)
+                    for key, reconcile in due.items():
+                        self._start(session, key, reconcile)
             finally:
                 for task in list(self._inflight.values()):
                     task.cancel()
                 self._io.shutdown(wait=False, cancel_futures=True)
 
-    def _start(self, session: aiohttp.ClientSession, key: Key, recreate: bool) -> None:
-        """One pass per job at a time, each its own task: a slow scrape delays only its own job."""
+    def _moves(self, key: Key, body: dict[str, Any]) -> bool:
+        return key not in self._reconciled or reconciling.moves_with_time(body)
+
+    def _start(self, session: aiohttp.ClientSession, key: Key, reconcile: bool) -> None:
         if key in self._inflight:  # again once this one is done
-            self._deferred[key] = self._deferred.get(key, False) or recreate
+            self._deferred[key] = self._deferred.get(key, False) or reconcile
             return
-        task = asyncio.create_task(self._pass(session, key, recreate), name=f"status of {key[0]}/{key[1]}")
+        task = asyncio.create_task(self._pass(session, key, reconcile), name=f"FineTuneJob {key[0]}/{key[1]}")
         self._inflight[key] = task
         task.add_done_callback(lambda _: self._done(key))
 
@@ -115,32 +123,37 @@ class Tracker:
         if key in self._deferred:
             self.touch(key, self._deferred.pop(key))
 
-    async def _pass(self, session: aiohttp.ClientSession, key: Key, recreate: bool) -> None:
+    async def _pass(self, session: aiohttp.ClientSession, key: Key, reconcile: bool) -> None:
         body = _first(self.ftjs, key)
-        if body is None or key in self._busy or (body.get("metadata") or {}).get("deletionTimestamp"):
+        if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
             return
         rv = (body.get("metadata") or {}).get("resourceVersion", "")
         written = self._written.get(key)
         if written is not None and written[0] == rv:  # our last PATCH has not come back by watch yet
             body = {**body, "status": written[1]}
-        if reconciling.settled(body):
+        status = body.get("status") or {}
+        generation = (body.get("metadata") or {}).get("generation")
+        reconcile = reconcile or key not in self._reconciled or status.get("observedGeneration") != generation
+        if not reconcile and reconciling.settled(body):
             return
         job, pods = _first(self.jobs, key), list(self.pods.get(key, ()))
-        address = reconciling.rank0_address(pods) if job is not None else None
+        address = reconciling.rank0_address(pods) if job is not None and not reconcile else None
         metrics = await self._scrape(session, address) if address else None
         self._unanswered[key] = self._unanswered.get(key, 0) + 1 if address and metrics is None else 0
         seen = reconciling.Seen(job=job, pods=pods, metrics=metrics, unanswered=self._unanswered[key])
-        start = time.perf_counter()
+        handler = "reconcile" if reconcile else "observe"
         loop = asyncio.get_running_loop()
+        start = time.perf_counter()
         try:
-            if await loop.run_in_executor(self._io, self._observe, key, body, rv, seen, recreate):
-                loop.call_later(RETRY_S, self.touch, key, recreate)  # waiting for another owner's object
+            if await loop.run_in_executor(self._io, self._work, key, body, rv, seen, reconcile):
+                loop.call_later(WAIT_S, self.touch, key, reconcile)
         except Exception as exc:  # the API server did not answer, or refused a write: try again
-            self.metrics.errors.labels(handler="observe").inc()
-            log.warning("observing FineTuneJob %s/%s failed, retrying in %.0f s: %s", *key, RETRY_S, exc)
-            loop.call_later(RETRY_S, self.touch, key, recreate)
+            self.metrics.errors.labels(handler=handler).inc()
+            delay = exc.delay if isinstance(exc, kopf.TemporaryError) and exc.delay else RETRY_S
+            log.warning("%s of FineTuneJob %s/%s failed, retrying in %.0f s: %s", handler, *key, delay, exc)
+            loop.call_later(delay, self.touch, key, reconcile)
         finally:
-            self.metrics.reconcile_seconds.labels(handler="observe").observe(time.perf_counter() - start)
+            self.metrics.reconcile_seconds.labels(handler=handler).observe(time.perf_counter() - start)
 
     async def _scrape(self, session: aiohttp.ClientSession, ip: str) -> Scrape | None:
         """Rank 0's metrics, or None when it does not answer in time (the phase stays as it is)."""
@@ -150,20 +163,23 @@ class Tracker:
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError):  # ValueError: not exposition text
             return None
 
-    def _observe(self, key: Key, body: dict[str, Any], rv: str, seen: reconciling.Seen, recreate: bool) -> bool:
-        """In the executor: derive the status (re-creating what is missing) and write what changed.
-        True when the job waits for something outside it and should be observed again soon."""
+    def _work(self, key: Key, body: dict[str, Any], rv: str, seen: reconciling.Seen, reconcile: bool) -> bool:
+        """In the executor: reconcile or observe, then write what changed in the status and the
+        Event of a transition. True when the job waits for something outside it."""
         kube = self.kube()
         waiting = False
         try:
-            if recreate:  # an owned ConfigMap, Service or NetworkPolicy was deleted
-                outcome = reconciling.reconcile(body, kube, self.ops)
+            if reconcile:
+                outcome = reconciling.reconcile(body, kube, self.ops, seen=seen)
             else:
                 outcome = reconciling.observe(body, kube, self.ops, seen=seen)
-        except reconciling.InvalidSpec as exc:
+        except reconciling.InvalidSpec as exc:  # a bad spec, one the admin's policy or the API server refuses
             outcome = reconciling.invalid_status(body, str(exc), exc.reason)
         except reconciling.Waiting as exc:
             outcome, waiting = reconciling.waiting_status(body, str(exc)), True
+        if reconcile and not waiting:
+            self._reconciled.add(key)
+            log.info("reconciled FineTuneJob %s/%s: %s", *key, outcome.status.get("phase"))
         changes = reconciling.status_changes(body.get("status"), outcome.status)
         if changes:
             log.debug("status of FineTuneJob %s/%s: %s changed", *key, ", ".join(sorted(changes)))
@@ -173,7 +189,3 @@ class Tracker:
         if outcome.event:
             kube.post_event(body, *outcome.event)
         return waiting
-
-    def forget(self, key: Key) -> None:
-        for state in (self._written, self._due, self._deferred, self._unanswered):
-            state.pop(key, None)
