@@ -9,13 +9,16 @@ its metrics, it prints:
   -> Running     p50/p99: until its status says Running (pods scheduled by the real scheduler,
                  run by kwok, rank 0 scraped)
   RSS            of the operator process once every job runs
+  requests       the operator's API requests per new job, and the API server's time on them
 
-Then, with the first size's jobs Running (`--steady` of them), windows of `--seconds` each:
+Then, with the first size's jobs Running, windows of `--seconds` each:
 
-  healthy        API requests/s beyond the watches (the operator's: the window's count minus a
-                 window with the operator stopped), the operator's CPU seconds per minute
-  hung           the same while every metrics endpoint accepts connections and never answers; jobs
-                 that left Running; apply -> Job for 20 jobs created meanwhile
+  healthy        the operator's API requests/s (watches aside) and CPU seconds per minute
+  hung           the same while every metrics endpoint accepts connections and never answers;
+                 jobs that left Running; apply -> Job for 20 jobs created meanwhile
+
+The operator's requests are counted from the API server's own audit log, by user agent
+(kubetune-operator/ for the control loop, kopf/ for the watches).
 
     uv run python bench/operator_scale.py --sizes 200 1000 --seconds 60
 """
@@ -34,6 +37,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,14 +126,66 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def api_requests(cluster: Cluster) -> dict[str, float]:
-    """Requests the API server has answered, watches excluded, by "VERB resource[/subresource]"."""
-    counts: dict[str, float] = {}
-    for (verb, resource, sub), value in cluster.request_counts().items():
-        if verb not in ("WATCH", "CONNECT"):
-            key = f"{verb} {resource}" + (f"/{sub}" if sub else "")
-            counts[key] = counts.get(key, 0) + value
-    return counts
+def control_plane_cpu(cluster: Cluster) -> dict[str, float]:
+    """CPU seconds each control-plane process has used so far."""
+    return {name: cpu_seconds(proc.pid) for name, proc in cluster.processes.items() if proc.poll() is None}
+
+
+AUDIT_POLICY = """\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: None
+  verbs: [watch]
+- level: Metadata
+"""
+OPERATOR_AGENTS = ("kubetune-operator/", "kopf/")
+
+
+class Audit:
+    """The operator's requests, from the API server's own audit log (told apart by user agent)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
+        self.events: list[dict] = []
+
+    def read(self) -> None:
+        with self.path.open() as log:
+            log.seek(self._offset)
+            for line in log:
+                event = json.loads(line)
+                if event.get("userAgent", "").startswith(OPERATOR_AGENTS):
+                    self.events.append(event)
+            self._offset = log.tell()
+
+    def between(self, start: float, end: float) -> list[dict]:
+        """Requests received between two wall-clock times (time.time())."""
+        self.read()
+        return [e for e in self.events if start <= _stamp(e["requestReceivedTimestamp"]) < end]
+
+
+def _stamp(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def summary(events: list[dict], seconds: float) -> dict:
+    """Requests per second by "verb resource[/subresource]", and the API server's time on them."""
+    counts: dict[str, int] = {}
+    for e in events:
+        ref = e.get("objectRef") or {}
+        key = f"{e['verb']} {ref.get('resource', e.get('requestURI', ''))}" + (
+            f"/{ref['subresource']}" if ref.get("subresource") else ""
+        )
+        counts[key] = counts.get(key, 0) + 1
+    latency = [_stamp(e["stageTimestamp"]) - _stamp(e["requestReceivedTimestamp"]) for e in events]
+    return {
+        "requests": len(events),
+        "requests_per_s": len(events) / seconds,
+        "by_request": dict(sorted(counts.items(), key=lambda kv: -kv[1])),
+        "api_latency_s": {"p50": percentile(latency, 50), "p99": percentile(latency, 99)} if latency else None,
+    }
 
 
 @contextlib.contextmanager
@@ -177,19 +233,19 @@ def healthy(env: dict[str, str]) -> bool:
     return False
 
 
-def window(cluster: Cluster, pid: int | None, seconds: float) -> dict[str, float]:
-    requests, cpu, start = api_requests(cluster), cpu_seconds(pid) if pid else 0.0, time.monotonic()
+def window(audit: Audit, pid: int, seconds: float) -> dict:
+    """The operator's API requests and CPU over `seconds` of steady state."""
+    cpu, start = cpu_seconds(pid), time.time()
     time.sleep(seconds)
-    elapsed = time.monotonic() - start
-    spent = {k: v - requests.get(k, 0) for k, v in api_requests(cluster).items()}
-    out: dict = {"requests_per_s": sum(spent.values()) / elapsed}
-    out["by_request"] = {k: round(v / elapsed, 3) for k, v in sorted(spent.items(), key=lambda kv: -kv[1]) if v}
-    if pid:
-        out["cpu_s_per_min"] = (cpu_seconds(pid) - cpu) / elapsed * 60
-    return out
+    end = time.time()
+    return summary(audit.between(start, end), end - start) | {
+        "cpu_s_per_min": (cpu_seconds(pid) - cpu) / (end - start) * 60
+    }
 
 
-def run_size(cluster: Cluster, workdir: Path, size: int, trainer_port: int, steady: bool, seconds: float) -> dict:
+def run_size(
+    cluster: Cluster, audit: Audit, workdir: Path, size: int, trainer_port: int, steady: bool, seconds: float
+) -> dict:
     namespace = cluster.namespace(f"scale-{size}")
     cluster.create(credentials_secret(namespace))
     env = operator_env(namespace, trainer_port)
@@ -201,7 +257,12 @@ def run_size(cluster: Cluster, workdir: Path, size: int, trainer_port: int, stea
         time.sleep(1)  # the watches are open
         names = [f"job-{i:04d}" for i in range(size)]
         with metrics_endpoint(trainer_port):
+            started, cpu, plane = time.time(), cpu_seconds(proc.pid), control_plane_cpu(cluster)
             applied = create_jobs(cluster, namespace, names)
+            wait_until(lambda: all(n in watcher.job_seen for n in names), timeout=max(300, size))
+            creating = audit.between(started, time.time())
+            creating_cpu, creating_s = cpu_seconds(proc.pid) - cpu, time.time() - started
+            plane = {k: round(v - plane[k], 1) for k, v in control_plane_cpu(cluster).items()}
             wait_until(lambda: watcher.count("Running") >= size, timeout=max(300, size))
             to_job = latencies(applied, watcher.job_seen)
             running = latencies(applied, {n: watcher.phase_seen[(n, "Running")] for n in names})
@@ -209,15 +270,22 @@ def run_size(cluster: Cluster, workdir: Path, size: int, trainer_port: int, stea
                 "apply_to_job_s": {"p50": percentile(to_job, 50), "p99": percentile(to_job, 99), "max": max(to_job)},
                 "apply_to_running_s": {"p50": percentile(running, 50), "p99": percentile(running, 99)},
                 "operator_rss_mib": rss_mib(proc.pid),
+                "creating": summary(creating, creating_s)
+                | {
+                    "requests_per_job": len(creating) / size,
+                    "seconds": creating_s,
+                    "operator_cpu_s": creating_cpu,
+                    "control_plane_cpu_s": plane,
+                },
             }
             print(json.dumps(result), flush=True)
             if steady:
                 time.sleep(5)
-                result["healthy"] = window(cluster, proc.pid, seconds)
+                result["healthy"] = window(audit, proc.pid, seconds)
                 print(json.dumps({"healthy": result["healthy"]}), flush=True)
         if steady:
             with hung_endpoint(trainer_port):
-                hung = window(cluster, proc.pid, seconds)
+                hung = window(audit, proc.pid, seconds)
                 hung["left_running"] = sum(1 for n in names if watcher.phases.get(n) != "Running")
                 extra = [f"late-{i:02d}" for i in range(20)]
                 late = create_jobs(cluster, namespace, extra)
@@ -234,10 +302,6 @@ def run_size(cluster: Cluster, workdir: Path, size: int, trainer_port: int, stea
                 print(json.dumps({"hung": hung}), flush=True)
     finally:
         stop_operator(proc, timeout=30)
-    if steady:  # the same cluster without the operator: what the rest of the control plane costs
-        time.sleep(5)
-        result["without_operator"] = window(cluster, None, seconds / 2)
-        print(json.dumps({"without_operator": result["without_operator"]}), flush=True)
     cluster.delete("v1", "namespaces", None, namespace)
     wait_until(lambda: cluster.get("v1", "namespaces", None, namespace) is None, timeout=900)
     return result
@@ -254,30 +318,37 @@ def main() -> None:
     results = {"machine": {"cpus": os.cpu_count()}, "sizes": []}
     with tempfile.TemporaryDirectory(prefix="kubetune-scale-") as tmp:
         workdir = args.workdir or Path(tmp)
-        with control_plane(workdir / "controlplane", nodes=args.nodes, gpus_per_node="64", client_qps=500) as cluster:
+        workdir.mkdir(parents=True, exist_ok=True)
+        policy, log = workdir / "audit-policy.yaml", workdir / "audit.log"
+        policy.write_text(AUDIT_POLICY)
+        auditing = (f"--audit-policy-file={policy}", f"--audit-log-path={log}", "--audit-log-mode=batch")
+        with control_plane(
+            workdir / "controlplane", nodes=args.nodes, gpus_per_node="64", client_qps=500, apiserver_args=auditing
+        ) as cluster:
             cluster.apply_crd(ROOT / "crds" / "finetunejob.yaml")
-            trainer_port = free_port()
+            trainer_port, audit = free_port(), Audit(log)
             for i, size in enumerate(args.sizes):
-                results["sizes"].append(run_size(cluster, workdir, size, trainer_port, i == 0, args.seconds))
+                results["sizes"].append(run_size(cluster, audit, workdir, size, trainer_port, i == 0, args.seconds))
     first = results["sizes"][0]
-    if "healthy" in first:
-        base = first["without_operator"]["requests_per_s"]
-        for key in ("healthy", "hung"):
-            first[key]["operator_requests_per_s"] = first[key]["requests_per_s"] - base
     print("\n== kubetune operator at scale (real kube-apiserver, Job controller, scheduler, kwok) ==")
     for r in results["sizes"]:
         print(
             f"{r['jobs']:5d} jobs: apply -> Job p50 {r['apply_to_job_s']['p50']:.2f} s, "
             f"p99 {r['apply_to_job_s']['p99']:.2f} s; -> Running p50 {r['apply_to_running_s']['p50']:.2f} s, "
-            f"p99 {r['apply_to_running_s']['p99']:.2f} s; operator RSS {r['operator_rss_mib']:.0f} MiB"
+            f"p99 {r['apply_to_running_s']['p99']:.2f} s; operator RSS {r['operator_rss_mib']:.0f} MiB; "
+            f"{r['creating']['requests_per_job']:.1f} operator requests per new job "
+            f"(operator CPU {r['creating']['operator_cpu_s'] / r['creating']['seconds'] * 100:.0f} % of a core), "
+            f"control plane CPU {sum(r['creating']['control_plane_cpu_s'].values()) / r['creating']['seconds']:.0%}, "
+            "API server p50/p99 "
+            f"{r['creating']['api_latency_s']['p50'] * 1000:.0f}/{r['creating']['api_latency_s']['p99'] * 1000:.0f} ms"
         )
     if "healthy" in first:
         n = first["jobs"]
         for key in ("healthy", "hung"):
             w = first[key]
             print(
-                f"{n} Running, {key:7s}: operator {w['operator_requests_per_s']:+.2f} requests/s "
-                f"({w['operator_requests_per_s'] / n * 100:.2f} per 100 jobs), {w['cpu_s_per_min']:.1f} CPU s/min"
+                f"{n} Running, {key:7s}: operator {w['requests_per_s']:.2f} requests/s "
+                f"({w['requests_per_s'] / n * 100:.2f} per 100 jobs), {w['cpu_s_per_min']:.1f} CPU s/min"
             )
         hung = first["hung"]
         print(

@@ -407,7 +407,11 @@ def node(name: str, gpus: str = GPUS_PER_NODE) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def control_plane(
-    workdir: Path, nodes: int = NODES, gpus_per_node: str = GPUS_PER_NODE, client_qps: int | None = None
+    workdir: Path,
+    nodes: int = NODES,
+    gpus_per_node: str = GPUS_PER_NODE,
+    client_qps: int | None = None,
+    apiserver_args: tuple[str, ...] = (),
 ) -> Iterator[Cluster]:
     """Start etcd, the API server, controller-manager, scheduler and kwok; stop them all after.
 
@@ -466,6 +470,7 @@ def control_plane(
                 "--enable-priority-and-fairness=false",
                 "--profiling=false",
                 "--v=1",
+                *apiserver_args,
             ],
         )
         wait_until(lambda: _healthy(cluster), timeout=90)

@@ -11,6 +11,7 @@ import json
 import socket
 import urllib.request
 from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import kopf
@@ -21,13 +22,23 @@ from kubernetes.client.exceptions import ApiException
 from .specs import GROUP, PLURAL, VERSION
 
 TEMPORARY = {404, 409, 429}
-# (connect, read) seconds for every call: a held request fails and kopf retries the handler,
-# instead of stalling it.
+# (connect, read) seconds for every call: a held request fails and the control loop tries the
+# job again later, instead of stalling.
 REQUEST_TIMEOUT = (5.0, 20.0)
 SNAKE_KINDS = {"Job": "job", "ConfigMap": "config_map", "Service": "service", "NetworkPolicy": "network_policy"}
-# Only the metadata of a Secret is ever read (its labels), never its data.
 COMPONENT = "kubetune-operator"
+# Only the metadata of a Secret is ever read (its labels), never its data.
 METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
+
+
+def _version() -> str:
+    try:
+        return version("kubetune")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "dev"
+
+
+USER_AGENT = f"{COMPONENT}/{_version()}"
 
 
 class Refused(kopf.PermanentError):
@@ -65,6 +76,7 @@ class KubeClient:
         except config.ConfigException:
             config.load_kube_config()
         self.api = client.ApiClient()
+        self.api.user_agent = USER_AGENT  # the API server's audit log tells the operator's requests apart
         self.core = client.CoreV1Api(self.api)
         self.batch = client.BatchV1Api(self.api)
         self.networking = client.NetworkingV1Api(self.api)

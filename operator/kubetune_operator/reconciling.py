@@ -161,7 +161,12 @@ def reconcile(body: dict[str, Any], kube: KubeClient, settings: OperatorSettings
     names = Names.of(ftj)
     namespace = ftj.metadata.namespace
     desired = render_all(ftj, settings)
-    job = seen.job if seen is not None and seen.job is not None else kube.get("Job", namespace, names.job)
+    # The watches' view, when given. A job that never had a Job needs no read (a Job of another
+    # owner is found by create's 409); one that had is read when the watches do not show it.
+    created_before = any(c.type == "Created" and c.status == "True" for c in previous.conditions)
+    job = seen.job if seen is not None else None
+    if job is None and (seen is None or created_before):
+        job = kube.get("Job", namespace, names.job)
     if job is not None and not owned_by(job, ftj):
         raise Waiting(_foreign(job))
     if job is not None and refused_fields(job, ftj):
