@@ -37,11 +37,40 @@ class Scrape:
     baseline: tuple[str, float] | None = None
 
 
+# The series a status is made of; a trainer exposes many more (histogram buckets, per-rank and
+# process series), which the parser need not read.
+STATUS_SERIES = frozenset(
+    {
+        "kubetune_train_step",
+        "kubetune_train_total_steps",
+        "kubetune_train_epoch",
+        "kubetune_train_loss",
+        "kubetune_train_learning_rate",
+        "kubetune_train_images_per_second",
+        "kubetune_train_step_seconds_sum",
+        "kubetune_train_step_seconds_count",
+        "kubetune_checkpoint_last_step",
+        "kubetune_eval_best_metric",
+        "kubetune_eval_baseline_metric",
+    }
+)
+
+
+def _status_lines(text: str) -> str:
+    """The sample lines of `text` whose metric is one of STATUS_SERIES (they parse untyped: the
+    names and values are the same)."""
+    kept = []
+    for line in text.splitlines():
+        if line and line[0] != "#" and line.partition("{")[0].partition(" ")[0] in STATUS_SERIES:
+            kept.append(line)
+    return "\n".join(kept) + "\n"
+
+
 def parse_metrics(text: str) -> Scrape:
     """Read the rank-0 series of the trainer's exposition text (names in docs/architecture.md)."""
     values: dict[str, float] = {}
     best = baseline = None
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(_status_lines(text)):
         for sample in family.samples:
             if sample.labels.get("rank", "0") != "0":
                 continue
@@ -98,6 +127,30 @@ def progress_from(scrape: Scrape) -> Progress:
     )
 
 
+def slim_job(body: dict[str, Any]) -> dict[str, Any]:
+    """What the operator reads of a Job (its identity, owner, recorded spec fields, suspension and
+    status): kept per job in memory, so not the pod template."""
+    meta = body.get("metadata") or {}
+    keep = ("name", "namespace", "uid", "labels", "annotations", "ownerReferences", "deletionTimestamp")
+    return {
+        "apiVersion": body.get("apiVersion", "batch/v1"),
+        "kind": body.get("kind", "Job"),
+        "metadata": {k: meta[k] for k in keep if k in meta},
+        "spec": {"suspend": (body.get("spec") or {}).get("suspend", False)},
+        "status": body.get("status") or {},
+    }
+
+
+def slim_pod(body: dict[str, Any]) -> dict[str, Any]:
+    """What the operator reads of a pod (identity, index, phase, address, container endings)."""
+    meta, status = body.get("metadata") or {}, body.get("status") or {}
+    keep = ("name", "namespace", "uid", "labels", "annotations", "deletionTimestamp")
+    return {
+        "metadata": {k: meta[k] for k in keep if k in meta},
+        "status": {k: status[k] for k in ("phase", "podIP", "reason", "message", "containerStatuses") if k in status},
+    }
+
+
 def _job_condition(job: dict[str, Any], kind: str) -> dict[str, Any] | None:
     for cond in job.get("status", {}).get("conditions") or []:
         if cond.get("type") == kind and cond.get("status") == "True":
@@ -127,12 +180,19 @@ def last_lines(pods: list[dict[str, Any]]) -> str | None:
         for cs in pod.get("status", {}).get("containerStatuses") or []:
             term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
             if term and term.get("exitCode", 0) != 0 and (term.get("message") or "").strip():
-                found.append((term.get("finishedAt") or "", term["message"].strip()))
-    return redact(sorted(found)[-1][1])[:4000] if found else None
+                found.append((_not_deleted(pod), term.get("finishedAt") or "", term["message"].strip()))
+    return redact(sorted(found)[-1][2])[:4000] if found else None
+
+
+def _not_deleted(pod: dict[str, Any]) -> bool:
+    """A pod that ended because it was deleted (the Job controller stops the other pods once one
+    fails; SIGTERM, exit 143) did not cause the failure: ranked after those that were not."""
+    return not (pod.get("metadata") or {}).get("deletionTimestamp")
 
 
 def failure(job: dict[str, Any], pods: list[dict[str, Any]]) -> tuple[str | None, str]:
-    """(the failure class, the one-line reason) from the newest failed pod: the class the trainer
+    """(the failure class, the one-line reason) from the newest failed pod that was not deleted
+    (else the newest deleted one): the class the trainer
     wrote first on its termination line, or OOM when the kernel killed the container for memory;
     else (None, the Job's own condition)."""
     messages = []
@@ -146,9 +206,10 @@ def failure(job: dict[str, Any], pods: list[dict[str, Any]]) -> tuple[str | None
                 if term.get("reason") == "OOMKilled":
                     kind = "OOM"
                 kind = kind if kind in FAILURE_CLASSES else None
-                messages.append((term.get("finishedAt") or "", kind, f"{reason} (exit code {term['exitCode']})"))
+                message = f"{reason} (exit code {term['exitCode']})"
+                messages.append((_not_deleted(pod), term.get("finishedAt") or "", kind, message))
     if messages:
-        _, kind, message = sorted(messages, key=lambda m: m[0])[-1]
+        *_, kind, message = sorted(messages, key=lambda m: m[:2])[-1]
         return kind, message
     cond = _job_condition(job, "Failed") or {}
     return None, cond.get("message") or cond.get("reason") or "the Job failed"

@@ -12,6 +12,8 @@ from kubetune_operator.observing import (
     failure_reason,
     format_duration,
     parse_metrics,
+    slim_job,
+    slim_pod,
 )
 from kubetune_operator.reconciling import bounded
 from kubetune_operator.specs import FineTuneJob, FineTuneJobStatus
@@ -337,3 +339,30 @@ def test_a_running_job_whose_metrics_do_not_answer_stays_running() -> None:
     assert silent.message == "step 500; rank 0's metrics are not answering"
     # Pods that stop running do change the phase.
     assert derive_status(resource, running, observed, [pod("Pending")], None, T1).phase == "Pending"
+
+
+@pytest.mark.parametrize(
+    ("name", "resource", "observed", "pods", "scrape", "phase", "reason"), CASES, ids=[c[0] for c in CASES]
+)
+def test_the_slim_views_the_watches_keep_derive_the_same_status(
+    name, resource, observed, pods, scrape, phase, reason
+) -> None:
+    """The operator keeps only part of each Job and pod in memory: the status from that part is the
+    status from the whole objects."""
+    full = derive_status(resource, FineTuneJobStatus(), observed, pods, scrape, T1)
+    slim = derive_status(
+        resource, FineTuneJobStatus(), observed and slim_job(observed), [slim_pod(p) for p in pods], scrape, T1
+    )
+    assert slim == full
+
+
+def test_the_pod_that_failed_first_explains_the_failure_not_the_ones_stopped_after() -> None:
+    """Once rank 0 exits 2, the Job controller deletes the other pod (SIGTERM, exit 143) a moment
+    later: the newer ending is a consequence, not the reason."""
+    cause = pod("Failed", 0, terminated=BAD_INPUT)
+    stopped = pod("Failed", 1, terminated={"exitCode": 143, "reason": "Error", "finishedAt": "2026-11-22T10:05:09Z"})
+    stopped["metadata"]["deletionTimestamp"] = "2026-11-22T10:05:08Z"
+    failed = job(failed=2, conditions=[cond("FailureTarget", "PodFailurePolicy")])
+    status = derive_status(ftj(), FineTuneJobStatus(), failed, [stopped, cause], None, T1)
+    assert status.message.endswith("(exit code 2)") and status.message.startswith("bucket 'datasets'")
+    assert status.last_failure.startswith("bucket 'datasets' does not exist")
