@@ -32,3 +32,16 @@ def test_loader_throughput_smoke(tmp_path: Path) -> None:
     for mode in ("decode", "memory-held", "disk-held"):
         assert result[mode]["images_per_second"] > 0 and f"\n{mode} " in printed
     assert result["decode"]["ratio"] == 1.0 and result["entry_mib"] > 0
+
+
+def test_operator_scale_smoke(tmp_path: Path) -> None:
+    """The operator benchmark end to end at a tiny size: its own control plane, the real operator,
+    the audit log read back."""
+    out = tmp_path / "scale.json"
+    printed = run("operator_scale.py", "--sizes", "6", "--seconds", "4", "--nodes", "2", "--json", str(out))
+    result = json.loads(out.read_text())["sizes"][0]
+    assert result["jobs"] == 6 and 0 < result["apply_to_job_s"]["p50"] <= result["apply_to_job_s"]["p99"]
+    # Every new job: the credentials Secret's labels, a dry-run and a create of each object.
+    assert result["creating"]["by_request"]["get secrets"] == 6
+    assert result["creating"]["by_request"]["create jobs"] == 12
+    assert result["hung"]["left_running"] == 0 and "hung endpoints:" in printed

@@ -91,6 +91,22 @@ def test_operator_deployment() -> None:
     assert pod["securityContext"]["runAsNonRoot"] is True
 
 
+def test_operator_memory_is_sized_from_the_jobs_it_tracks() -> None:
+    """memory.baseMi + expectedJobs × memory.perJobKi, limit 1.5×; set by hand, it stays."""
+
+    def resources(values: dict) -> dict:
+        deployment = next(d for d in render(values) if d["kind"] == "Deployment")
+        return deployment["spec"]["template"]["spec"]["containers"][0]["resources"]
+
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())["operator"]
+    base, per_job = defaults["memory"]["baseMi"], defaults["memory"]["perJobKi"]
+    sized = resources({"operator": {"expectedJobs": 5000}})
+    assert sized["requests"] == {"cpu": "50m", "memory": f"{base + 5000 * per_job // 1024}Mi"}
+    assert sized["limits"] == {"memory": f"{(base + 5000 * per_job // 1024) * 3 // 2}Mi"}
+    by_hand = resources({"operator": {"resources": {"requests": {"memory": "2Gi"}, "limits": {"memory": "3Gi"}}}})
+    assert by_hand == {"requests": {"cpu": "50m", "memory": "2Gi"}, "limits": {"memory": "3Gi"}}  # merged by Helm
+
+
 def test_ha_needs_peering() -> None:
     docs = render(SCENARIOS["ha"])
     assert next(d for d in docs if d["kind"] == "Deployment")["spec"]["replicas"] == 2
