@@ -583,10 +583,11 @@ def operator(cluster: Cluster, namespace: str, tmp_path: Path):
     }
     procs = []
 
-    def start(**settings: str):
-        """`settings`: more KUBETUNE_* variables, e.g. status_interval_s="600"."""
+    def start(kubeconfig: Path | None = None, **settings: str):
+        """`settings`: more KUBETUNE_* variables, e.g. status_interval_s="600"; `kubeconfig`: another
+        way to the API server (tests/fault_proxy.py)."""
         env.update({f"KUBETUNE_{k.upper()}": v for k, v in settings.items()})
-        proc = start_operator(cluster.kubeconfig, env, tmp_path / f"operator-{len(procs)}.log")
+        proc = start_operator(kubeconfig or cluster.kubeconfig, env, tmp_path / f"operator-{len(procs)}.log")
         procs.append(proc)
         proc.ports = {k: int(env[f"KUBETUNE_{k.upper()}_PORT"]) for k in ("metrics", "liveness")}
         proc.trainer_port = int(env["KUBETUNE_TRAINER__METRICS_PORT"])

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import kopf
 from kubetune_trainer.config import describe_validation_error
 from pydantic import ValidationError
 
@@ -185,6 +186,10 @@ def reconcile(body: dict[str, Any], kube: KubeClient, settings: OperatorSettings
                     created_job = stored if kind == "Job" else created_job
                     continue
                 current = kube.get(kind, namespace, name)  # created meanwhile
+                if current is None:  # a conflict for an object that is not there: ask again later
+                    raise kopf.TemporaryError(
+                        f"creating {kind} {namespace}/{name}: 409, yet it does not exist", delay=2
+                    )
             if current is not None and not owned_by(current, ftj):
                 # A Job is a training run: never taken over. A ConfigMap, Service or NetworkPolicy
                 # orphaned by `kubectl delete --cascade=orphan` is rewritten and adopted.
