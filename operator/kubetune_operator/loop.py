@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -39,8 +40,15 @@ Index = Mapping[Key, Any]  # a kopf index: key -> the objects stored under it
 
 log = logging.getLogger(__name__)
 DEBOUNCE_S = 0.1  # a burst of watch events becomes one wake-up
-RETRY_S = 5.0  # after a failed pass, unless the error says otherwise
+RETRY_S = 5.0  # after a failed pass, unless the error says otherwise; doubled per failure in a row
+MAX_RETRY_S = 120.0  # a thousand jobs retrying against a recovering API server: spread out
 WAIT_S = 5.0  # a job waiting for another owner's object looks again
+
+
+def retry_delay(base: float, failures: int) -> float:
+    """Exponential backoff with jitter: `base` after the first failure, doubled after each
+    further one up to MAX_RETRY_S, spread by ±20 % so that jobs failing together retry apart."""
+    return min(MAX_RETRY_S, base * 2 ** (failures - 1)) * random.uniform(0.8, 1.2)
 
 
 def _first(index: Index, key: Key) -> dict[str, Any] | None:
@@ -66,6 +74,7 @@ class ControlLoop:
         self._reconciled: set[Key] = set()  # reconciled by this process at least once
         self._written: dict[Key, tuple[str, dict[str, Any]]] = {}  # key -> (resourceVersion read, status written)
         self._unanswered: dict[Key, int] = {}  # consecutive scrapes of a running rank 0 that failed
+        self._failures: dict[Key, int] = {}  # consecutive passes that failed
         self._io = ThreadPoolExecutor(ops.workers, thread_name_prefix="kubetune")
 
     def touch(self, key: Key, reconcile: bool = False) -> None:
@@ -75,7 +84,7 @@ class ControlLoop:
 
     def forget(self, key: Key) -> None:
         """The FineTuneJob is gone."""
-        for state in (self._written, self._due, self._deferred, self._unanswered):
+        for state in (self._written, self._due, self._deferred, self._unanswered, self._failures):
             state.pop(key, None)
         self._reconciled.discard(key)
 
@@ -147,9 +156,11 @@ class ControlLoop:
         try:
             if await loop.run_in_executor(self._io, self._work, key, body, rv, seen, reconcile):
                 loop.call_later(WAIT_S, self.touch, key, reconcile)
+            self._failures.pop(key, None)
         except Exception as exc:  # the API server did not answer, or refused a write: try again
             self.metrics.errors.labels(handler=handler).inc()
-            delay = exc.delay if isinstance(exc, kopf.TemporaryError) and exc.delay else RETRY_S
+            failures = self._failures[key] = self._failures.get(key, 0) + 1
+            delay = retry_delay(exc.delay if isinstance(exc, kopf.TemporaryError) and exc.delay else RETRY_S, failures)
             log.warning("%s of FineTuneJob %s/%s failed, retrying in %.0f s: %s", handler, *key, delay, exc)
             loop.call_later(delay, self.touch, key, reconcile)
         finally:

@@ -371,7 +371,7 @@ def observe(
         uid = job["metadata"].get("uid")
         pods = [p for p in pods if (p["metadata"].get("labels") or {}).get(CONTROLLER_UID, uid) == uid]
     scrape = rank0_scrape(pods, settings.trainer.metrics_port) if seen is None and job else None
-    scrape = seen.metrics if seen is not None else scrape  # the tracker scrapes from async code
+    scrape = seen.metrics if seen is not None else scrape  # the control loop scrapes from async code
     unanswered = seen.unanswered if seen is not None else 0
     status = derive_status(ftj, previous, job, pods, scrape, now(), unanswered=unanswered)
     # Derived from the Job and the spec every time, so no concurrent status write can lose it.

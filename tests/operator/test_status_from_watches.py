@@ -1,4 +1,4 @@
-"""The status tracker against the real control plane: a job's status follows the watches of its Job
+"""The control loop against the real control plane: a job's status follows the watches of its Job
 and pods (no timer per job, so no finalizer), and rank 0's metrics endpoint can hang without
 changing the phase or holding up other jobs."""
 
