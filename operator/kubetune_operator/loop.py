@@ -146,7 +146,9 @@ class ControlLoop:
         if not reconcile and reconciling.settled(body):
             return
         job, pods = _first(self.jobs, key), list(self.pods.get(key, ()))
-        address = reconciling.rank0_address(pods) if job is not None and not reconcile else None
+        address = (
+            reconciling.rank0_address(reconciling.own_pods(job, pods)) if job is not None and not reconcile else None
+        )
         metrics = await self._scrape(session, address) if address else None
         self._unanswered[key] = self._unanswered.get(key, 0) + 1 if address and metrics is None else 0
         seen = reconciling.Seen(job=job, pods=pods, metrics=metrics, unanswered=self._unanswered[key])

@@ -158,10 +158,10 @@ def _job_condition(job: dict[str, Any], kind: str) -> dict[str, Any] | None:
     return None
 
 
-# The classes the trainer's termination message starts with (kubetune_trainer.errors.failure_class).
 # Scrapes in a row a running rank 0 may miss before the status says its metrics are not answering.
 UNANSWERED_LIMIT = 3
 
+# The classes the trainer's termination message starts with (kubetune_trainer.errors.failure_class).
 FAILURE_CLASSES = (
     "OOM", "NCCLTimeout", "NonFiniteLoss", "DataError", "ConfigError", "StorageUnavailable", "Preempted", "Crash",
 )  # fmt: skip

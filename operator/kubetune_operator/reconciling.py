@@ -218,8 +218,11 @@ def _adoption(obj: dict[str, Any]) -> dict[str, Any]:
 
 
 def _seconds_between(start: str, end: str) -> float:
-    parse = lambda text: datetime.fromisoformat(text.replace("Z", "+00:00"))  # noqa: E731
-    return (parse(end) - parse(start)).total_seconds()
+    return (_parse_time(end) - _parse_time(start)).total_seconds()
+
+
+def _parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 def ttl_expired(ftj: FineTuneJob, status: FineTuneJobStatus, at: str) -> bool:
@@ -302,6 +305,14 @@ def _sync_suspend(kube: KubeClient, ftj: FineTuneJob, job: dict[str, Any]) -> No
         kube.patch("Job", ftj.metadata.namespace, Names.of(ftj).job, {"spec": {"suspend": False}})
 
 
+def own_pods(job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The pods of `job` itself: a Job of an earlier FineTuneJob of that name may have left pods."""
+    if job is None:
+        return pods
+    uid = job["metadata"].get("uid")
+    return [p for p in pods if (p["metadata"].get("labels") or {}).get(CONTROLLER_UID, uid) == uid]
+
+
 def rank0_address(pods: list[dict[str, Any]]) -> str | None:
     """The pod IP of index 0 while it runs: where rank 0 serves its metrics."""
     for pod in pods:
@@ -363,16 +374,12 @@ def observe(
         return reconcile(body, kube, settings)  # deleted by hand or lost: the job is not finished
     if job is not None and not owned_by(job, ftj):
         raise Waiting(_foreign(job))
-    if seen is not None:
-        pods = seen.pods
+    if seen is not None:  # the control loop scrapes from async code
+        pods, scrape, unanswered = own_pods(job, seen.pods), seen.metrics, seen.unanswered
     else:
         pods = kube.list_pods(ftj.metadata.namespace, f"{JOB_LABEL}={ftj.metadata.name}") if job else []
-    if job is not None:  # a Job of an earlier FineTuneJob of that name left pods that are not ours
-        uid = job["metadata"].get("uid")
-        pods = [p for p in pods if (p["metadata"].get("labels") or {}).get(CONTROLLER_UID, uid) == uid]
-    scrape = rank0_scrape(pods, settings.trainer.metrics_port) if seen is None and job else None
-    scrape = seen.metrics if seen is not None else scrape  # the control loop scrapes from async code
-    unanswered = seen.unanswered if seen is not None else 0
+        pods = own_pods(job, pods)
+        scrape, unanswered = rank0_scrape(pods, settings.trainer.metrics_port) if job else None, 0
     status = derive_status(ftj, previous, job, pods, scrape, now(), unanswered=unanswered)
     # Derived from the Job and the spec every time, so no concurrent status write can lose it.
     refused = refused_fields(job, ftj) if job is not None else []

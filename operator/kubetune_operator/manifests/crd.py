@@ -100,7 +100,7 @@ def _bounded(node: Any) -> Any:
         return [_bounded(item) for item in node]
     if not isinstance(node, dict):
         return node
-    node = {k: _bounded(v) if k in ("properties", "items", "additionalProperties") else v for k, v in node.items()}
+    node = {k: _bounded(v) if k in ("items", "additionalProperties") else v for k, v in node.items()}
     if "properties" in node:
         node["properties"] = {k: _bounded(v) for k, v in node["properties"].items()}
     kind = node.get("type")
