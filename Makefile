@@ -9,13 +9,16 @@ PYTEST_ARGS ?=
 
 .PHONY: setup system-deps controlplane demo test test-fast lint lock detectron2
 
-# Debian's prometheus (2.42) for the monitoring tests; installed when missing and we are root
-# (CI, fresh machines). Without it those tests are skipped and say so.
+# Debian's prometheus (2.42) for the monitoring tests and chromium for the report page's browser
+# test; installed when missing and we are root (CI, fresh machines). Without them those tests are
+# skipped and say so.
+SYSTEM_PACKAGES := prometheus chromium
 system-deps:
-	@command -v prometheus >/dev/null 2>&1 || { \
+	@missing=""; for p in $(SYSTEM_PACKAGES); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
-	  else echo "note: prometheus is not installed; the Prometheus tests will be skipped"; fi; }
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else echo "note:$$missing not installed; the tests that need them will be skipped"; fi; fi
 
 # --inexact keeps what you added yourself, e.g. detectron2 from `make detectron2`.
 setup:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import socket
+import subprocess
 import time
 import urllib.request
 from collections.abc import Callable
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+import pytest
 import torch
 from kubetune.local import kill_tree
 
@@ -28,6 +31,7 @@ DOCUMENTED = [
     "kubetune_train_step_seconds_bucket",
     "kubetune_data_wait_seconds_bucket",
     "kubetune_eval_metric",
+    "kubetune_train_metric",
     "kubetune_amp_skipped_steps_total",
     "kubetune_checkpoint_seconds_bucket",
     "kubetune_checkpoint_last_step",
@@ -274,3 +278,39 @@ def remove_bucket(s3, name: str, tries: int = 100) -> None:
         except s3.exceptions.ClientError:  # an upload landed in between
             time.sleep(0.1)
     raise AssertionError(f"bucket {name} could not be removed")
+
+
+CHROMIUM = shutil.which("chromium")
+
+
+def screenshot(page: Path, png: Path, width: int = 1400, height: int = 2400) -> Path:
+    """A screenshot of a local page in Debian's headless chromium (no network, fresh profile)."""
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (`make system-deps` installs it as root)")
+    profile = png.parent / "chromium-profile"
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        f"--user-data-dir={profile}",
+        f"--window-size={width},{height}",
+        f"--screenshot={png}",
+    ]
+    done = subprocess.run([CHROMIUM, *flags, page.resolve().as_uri()], capture_output=True, text=True, timeout=120)
+    assert png.is_file(), done.stderr[-2000:]
+    return png
+
+
+def drawn_share(png: Path) -> tuple[float, int]:
+    """(share of pixels that are not white, number of distinct colours) of a screenshot."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(png).convert("RGB")).reshape(-1, 3)
+    return float((pixels < 245).any(axis=1).mean()), len(np.unique(pixels, axis=0))

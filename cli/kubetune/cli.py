@@ -5,6 +5,7 @@ kubetune demo                                         a complete small fine-tune
 kubetune validate SPEC.yaml                           check a spec and print the trainer config
 kubetune validate SPEC.yaml --data [--json]           read its data as the trainer will; say what is usable
 kubetune weights mirror SPEC.yaml... [--to URI]       copy the specs' published weights to storage.mirror
+kubetune report OUTPUT_URI [--out FILE]               build report.html for a running or finished job
 """
 
 from __future__ import annotations
@@ -43,6 +44,26 @@ def _mirror(args: argparse.Namespace) -> int:
 
     configs = [load_spec(path).train_config(default_namespace="local") for path in args.specs]
     return mirror_weights(configs, args.to)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from kubetune_trainer.config import StorageSpec
+    from kubetune_trainer.reporting.files import inputs_from
+    from kubetune_trainer.reporting.page import build
+    from kubetune_trainer.storage.stores import open_store
+
+    uri = args.uri if args.uri.endswith("/") else args.uri + "/"
+    store = open_store(uri, StorageSpec(endpoint=args.endpoint, region=args.region))
+    try:
+        inputs = inputs_from(store)
+    except FileNotFoundError as exc:
+        print(f"kubetune report: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    out = args.out or Path(f"{(inputs.config or {}).get('job', {}).get('name', 'kubetune')}-report.html")
+    out.write_text(build(inputs), encoding="utf-8")
+    state = "finished" if inputs.report else "running or stopped"
+    print(f"report of {uri} ({state}, {len(inputs.gallery)} gallery images): {out.resolve()}")
+    return 0
 
 
 def _render(args: argparse.Namespace) -> int:
@@ -118,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     mirror.add_argument("specs", type=Path, nargs="+")
     mirror.add_argument("--to", default=None, help="mirror prefix, s3:// or file:// (default: storage.mirror)")
     mirror.set_defaults(func=_mirror)
+    report = sub.add_parser("report", help="build report.html of a job from its output.uri (s3:// or file://)")
+    report.add_argument("uri", help="the job's output.uri")
+    report.add_argument("--out", type=Path, default=None, help="where to write it (default: ./<job>-report.html)")
+    report.add_argument("--endpoint", default=None, help="S3 endpoint URL (MinIO, Ceph...; default: AWS)")
+    report.add_argument("--region", default=None, help="S3 region")
+    report.set_defaults(func=_report)
     render = sub.add_parser("render", help="print the ConfigMap, Service and Job the operator would create")
     render.add_argument("spec", type=Path)
     render.add_argument("--namespace", default="default", help="namespace when the spec names none")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from tests.helpers import (
     DOCUMENTED,
     FlakyProxy,
     complete_steps,
+    drawn_share,
     free_port_run,
     kill_after_first_checkpoint,
     launcher_of,
@@ -26,10 +29,12 @@ from tests.helpers import (
     objects,
     remove_bucket,
     scrape,
+    screenshot,
     wait_while_running,
 )
 
 pytestmark = pytest.mark.slow
+KUBETUNE = [sys.executable, "-m", "kubetune.cli"]
 
 
 def test_two_process_run_on_s3(start_run, s3, s3_endpoint: str, tiny_coco_s3: str, bucket: str, tmp_path: Path) -> None:
@@ -77,11 +82,35 @@ def test_two_process_run_on_s3(start_run, s3, s3_endpoint: str, tiny_coco_s3: st
         "final/model.pt",
         "metrics.jsonl",
         "report.json",
+        "report/config.json",
+        *[f"report/gallery/0000{i}.png" for i in range(4)],  # every validation image: fewer than 8
+        "report/report.html",
         "summary.md",
     ]
     report = json.loads(s3.get_object(Bucket=bucket, Key="out/report.json")["Body"].read())
     assert report["steps"] == 8 and [e["step"] for e in report["evaluations"]] == [0, 4, 8]
-    assert report["evaluations"][-1]["objects"] > 0
+    final = report["evaluations"][-1]
+    assert final["objects"] > 0 and 0 <= final["empty_share"] <= 1 and 0 < final["target_prob"] < 1
+    assert (
+        sum(final[f"size/{s}/objects"] for s in ("small", "medium", "large") if f"size/{s}/objects" in final)
+        == (final["objects"])
+    )
+    # `kubetune report` rebuilds the page from S3 and says where it is; a real browser draws it.
+    page = tmp_path / "page" / "report.html"
+    page.parent.mkdir()
+    built = subprocess.run(
+        [*KUBETUNE, "report", f"s3://{bucket}/out/", "--endpoint", s3_endpoint, "--out", str(page)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert built.returncode == 0 and str(page) in built.stdout and "(finished, 4 gallery images)" in built.stdout, (
+        built.stdout + built.stderr
+    )
+    text = page.read_text()
+    assert "Did fine-tuning help?" in text and text.count("data:image/png;base64,") == 4
+    shown, colours = drawn_share(screenshot(page, tmp_path / "page" / "shot.png"))
+    assert shown > 0.1 and colours > 100, (shown, colours)
 
     # The final weights load in upstream sam2 and hold the trained parameters.
     from sam2.build_sam import build_sam2

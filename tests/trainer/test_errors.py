@@ -59,7 +59,7 @@ def test_a_diverged_run_stops_after_a_run_of_nan_losses(tiny_coco: Path) -> None
     def nan_after_two(outputs, batch):
         terms = real(outputs, batch)
         if trainer.state.step >= 2:
-            return SimpleNamespace(total=terms.total * float("nan"), parts=terms.parts)
+            return SimpleNamespace(total=terms.total * float("nan"), parts=terms.parts, metrics=terms.metrics)
         return terms
 
     trainer.loss = nan_after_two

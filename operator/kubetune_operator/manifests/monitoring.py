@@ -13,6 +13,9 @@ from typing import Any
 import yaml
 
 SEL = 'namespace=~"$namespace", job=~"$job"'
+# The trainer's threshold (kubetune_trainer.metrics.report.COLLAPSE_SHARE; a test keeps them equal):
+# past this share of prompts whose mask is empty, a promptable model is collapsing.
+COLLAPSE_SHARE = 0.5
 
 
 def quantile(q: float, histogram: str, window: str) -> str:
@@ -82,7 +85,35 @@ PANELS: list[Panel] = [
         "AMP skipped steps", [(f"sum by (job) (increase(kubetune_amp_skipped_steps_total{{{SEL}}}[15m]))", "{{job}}")]
     ),
     Panel("GPU memory", [(f"kubetune_gpu_memory_bytes{{{SEL}}}", "{{job}} rank {{rank}} {{kind}}")], unit="bytes"),
-    Panel("Evaluation metrics", [(f'kubetune_eval_metric{{{SEL}, rank="0"}}', "{{job}} {{metric}}")], unit="none"),
+    Panel(
+        "Evaluation metrics",
+        [(f'kubetune_eval_metric{{{SEL}, rank="0", metric!~"size/.*"}}', "{{job}} {{metric}}")],
+        unit="none",
+    ),
+    Panel(
+        "Loss vs thresholded masks: soft Dice and IoU",
+        [
+            (f'kubetune_train_metric{{{SEL}, rank="0", metric="soft_dice_at_logits"}}', "{{job}} train soft Dice"),
+            (f'kubetune_train_metric{{{SEL}, rank="0", metric="miou_at_logits"}}', "{{job}} train IoU"),
+            (f'kubetune_eval_metric{{{SEL}, rank="0", metric="soft_dice"}}', "{{job}} validation soft Dice"),
+            (f'kubetune_eval_metric{{{SEL}, rank="0", metric="miou"}}', "{{job}} validation mIoU"),
+        ],
+        unit="none",
+        description="Soft Dice (on probabilities, what the loss sees) next to IoU of the thresholded masks "
+        "(what users get). Soft Dice rising while IoU falls: the masks fade below 0.5 and vanish.",
+    ),
+    Panel(
+        "Mask collapse watch",
+        [
+            (f'kubetune_train_metric{{{SEL}, rank="0", metric="empty_share"}}', "{{job}} train empty masks"),
+            (f'kubetune_eval_metric{{{SEL}, rank="0", metric="empty_share"}}', "{{job}} validation empty masks"),
+            (f'kubetune_train_metric{{{SEL}, rank="0", metric="target_prob"}}', "{{job}} train p inside target"),
+            (f'kubetune_eval_metric{{{SEL}, rank="0", metric="target_prob"}}', "{{job}} validation p inside target"),
+        ],
+        unit="percentunit",
+        description=f"Share of prompts whose kept mask is empty (alert past {COLLAPSE_SHARE:.0%}) and the mean "
+        "predicted probability inside the target: a model learning to segment nothing shows here first.",
+    ),
     Panel(
         "Base model vs best fine-tuned",
         [
@@ -162,6 +193,15 @@ ALERTS: list[Alert] = [
         "15m",
         "warning",
         "FineTuneJob {{ $labels.namespace }}/{{ $labels.job }} spends over half of each step waiting for data",
+    ),
+    Alert(
+        "KubetuneMasksCollapsing",
+        f'avg_over_time(kubetune_train_metric{{rank="0", metric="empty_share"}}[10m]) > {COLLAPSE_SHARE}'
+        f' or kubetune_eval_metric{{rank="0", metric="empty_share"}} > {COLLAPSE_SHARE}',
+        "5m",
+        "warning",
+        "FineTuneJob {{ $labels.namespace }}/{{ $labels.job }}: over half of its prompts get an empty mask "
+        "(the model is learning to segment nothing)",
     ),
     Alert(
         "KubetuneJobFailed",

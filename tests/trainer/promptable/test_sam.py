@@ -10,6 +10,7 @@ import pytest
 import torch
 from kubetune.synthetic import write_coco_dataset
 from kubetune_trainer.config import ModelSpec, PromptSpec, TrainConfig
+from kubetune_trainer.datasets.masks import PolygonMasks
 from kubetune_trainer.datasets.readers import Sample
 from kubetune_trainer.errors import ConfigError
 from kubetune_trainer.promptable.data import Batch, Preprocess, PromptedMasks, collate, resize_targets
@@ -65,9 +66,7 @@ def test_preprocessing_matches_sam_image_processor(tmp_path: Path) -> None:
     pixels = np.asarray(Image.fromarray(pixels).filter(ImageFilter.BLUR))  # smooth, so resizers agree
     path = tmp_path / "wide.png"
     Image.fromarray(pixels).save(path)
-    mask = np.zeros((90, 150), bool)
-    mask[20:70, 30:120] = True
-    sample = Sample(path, lambda h, w: mask[None])
+    sample = Sample(path, PolygonMasks(([[30, 20, 120, 20, 120, 70, 30, 70]],)))
     pre = Preprocess(64, "longest-side")
     item = PromptedMasks([sample], pre, PromptSpec(perturbation=0), seed=0, train=False)[(-1, 0)]
     batch = collate([item])

@@ -428,6 +428,8 @@ class OutputSpec(Section):
     """Write a checkpoint every N steps (always one at the end)."""
     keep_last: int = Field(3, ge=1)
     """Complete checkpoints kept; older ones are deleted."""
+    gallery_images: int = Field(8, ge=0, le=64)
+    """Validation images drawn before and after fine-tuning into report/ (0: none)."""
 
     @model_validator(mode="after")
     def _check_uri(self) -> OutputSpec:

@@ -255,28 +255,132 @@ class BridgeHook(HookBase):
             writer.close()
 
 
+class ReportHook(HookBase):
+    """After each evaluation, once the bridge has written its row: `refresh(step)` draws the
+    gallery and rewrites report.html (rank 0). A report that cannot be written is logged."""
+
+    def __init__(self, evaluation: EvalHook, refresh: Callable[[int], None], state: Any = None) -> None:
+        self.evaluation = evaluation
+        self.refresh = refresh
+        self.state = state  # what the refresh keeps across resumes (the gallery's base panels)
+        self._done: int | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state.state_dict() if self.state is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.state is not None:
+            self.state.load_state_dict(state)
+
+    def _after_evaluation(self) -> None:
+        history = self.evaluation.history
+        if not history or history[-1]["step"] == self._done or unwinding():
+            return
+        self._done = step = history[-1]["step"]
+        try:
+            self.refresh(step)
+        except Exception as exc:  # noqa: BLE001 — pictures and a page are not worth the run
+            log.warning("could not refresh the report", step=step, error=f"{type(exc).__name__}: {exc}")
+
+    def before_train(self) -> None:
+        self._after_evaluation()
+
+    def after_step(self) -> None:
+        self._after_evaluation()
+
+    def after_train(self) -> None:
+        self._after_evaluation()
+
+
+class Gallery:
+    """Detectron2's Visualizer on fixed validation images: the ground truth, the base model's
+    predictions (drawn at the baseline evaluation and kept, in checkpoints too) and the model's
+    at each later evaluation, side by side, one PNG row per image."""
+
+    def __init__(self, cfg: Any, records: list[dict], metadata: Any) -> None:
+        self.cfg, self.records, self.metadata = cfg, records, metadata
+        self.base: dict[int, bytes] = {}  # record index -> the base model's panel (PNG)
+
+    def draw(self, model: torch.nn.Module, baseline: bool) -> list[tuple[str, bytes]]:
+        import io
+
+        import numpy as np
+        from detectron2.utils.visualizer import Visualizer
+        from PIL import Image, ImageDraw, ImageFont
+
+        font = ImageFont.load_default(size=15)
+        rows = []
+        for index, (record, predicted) in enumerate(
+            zip(self.records, predict(self.cfg, model, self.records), strict=True)
+        ):
+            rgb = np.asarray(Image.open(record["file_name"]).convert("RGB"))
+            truth = Visualizer(rgb, self.metadata).draw_dataset_dict(record).get_image()
+            drawn = Visualizer(rgb, self.metadata).draw_instance_predictions(predicted).get_image()
+            if baseline or index not in self.base:
+                self.base[index] = _png(Image.fromarray(drawn))
+            base = Image.open(io.BytesIO(self.base[index])).convert("RGB")
+            after = Image.fromarray(drawn) if not baseline else Image.fromarray(rgb // 3)
+            panels = [Image.fromarray(truth), base, after]
+            scale = 360 / max(rgb.shape[:2])
+            panels = [p.resize((max(1, round(p.width * scale)), max(1, round(p.height * scale)))) for p in panels]
+            row = Image.new("RGB", (sum(p.width for p in panels) + 12, panels[0].height + 22), (255, 255, 255))
+            draw, x = ImageDraw.Draw(row), 0
+            titles = (
+                "ground truth",
+                "base model",
+                "fine-tuned" if not baseline else "fine-tuned (drawn after training)",
+            )
+            for panel, title in zip(panels, titles, strict=True):
+                draw.text((x + 2, 2), title, fill=(0, 0, 0), font=font)
+                row.paste(panel, (x, 22))
+                x += panel.width + 6
+            rows.append((f"{index:05d}.png", _png(row)))
+        return rows
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"gallery_base": {str(k): v for k, v in self.base.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.base = {int(k): v for k, v in (state.get("gallery_base") or {}).items()}
+
+
+def _png(image: Any) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def predict(cfg: Any, model: torch.nn.Module, records: list[dict]) -> list[Any]:
+    """The model's Instances (on the CPU) for each record, in inference mode."""
+    from detectron2.data import DatasetMapper
+
+    mapper = DatasetMapper(cfg, is_train=False)
+    was_training = model.training
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for record in records:
+            out.append(model([mapper(dict(record))])[0]["instances"].to("cpu"))
+    model.train(was_training)
+    return out
+
+
 def draw_predictions(cfg: Any, model: torch.nn.Module, records: list[dict], metadata: Any, out: Path) -> list[Path]:
     """Detectron2's Visualizer over the model's predictions for a few images."""
     import numpy as np
-    from detectron2.data import DatasetMapper
     from detectron2.utils.visualizer import Visualizer
     from PIL import Image
 
-    mapper = DatasetMapper(cfg, is_train=False)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for record in records:
-            inputs = mapper(dict(record))
-            instances = model([inputs])[0]["instances"].to("cpu")
-            rgb = np.asarray(Image.open(record["file_name"]).convert("RGB"))
-            drawn = Visualizer(rgb, metadata).draw_instance_predictions(instances).get_image()
-            path = out / f"{Path(record['file_name']).stem}.png"
-            Image.fromarray(drawn).save(path)
-            paths.append(path)
-    model.train(was_training)
+    for record, instances in zip(records, predict(cfg, model, records), strict=True):
+        rgb = np.asarray(Image.open(record["file_name"]).convert("RGB"))
+        drawn = Visualizer(rgb, metadata).draw_instance_predictions(instances).get_image()
+        path = out / f"{Path(record['file_name']).stem}.png"
+        Image.fromarray(drawn).save(path)
+        paths.append(path)
     return paths
 
 

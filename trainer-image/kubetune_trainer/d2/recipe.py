@@ -48,14 +48,18 @@ from kubetune_trainer.d2.hooks import (
     CheckpointHook,
     EarlyStop,
     EvalHook,
+    Gallery,
     PreemptionHook,
     Progress,
+    ReportHook,
     upload_visualizations,
 )
 from kubetune_trainer.d2.sampler import ResumableStream
 from kubetune_trainer.metrics.events import METRICS_FILE, EventStorage, JsonlWriter
 from kubetune_trainer.metrics.prometheus import PrometheusWriter
 from kubetune_trainer.metrics.report import BestValue, Report
+from kubetune_trainer.reporting.files import CONFIG_KEY, GALLERY, publish_page, read_rows
+from kubetune_trainer.reporting.page import Inputs as PageInputs
 from kubetune_trainer.storage.checkpoints import Checkpointer
 from kubetune_trainer.storage.stores import open_store
 from kubetune_trainer.training import distributed
@@ -146,6 +150,25 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> Rep
     # Metrics are written before the checkpoint, so its copy of the log includes its own step.
     bridge_hook = BridgeHook(progress, shape=shape, writers=writers, device=ctx.device, events=events)
     hook_list += [bridge_hook, ckpt_hook, PreemptionHook(Preemption().install(), ckpt_hook, eval_hook)]
+    gallery = Gallery(cfg, val.records[: config.output.gallery_images], vis_metadata) if val else None
+    drawn: list[tuple[str, bytes]] = []
+
+    def page(report: dict | None) -> None:
+        if ctx.is_main:
+            rows = read_rows(metrics_log.read_text()) if metrics_log.exists() else []
+            output.put_bytes(config.model_dump_json(by_alias=True, indent=1).encode(), CONFIG_KEY)
+            publish_page(output, PageInputs(rows, config.model_dump(by_alias=True, mode="json"), report, drawn))
+
+    def refresh(step: int) -> None:
+        if ctx.is_main:
+            if gallery is not None and gallery.records:
+                drawn[:] = gallery.draw(module, baseline=step == 0)
+                for name, data in drawn:
+                    output.put_bytes(data, GALLERY + name)
+            page(None)
+
+    if eval_hook is not None:  # after the bridge: the evaluation's row is in the metric log
+        hook_list.insert(hook_list.index(bridge_hook) + 1, ReportHook(eval_hook, refresh, gallery))
     if ctx.is_main:
         printers = [CommonMetricPrinter(job_plan.max_iter), JSONWriter(str(d2_log))]
         hook_list.append(d2_hooks.PeriodicWriter(printers, period=20))
@@ -196,6 +219,11 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> Rep
     )
     if ctx.is_main:
         publish(output, write_final(cfg, module, train, workdir), config, report, list(metric_logs.values()))
+        try:
+            page(report.model_dump(mode="json"))
+            log.info("report", page=f"{output.uri}report/report.html")
+        except Exception as exc:  # noqa: BLE001 — the model and report.json are published already
+            log.warning("could not write report.html", error=f"{type(exc).__name__}: {exc}")
     distributed.barrier()
     return report
 
@@ -227,10 +255,26 @@ def _evaluate(cfg: Any, module: torch.nn.Module, masks: bool, workdir: Path, tra
         return {}
     flat = {f"{task}/{name}": value for task, values in results.items() for name, value in values.items()}
     trainer.storage.put_scalars(**flat, smoothing_hint=False)  # Detectron2's names, for metrics.json
+    return coco_results(results, tasks)
+
+
+SIZE_KEYS = {"APs": "small", "APm": "medium", "APl": "large"}
+
+
+def coco_results(results: dict[str, dict[str, float]], tasks: tuple[str, ...]) -> dict[str, float]:
+    """COCOEvaluator's percentages as fractions under kubetune's names: `segm_ap`, `bbox_ap50`…,
+    per COCO object size `size/small/segm_ap`…, and per class `class/<name>/segm_ap` (its "AP-<name>")."""
     out = {}
     for task in tasks:
+        values = results.get(task, {})
         for name in ("AP", "AP50", "AP75"):
-            out[f"{task}_{name.lower()}"] = results.get(task, {}).get(name, math.nan) / 100.0
+            out[f"{task}_{name.lower()}"] = values.get(name, math.nan) / 100.0
+        for name, size in SIZE_KEYS.items():
+            if name in values:
+                out[f"size/{size}/{task}_ap"] = values[name] / 100.0
+        for name, value in values.items():
+            if name.startswith("AP-"):
+                out[f"class/{name[3:].replace('/', '_')}/{task}_ap"] = value / 100.0
     return out
 
 

@@ -34,6 +34,12 @@ class PrometheusWriter:
             "checkpoint/last_step": gauge("kubetune_checkpoint_last_step", "Step of the newest complete checkpoint"),
         }
         self.eval_metric = gauge("kubetune_eval_metric", "Validation metric of the last evaluation", ("metric",))
+        self.train_metric = gauge(
+            "kubetune_train_metric",
+            "Running training metric of the last step's masks (empty_share, target_prob, soft_dice_at_logits, "
+            "miou_at_logits; mean over ranks)",
+            ("metric",),
+        )
         self.best_metric = gauge(
             "kubetune_eval_best_metric", "Best validation value of the early-stopping metric so far", ("metric",)
         )
@@ -92,8 +98,12 @@ class PrometheusWriter:
         for key, value in snap.scalars.items():
             if key in self.gauges:
                 self.gauges[key].labels(**lab).set(value)
+            elif key.startswith("eval/class/"):
+                continue  # per-class results stay in the report: the number of classes is the user's
             elif key.startswith("eval/"):
                 self.eval_metric.labels(**lab, metric=key[5:]).set(value)
+            elif key.startswith("train/"):
+                self.train_metric.labels(**lab, metric=key[6:]).set(value)
             elif key.startswith("best/"):
                 self.best_metric.labels(**lab, metric=key[5:]).set(value)
             elif key.startswith("baseline/"):

@@ -17,6 +17,9 @@ COMPARED = (
     ("segm_ap50", "mask AP50"),
     ("bbox_ap50", "box AP50"),
 )
+# Past this share of prompts whose kept mask is empty a promptable model is collapsing towards
+# segmenting nothing: the trainer warns, the report says so, the chart's alert fires.
+COLLAPSE_SHARE = 0.5
 Evaluation = dict[str, Any]  # {"step": n, metric: value, ...}; a value nothing could measure is null
 
 

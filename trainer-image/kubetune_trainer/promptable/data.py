@@ -74,12 +74,24 @@ class Batch:
     keys: list[str] | None = None  # per image: content hash (+ flip), for the feature cache
     # Per image: whether `images` holds it (not when its features were cached); None: all do.
     decoded: list[bool] | None = None
-    extents: torch.Tensor | None = None  # [M,2] each image's resized (height, width) before padding
+    extents: torch.Tensor | None = None  # [M,2] each decoded image's resized (height, width) before padding
+    # Evaluation batches only: per image (decoded or not) its resized (height, width), its objects'
+    # masks at the original size ([K,H,W] bool), and per object its class name.
+    shapes: torch.Tensor | None = None
+    originals: list[torch.Tensor] | None = None
+    classes: list[str] | None = None
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
         tensors = (self.images, self.masks, self.coords, self.labels, self.image_index)
-        extents = fn(self.extents) if self.extents is not None else None
-        return Batch(*(fn(t) for t in tensors), keys=self.keys, decoded=self.decoded, extents=extents)
+        return Batch(
+            *(fn(t) for t in tensors),
+            keys=self.keys,
+            decoded=self.decoded,
+            extents=fn(self.extents) if self.extents is not None else None,
+            shapes=self.shapes,
+            originals=[fn(m) for m in self.originals] if self.originals is not None else None,
+            classes=self.classes,
+        )
 
     def to(self, device: torch.device) -> Batch:
         nb = device.type == "cuda"
@@ -155,7 +167,12 @@ class PromptedMasks(Dataset):
         else:
             image = torch.from_numpy(load_image(sample.image, sample.exif)).permute(2, 0, 1)
             height, width = image.shape[1:]
-        masks = torch.from_numpy(sample.masks(height, width))
+        if self.train:
+            masks = torch.from_numpy(sample.masks(height, width))
+        else:  # scored at the original size, per class
+            decoded, classes = sample.masks.decode(height, width)
+            masks = torch.from_numpy(decoded)
+            item.update(original=masks, classes=classes)
         shape = self.pre.shape(height, width)
         masks = resize_masks(masks, shape)
         if flipped:
@@ -209,6 +226,7 @@ def collate(items: list[dict]) -> Batch:
     images = [it["image"] for it in items if it["image"] is not None]
     decoded = [it["image"] is not None for it in items]
     extents = [it["extent"] for it in items if it["image"] is not None]
+    scored = "original" in items[0]
     return Batch(
         images=torch.stack(images)
         if images
@@ -220,6 +238,9 @@ def collate(items: list[dict]) -> Batch:
         image_index=torch.cat([torch.full((len(it["masks"]),), i) for i, it in enumerate(items)]),
         keys=[it["key"] for it in items] if "key" in items[0] else None,
         decoded=None if all(decoded) else decoded,
+        shapes=torch.tensor([it["extent"] for it in items], dtype=torch.long).view(-1, 2) if scored else None,
+        originals=[it["original"] for it in items] if scored else None,
+        classes=[c for it in items for c in it["classes"]] if scored else None,
     )
 
 

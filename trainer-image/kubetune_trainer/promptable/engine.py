@@ -32,6 +32,7 @@ log = structlog.get_logger(__name__)
 class Terms(Protocol):
     total: torch.Tensor
     parts: dict[str, torch.Tensor]
+    metrics: dict[str, torch.Tensor]  # running training metrics, recorded as they are named
 
 
 class Batches(Protocol):
@@ -129,7 +130,7 @@ class Trainer:
                 terms = self.loss(outputs, batch)
                 self.scaler.scale(terms.total / accum).backward()
             loss_sum += terms.total.detach() / accum
-            for k, v in terms.parts.items():
+            for k, v in {**terms.parts, **terms.metrics}.items():
                 parts[k] = parts.get(k, 0) + v.detach() / accum
         skipped = self._optimizer_step()
         self.scheduler.step()

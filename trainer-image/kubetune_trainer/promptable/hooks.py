@@ -10,6 +10,7 @@ import structlog
 
 from kubetune_trainer.config import EarlyStoppingSpec
 from kubetune_trainer.metrics.events import EventWriter
+from kubetune_trainer.metrics.report import COLLAPSE_SHARE
 from kubetune_trainer.promptable.engine import Hook, Trainer
 from kubetune_trainer.storage.checkpoints import Checkpointer
 from kubetune_trainer.training.early_stopping import EarlyStopping
@@ -42,7 +43,15 @@ class EvalHook(Hook):
         result = self.evaluate()
         self.history.append({"step": step, **result})
         trainer.storage.put_prefixed("eval", {k: v for k, v in result.items() if k != "objects"})
-        log.info("evaluation", step=step, **{k: round(v, 5) for k, v in result.items()})
+        log.info("evaluation", step=step, **{k: round(v, 5) for k, v in result.items() if "/" not in k})
+        if result.get("empty_share", 0.0) > COLLAPSE_SHARE:
+            log.warning(
+                "masks are collapsing: many validation prompts get an empty mask",
+                step=step,
+                empty_share=round(result["empty_share"], 4),
+                target_prob=round(result.get("target_prob", float("nan")), 4),
+                threshold=COLLAPSE_SHARE,
+            )
         if step == 0 and self.baseline is None:
             self.baseline = result
             self._put_baseline(trainer)
@@ -182,3 +191,70 @@ class WriterHook(Hook):
         self.flush(trainer)
         for writer in self.writers:
             writer.close()
+
+
+class CollapseWatch(Hook):
+    """Warn once when the share of training prompts whose mask is empty, averaged over the last
+    `window` steps, passes the threshold (and again after it has recovered and passes it anew)."""
+
+    def __init__(self, window: int = 20, threshold: float = COLLAPSE_SHARE) -> None:
+        self.window = window
+        self.threshold = threshold
+        self.recent: list[float] = []
+        self.warned = False
+
+    def after_step(self, trainer: Trainer) -> None:
+        value = trainer.storage.scalars.get("train/empty_share")
+        if value is None:
+            return
+        self.recent = [*self.recent[-(self.window - 1) :], value]
+        mean = sum(self.recent) / len(self.recent)
+        if len(self.recent) == self.window and mean > self.threshold and not self.warned:
+            self.warned = True
+            log.warning(
+                "masks are collapsing: many training prompts get an empty mask",
+                step=trainer.state.step,
+                empty_share=round(mean, 4),
+                target_prob=round(trainer.storage.scalars.get("train/target_prob", float("nan")), 4),
+                window=self.window,
+                threshold=self.threshold,
+            )
+        elif mean <= self.threshold:
+            self.warned = False
+
+
+class ReportHook(Hook):
+    """After each evaluation, once the writers have its row: `refresh(step)` draws the gallery and
+    rewrites report.html (rank 0). A report that cannot be written is logged, never fatal."""
+
+    def __init__(self, evaluation: EvalHook, refresh: Callable[[int], None], state: Any = None) -> None:
+        self.evaluation = evaluation
+        self.refresh = refresh
+        self.state = state  # what the refresh keeps across resumes (the gallery's base masks)
+        self._done: int | None = None
+
+    def _after_evaluation(self) -> None:
+        history = self.evaluation.history
+        if not history or history[-1]["step"] == self._done:
+            return
+        self._done = step = history[-1]["step"]
+        try:
+            self.refresh(step)
+        except Exception as exc:  # noqa: BLE001 — pictures and a page are not worth the run
+            log.warning("could not refresh the report", step=step, error=f"{type(exc).__name__}: {exc}")
+
+    def before_train(self, trainer: Trainer) -> None:
+        self._after_evaluation()
+
+    def after_step(self, trainer: Trainer) -> None:
+        self._after_evaluation()
+
+    def after_train(self, trainer: Trainer) -> None:
+        self._after_evaluation()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state.state_dict() if self.state is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.state is not None:
+            self.state.load_state_dict(state)

@@ -12,7 +12,7 @@ Losses are computed at the decoder's output resolution against area-resized targ
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ from kubetune_trainer.promptable.models.base import Predictions
 class LossTerms:
     total: torch.Tensor
     parts: dict[str, torch.Tensor]
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
@@ -43,6 +44,23 @@ def mask_iou(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     inter = (pred & tgt).sum(-1).float()
     union = (pred | tgt).sum(-1).float()
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
+
+
+@torch.no_grad()
+def mask_health(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Running training metrics of the trained masks, at the mask logits' resolution: the share of
+    prompts whose mask is empty once thresholded and the mean probability inside the targets (a
+    collapse towards empty masks shows in both first), soft Dice and thresholded IoU (which a
+    model collapsing under a falling loss drives apart)."""
+    probs = logits.float().sigmoid().flatten(1)
+    flat = targets.float().flatten(1)
+    inside = (probs * flat).sum(1)
+    return {
+        "train/empty_share": (~(logits > 0).flatten(1).any(1)).float().mean(),
+        "train/target_prob": inside.sum() / flat.sum().clamp(min=1),
+        "train/soft_dice_at_logits": (2 * inside / (probs.sum(1) + flat.sum(1)).clamp(min=1e-6)).mean(),
+        "train/miou_at_logits": mask_iou(logits, targets).mean(),
+    }
 
 
 # Which prediction heads each preset trains; a head a preset ignores is frozen, so it gets no
@@ -100,7 +118,7 @@ def compute_loss(preds: Predictions, masks: torch.Tensor, preset: str, reduction
         from monai.losses import DiceCELoss  # imported here: monai takes seconds to import
 
         value = DiceCELoss(sigmoid=True, squared_pred=True, reduction="mean")(logits[:, None], targets[:, None])
-        return LossTerms(value, {"loss_dicece": value})
+        return LossTerms(value, {"loss_dicece": value}, mask_health(logits, targets))
     focal = sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0, reduction="none").flatten(-2).mean(-1)
     dice = dice_loss(logits, targets)
     iou = mask_iou(logits, targets)
@@ -125,4 +143,4 @@ def compute_loss(preds: Predictions, masks: torch.Tensor, preset: str, reduction
         parts = {"loss_bce": bce.mean(), "loss_iou": 0.05 * (iou_pred - iou).abs().mean()}
     else:
         raise ValueError(f"unknown loss preset {preset!r}")
-    return LossTerms(sum(parts.values()), parts)
+    return LossTerms(sum(parts.values()), parts, mask_health(logits, targets))

@@ -40,11 +40,21 @@ from kubetune_trainer.promptable.data import (
 from kubetune_trainer.promptable.engine import Trainer
 from kubetune_trainer.promptable.evaluation import evaluate
 from kubetune_trainer.promptable.feature_cache import FeatureCache, fingerprint
-from kubetune_trainer.promptable.hooks import CheckpointHook, EvalHook, PreemptionHook, WriterHook
+from kubetune_trainer.promptable.gallery import Gallery
+from kubetune_trainer.promptable.hooks import (
+    CheckpointHook,
+    CollapseWatch,
+    EvalHook,
+    PreemptionHook,
+    ReportHook,
+    WriterHook,
+)
 from kubetune_trainer.promptable.losses import LOSS_HEADS, compute_loss
 from kubetune_trainer.promptable.models.base import Segmenter
 from kubetune_trainer.promptable.models.registry import segmenter_for
 from kubetune_trainer.promptable.schedules import build_scheduler
+from kubetune_trainer.reporting.files import CONFIG_KEY, GALLERY, publish_page, read_rows
+from kubetune_trainer.reporting.page import Inputs as PageInputs
 from kubetune_trainer.storage.checkpoints import Checkpointer
 from kubetune_trainer.storage.stores import ObjectStore, open_store
 from kubetune_trainer.training import distributed
@@ -227,6 +237,51 @@ def add_evaluation(trainer: Trainer, module, samples: list[Sample], config: Trai
     return hook
 
 
+def add_report(
+    trainer: Trainer,
+    evaluation: EvalHook | None,
+    module,
+    samples: list[Sample],
+    config: TrainConfig,
+    ctx: DistContext,
+    output: ObjectStore,
+    metrics_log: Path,
+) -> Callable[[dict | None], None]:
+    """The collapse watch on every rank; on rank 0, after each evaluation, the gallery (the base
+    model's masks at the baseline, the model's at each later evaluation) and report.html under
+    output.uri. Returns what writes the final page, with report.json's content."""
+    trainer.hooks.append(CollapseWatch())
+    model, training = config.model, config.training
+    dataset = PromptedMasks(samples, module.pre, config.data.prompts, seed=training.seed, train=False)
+    gallery = (
+        Gallery(samples, dataset, config.output.gallery_images) if samples and config.output.gallery_images else None
+    )
+    drawn: list[tuple[str, bytes]] = []
+
+    def page(report: dict | None) -> None:
+        if not ctx.is_main:
+            return
+        rows = read_rows(metrics_log.read_text()) if metrics_log.exists() else []
+        output.put_bytes(config.model_dump_json(by_alias=True, indent=1).encode(), CONFIG_KEY)
+        publish_page(output, PageInputs(rows, config.model_dump(by_alias=True, mode="json"), report, drawn))
+
+    def refresh(step: int) -> None:
+        if not ctx.is_main:
+            return
+        if gallery is not None:
+            rows = gallery.draw(
+                module, model.multimask, model.multimask_reduction, training.precision, ctx.device, baseline=step == 0
+            )
+            for name, data in rows:
+                output.put_bytes(data, GALLERY + name)
+            drawn[:] = rows
+        page(None)
+
+    if evaluation is not None:
+        trainer.hooks.append(ReportHook(evaluation, refresh, gallery))
+    return page
+
+
 def add_recording(
     trainer: Trainer,
     checkpointer: Checkpointer,
@@ -287,6 +342,7 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> Rep
     metrics_log = workdir / METRICS_FILE
     eval_hook = add_evaluation(trainer, module, inputs.validation, config, ctx)
     ckpt_hook = add_recording(trainer, checkpointer, output, config, ctx, metrics, metrics_log)
+    final_page = add_report(trainer, eval_hook, module, inputs.validation, config, ctx, output, metrics_log)
     trainer.hooks.append(PreemptionHook(Preemption().install(), ckpt_hook))  # last: the step's row is in
     if latest is not None:
         resume(trainer, checkpointer, latest, ctx, metrics_log)
@@ -332,5 +388,10 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> Rep
         final.mkdir()
         segmenter.save_native(module, final)
         publish(output, final, config, report, [metrics_log])
+        try:
+            final_page(report.model_dump(mode="json"))
+            log.info("report", page=f"{output.uri}report/report.html")
+        except Exception as exc:  # noqa: BLE001 — the model and report.json are published already
+            log.warning("could not write report.html", error=f"{type(exc).__name__}: {exc}")
     distributed.barrier()
     return report

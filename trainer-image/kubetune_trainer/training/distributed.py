@@ -97,6 +97,15 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     return box[0]
 
 
+def all_gather_object(obj: T) -> list[T]:
+    """Every rank's `obj`, in rank order, on every rank; [obj] in a world of one."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def leader_first(ctx: DistContext, fn: Callable[[], T]) -> T:
     """Run `fn` on each node's local rank 0, then on the other ranks once it is done.
 

@@ -1,0 +1,59 @@
+"""report.html from a job's files: evaluations rebuilt from the metric log, collapse put in words,
+a self-contained page that a real headless browser draws."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from kubetune_trainer.reporting.files import read_rows
+from kubetune_trainer.reporting.page import Inputs, build, evaluations, warnings
+from PIL import Image
+
+from tests.helpers import drawn_share, screenshot
+
+
+def _rows(collapse: bool = False) -> list[dict]:
+    """A metric log as JsonlWriter writes it: each row holds only the values that changed."""
+    rows = [{"step": 0, "eval/miou": 0.10, "eval/soft_dice": 0.20, "eval/empty_share": 0.0, "eval/objects": 24.0}]
+    for step in range(1, 41):
+        rows.append({"step": step, "loss": 2.0 / step, "train/empty_share": 0.9 if collapse else 0.05})
+    rows.append({"step": 20, "eval/miou": 0.30, "eval/soft_dice": 0.40})
+    last = {"eval/miou": 0.02, "eval/soft_dice": 0.45, "eval/empty_share": 0.8} if collapse else {"eval/miou": 0.5}
+    rows.append({"step": 40, **last, "eval/size/small/miou": 0.4, "eval/size/small/objects": 10.0})
+    return rows
+
+
+def test_evaluations_carry_unchanged_values_forward() -> None:
+    evals = evaluations(_rows())
+    assert [e["step"] for e in evals] == [0, 20, 40]
+    assert evals[1]["empty_share"] == 0.0 and evals[1]["objects"] == 24.0  # unchanged, so not in its row
+    assert evals[2]["miou"] == 0.5 and evals[2]["size/small/miou"] == 0.4
+
+
+def test_collapse_and_disagreement_are_said_in_words() -> None:
+    rows = _rows(collapse=True)
+    said = " ".join(warnings(evaluations(rows), rows))
+    assert "collapsing" in said and "80%" in said  # the validation share, named
+    assert "90% of the prompts of the last 20 steps" in said
+    assert "soft Dice rose (0.200 → 0.450) while thresholded mIoU fell (0.100 → 0.020)" in said
+    assert warnings(evaluations(_rows()), _rows()) == []
+
+
+def test_metric_log_with_a_torn_last_line_still_reads() -> None:
+    text = '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n{"step": 3, "lo'
+    assert [r["step"] for r in read_rows(text)] == [1, 2]
+
+
+def test_page_is_self_contained_and_a_browser_draws_it(tmp_path: Path) -> None:
+    picture = tmp_path / "row.png"
+    Image.new("RGB", (600, 120), (200, 40, 40)).save(picture)
+    config = {"job": {"name": "shapes"}, "model": {"family": "sam2", "variant": "sam2.1_hiera_tiny"}}
+    page = build(Inputs(_rows(), config, None, [("00003.png", picture.read_bytes())]))
+    assert "<script" not in page and not re.search(r'(src|href)="(?!data:)', page)  # nothing fetched
+    assert "Did fine-tuning help?" in page and "running" in page and "validation image 3" in page
+    assert "0.1000" in page and "0.5000" in page and "+0.4000" in page  # mIoU before, after, change
+    path = tmp_path / "report.html"
+    path.write_text(page)
+    shown, colours = drawn_share(screenshot(path, tmp_path / "shot.png", height=1600))
+    assert shown > 0.05 and colours > 20, (shown, colours)
