@@ -31,7 +31,6 @@ DOCUMENTED = [
     "kubetune_train_step_seconds_bucket",
     "kubetune_data_wait_seconds_bucket",
     "kubetune_eval_metric",
-    "kubetune_train_metric",
     "kubetune_amp_skipped_steps_total",
     "kubetune_checkpoint_seconds_bucket",
     "kubetune_checkpoint_last_step",

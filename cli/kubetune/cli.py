@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo = sub.add_parser("demo", help="fine-tune SAM2 tiny on a synthetic dataset served from a local S3")
     demo.add_argument("--out", type=Path, default=Path("kubetune-demo"), help="where results are copied")
-    demo.add_argument("--steps", type=int, default=120)
+    demo.add_argument("--steps", type=int, default=None, help="default: 300 from random weights, 120 with --checkpoint")
     demo.add_argument("--nproc-per-node", type=int, default=None)
     demo.add_argument("--checkpoint", type=Path, default=None, help="Meta's sam2.1_hiera_tiny.pt, if you have it")
     demo.set_defaults(func=_demo)

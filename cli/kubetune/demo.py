@@ -2,7 +2,15 @@
 
 Makes a synthetic COCO dataset, serves it from an S3-compatible server on loopback (moto), runs the
 embedded spec through the same torchrun launcher as `kubetune run --local`, then copies the
-checkpoint, report and metrics out of S3 and draws the loss curve.
+checkpoint, report (report.html with its before/after gallery) and metrics out of S3 and draws the
+loss curve.
+
+With Meta's weights (`--checkpoint`) the spec is the usual fine-tune: frozen image encoder, SAM2's
+own loss. Without them the model starts from random weights, and that recipe learns nothing a
+user could see in a CPU minute: the focal-heavy loss drives a random model towards empty masks and
+four images a step are too few prompts for a random decoder. So the demo then trains what can
+learn from scratch: the mask decoder and prompt encoder (to fill the prompted box with the object)
+at 64 px, on 16 images a step with Dice + cross-entropy, over 200 varied images, for 300 steps.
 """
 
 from __future__ import annotations
@@ -21,18 +29,40 @@ from .local import default_nproc, run_local
 from .s3server import client, download_prefix, local_s3, upload_tree
 from .synthetic import write_coco_dataset
 
+# Without base weights: what a random SAM2 can learn on two CPU cores in a couple of minutes (see
+# the module docstring). Measured on 2 cores (2026-11-28): validation mIoU 0.063 -> 0.545 in 300
+# steps, the whole demo in 146 s.
+FROM_SCRATCH = {
+    "model": {"imageSize": 64},
+    "data": {"prompts": {"perturbation": 2}},  # 4 px of box jitter at 128 px, the same share at 64
+    "training": {"batchSize": 16, "loss": "dicece"},
+}
+FROM_SCRATCH_STEPS, FINE_TUNE_STEPS = 300, 120
+FROM_SCRATCH_TRAIN_IMAGES, FINE_TUNE_TRAIN_IMAGES = 200, 24
 
-def demo_job(endpoint: str, steps: int, checkpoint: str | None, gpu: bool) -> FineTuneJob:
+
+def _merge(base: dict, changes: dict) -> None:
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            _merge(base.setdefault(key, {}), value)
+        else:
+            base[key] = value
+
+
+def demo_job(endpoint: str, steps: int | None, checkpoint: str | None, gpu: bool) -> FineTuneJob:
     raw = yaml.safe_load(resources.files(__package__).joinpath("demo.yaml").read_text())
     spec = raw["spec"]
+    if checkpoint:
+        spec["model"]["checkpoint"] = checkpoint
+    else:
+        _merge(spec, FROM_SCRATCH)
+    steps = steps or (FINE_TUNE_STEPS if checkpoint else FROM_SCRATCH_STEPS)
     spec["storage"]["endpoint"] = endpoint
     spec["training"]["maxSteps"] = steps
     spec["training"]["evalEvery"] = max(steps // 2, 1)
     spec["output"]["checkpointEvery"] = max(steps // 2, 1)
     if gpu:
         spec["training"]["precision"] = "bf16"
-    if checkpoint:
-        spec["model"]["checkpoint"] = checkpoint
     return FineTuneJob.model_validate(raw)
 
 
@@ -65,7 +95,7 @@ def plot_loss(metrics: Path, png: Path) -> None:
     plt.close(fig)
 
 
-def run_demo(out: Path, steps: int = 120, nproc: int | None = None, checkpoint: Path | None = None) -> int:
+def run_demo(out: Path, steps: int | None = None, nproc: int | None = None, checkpoint: Path | None = None) -> int:
     import torch
 
     started = time.time()
@@ -73,7 +103,17 @@ def run_demo(out: Path, steps: int = 120, nproc: int | None = None, checkpoint: 
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="kubetune-demo-") as tmp, local_s3() as endpoint:
         print(f"[demo] S3-compatible server at {endpoint}")
-        dataset = write_coco_dataset(Path(tmp) / "shapes")
+        if checkpoint is None:
+            print(
+                "[demo] no base weights can be downloaded here, so SAM2 starts from RANDOM weights. The usual\n"
+                "       fine-tune (frozen encoder, SAM2's focal-heavy loss, 4 images a step) would learn nothing\n"
+                "       visible from there: the loss drives a random model to empty masks. So the demo trains what\n"
+                "       can learn from scratch on a CPU: the mask decoder and prompt encoder at 64 px, 16 images a\n"
+                "       step, Dice + cross-entropy loss, on 200 images. Pass --checkpoint sam2.1_hiera_tiny.pt\n"
+                "       (Meta's release) for the usual fine-tune."
+            )
+        images = FINE_TUNE_TRAIN_IMAGES if checkpoint else FROM_SCRATCH_TRAIN_IMAGES
+        dataset = write_coco_dataset(Path(tmp) / "shapes", train=images)
         count = upload_tree(endpoint, dataset, "datasets", "shapes/")
         print(f"[demo] uploaded a synthetic COCO dataset ({count} files) to s3://datasets/shapes/")
         s3 = client(endpoint)
@@ -94,17 +134,16 @@ def run_demo(out: Path, steps: int = 120, nproc: int | None = None, checkpoint: 
     plot_loss(out / "metrics.jsonl", out / "loss_curve.png")
     evals = report["evaluations"]
     first, last = evals[0], evals[-1]
-    print(f"[demo] validation before: mIoU {first['miou']:.3f}  dice {first['dice']:.3f}  loss {first['loss']:.4f}")
-    print(f"[demo] validation after:  mIoU {last['miou']:.3f}  dice {last['dice']:.3f}  loss {last['loss']:.4f}")
-    if checkpoint is None:
+    for name, e in (("before", first), ("after: ", last)):
         print(
-            "[demo] note: no base weights can be downloaded here, so the demo starts SAM2 from random weights;\n"
-            "       the training loss falls, but held-out mIoU moves little in a CPU-sized run. Pass\n"
-            "       --checkpoint sam2.1_hiera_tiny.pt (Meta's release) for a real fine-tune."
+            f"[demo] validation {name} mIoU {e['miou']:.3f}  Dice {e['dice']:.3f}  F1 {e['f1']:.3f}  "
+            f"empty masks {e['empty_share']:.0%}  (at each image's original size)"
         )
+    print(f"[demo] mIoU change: {last['miou'] - first['miou']:+.3f}")
     print(f"[demo] final model (loads with sam2.build_sam.build_sam2): {out / 'final' / 'model.pt'}")
     print(f"[demo] checkpoints: {out / 'checkpoints'}")
     print(f"[demo] metrics: {out / 'metrics.jsonl'}  report: {out / 'report.json'}")
     print(f"[demo] loss curve: {out / 'loss_curve.png'}")
+    print(f"[demo] report (before/after table, curves, pictures): {(out / 'report' / 'report.html').as_uri()}")
     print(f"[demo] done in {time.time() - started:.0f} s")
     return 0

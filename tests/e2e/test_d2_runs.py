@@ -127,6 +127,17 @@ def test_mask_rcnn_two_processes_kill_9_resume(start_run, s3, s3_endpoint, tiny_
     assert first["step"] == 0 and report["baseline"] == {k: v for k, v in first.items() if k != "step"}
     assert report["final"] == {k: v for k, v in final_eval.items() if k != "step"} and "summary.md" in keys
     assert "final/last_checkpoint" not in keys  # Detectron2's own pointer file stays behind
+    # Before/after: the Visualizer's ground truth, base model and fine-tuned rows for every validation
+    # image (the base panels kept across the kill), and the page; COCO's per-size APs by name.
+    assert [k for k in keys if k.startswith("report/")] == [
+        "report/config.json",
+        *[f"report/gallery/0000{i}.png" for i in range(4)],
+        "report/report.html",
+    ]
+    assert "could not refresh the report" not in text_log
+    assert {f"size/{s}/segm_ap" for s in ("small", "medium", "large")} <= set(final_eval)
+    page = s3.get_object(Bucket=bucket, Key="out/report/report.html")["Body"].read().decode()
+    assert "Did fine-tuning help?" in page and "mask AP" in page and page.count("data:image/png;base64,") == 4
 
     # One continuous metric history across the kill: every step 1..8 has its loss once.
     rows = [json.loads(line) for line in s3.get_object(Bucket=bucket, Key="out/metrics.jsonl")["Body"].iter_lines()]

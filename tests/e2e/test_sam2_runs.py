@@ -64,6 +64,14 @@ def test_two_process_run_on_s3(start_run, s3, s3_endpoint: str, tiny_coco_s3: st
         samples = [s for fam in text_string_to_metric_families(text) for s in fam.samples]
         for name in DOCUMENTED:
             assert any(s.name == name and expected.items() <= s.labels.items() for s in samples), (rank, name)
+    # The collapse watch of promptable models, a running training metric on every rank.
+    watched = {
+        s.labels["metric"]
+        for fam in text_string_to_metric_families(seen[1])
+        for s in fam.samples
+        if s.name == "kubetune_train_metric"
+    }
+    assert watched == {"empty_share", "target_prob", "soft_dice_at_logits", "miou_at_logits"}
     # What the operator's status timer makes of a real rank-0 scrape.
     progress = progress_from(parse_metrics(seen[0]))
     assert progress.total_steps == 8 and 1 <= progress.step <= 8 and progress.loss > 0
