@@ -251,3 +251,21 @@ def test_staging_longer_than_the_collective_timeout_does_not_end_the_run(
         proc, log = start_run(spec, nproc=2, env=env, name="slow-staging")
         assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
     assert proxy.refused > 0 and '"event": "storage unavailable, retrying"' in log.read_text()
+
+
+def test_a_collapse_towards_empty_masks_is_warned_and_reported(start_run, tiny_coco: Path, tmp_path: Path) -> None:
+    """What users know as "the fine-tuned model segments nothing": SAM2's focal-heavy loss preset on
+    a random model drives its masks to empty. The trainer says so in its log, and the page in words."""
+    out = tmp_path / "out"
+    spec = job_manifest(
+        tiny_coco.as_uri() + "/", out.as_uri() + "/", model={"multimask": False}, maxSteps=40, evalEvery=20, loss="sam2"
+    )
+    spec["spec"]["output"]["checkpointEvery"] = None
+    proc, log = start_run(spec, env={"KUBETUNE_METRICS_PORT": "0"})
+    assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    warned = [e for e in log_events(log.read_text()) if str(e.get("event", "")).startswith("masks are collapsing")]
+    assert warned and all(e["level"] == "warning" and e["empty_share"] > 0.5 for e in warned), warned
+    final = json.loads((out / "report.json").read_text())["final"]
+    assert final["empty_share"] > 0.5 and final["target_prob"] < 0.5
+    page = (out / "report" / "report.html").read_text()
+    assert "The masks are collapsing" in page and "segment nothing" in page
