@@ -111,3 +111,15 @@ def test_gallery_draws_each_row_at_the_original_aspect(tmp_path: Path) -> None:
     masks = shown.targets
     assert np.array_equal(decode(json.loads(json.dumps(encode(masks))), 120, 200), masks)
     assert pick(8, 3) == [0, 1, 2] and pick(3, 100) == [0, 50, 99] and len(pick(8, 100)) == 8
+
+
+def test_large_images_are_scored_a_few_objects_at_a_time_with_the_same_result(tmp_path: Path, monkeypatch) -> None:
+    from kubetune_trainer.promptable import evaluation
+
+    boxes = [(10, 20, 60, 80), (100, 10, 190, 110), (5, 5, 30, 30)]
+    batch, _ = _batch(_sample(tmp_path, 120, 200, boxes, ["a", "b", "c"]))
+    logits = torch.randn(3, 16, 16)
+    whole = score_objects(logits, batch, side=64)
+    monkeypatch.setattr(evaluation, "CHUNK_PIXELS", 120 * 200)  # one object at a time
+    assert score_objects(logits, batch, side=64) == whole
+    assert batch.to(torch.device("cpu")).originals is batch.originals  # never copied to the device

@@ -316,10 +316,12 @@ class Gallery:
             rgb = np.asarray(Image.open(record["file_name"]).convert("RGB"))
             truth = Visualizer(rgb, self.metadata).draw_dataset_dict(record).get_image()
             drawn = Visualizer(rgb, self.metadata).draw_instance_predictions(predicted).get_image()
-            if baseline or index not in self.base:
+            if baseline:
                 self.base[index] = _png(Image.fromarray(drawn))
-            base = Image.open(io.BytesIO(self.base[index])).convert("RGB")
-            after = Image.fromarray(drawn) if not baseline else Image.fromarray(rgb // 3)
+            # A run resumed from a checkpoint without the base model's panels has none to show.
+            dimmed = Image.fromarray(rgb // 3)
+            base = Image.open(io.BytesIO(self.base[index])).convert("RGB") if index in self.base else dimmed
+            after = Image.fromarray(drawn) if not baseline else dimmed
             panels = [Image.fromarray(truth), base, after]
             scale = 360 / max(rgb.shape[:2])
             panels = [p.resize((max(1, round(p.width * scale)), max(1, round(p.height * scale)))) for p in panels]

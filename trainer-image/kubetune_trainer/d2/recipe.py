@@ -272,9 +272,10 @@ def coco_results(results: dict[str, dict[str, float]], tasks: tuple[str, ...]) -
         for name, size in SIZE_KEYS.items():
             if name in values:
                 out[f"size/{size}/{task}_ap"] = values[name] / 100.0
-        for name, value in values.items():
-            if name.startswith("AP-"):
-                out[f"class/{name[3:].replace('/', '_')}/{task}_ap"] = value / 100.0
+        per_class = {name[3:]: value for name, value in values.items() if name.startswith("AP-")}
+        if len(per_class) > 1:  # no table of one row
+            for name, value in per_class.items():
+                out[f"class/{name.replace('/', '_')}/{task}_ap"] = value / 100.0
     return out
 
 

@@ -89,7 +89,7 @@ class Batch:
             decoded=self.decoded,
             extents=fn(self.extents) if self.extents is not None else None,
             shapes=self.shapes,
-            originals=[fn(m) for m in self.originals] if self.originals is not None else None,
+            originals=self.originals,  # stay on the CPU: scored a few objects at a time
             classes=self.classes,
         )
 

@@ -112,25 +112,32 @@ def original_size_logits(
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
+CHUNK_PIXELS = 2**26  # original-size pixels scored at once (objects × H × W): 256 MB of float logits
+
+
 def score_objects(logits: torch.Tensor, batch: Batch, side: int) -> list[ObjectScore]:
-    """One score per prompt of `batch` (which must carry its originals: an evaluation batch)."""
+    """One score per prompt of `batch` (which must carry its originals: an evaluation batch).
+    The objects of a large image are scored a few at a time, so memory stays bounded."""
     assert batch.originals is not None and batch.classes is not None and batch.shapes is not None
     scores = []
-    for i, target in enumerate(batch.originals):
-        rows = (batch.image_index == i).nonzero()[:, 0]
-        if not len(rows):
-            continue
+    for i, targets in enumerate(batch.originals):
+        rows = (batch.image_index == i).nonzero()[:, 0].tolist()
         extent = tuple(batch.shapes[i].tolist())
-        full = original_size_logits(logits[rows], side, extent, tuple(target.shape[-2:]))
-        pred, prob, tgt = full > 0, full.sigmoid(), target.to(full.device)
-        tp = (pred & tgt).flatten(1).sum(1)
-        fp = (pred & ~tgt).flatten(1).sum(1)
-        fn = (~pred & tgt).flatten(1).sum(1)
-        inside = (prob * tgt).flatten(1).sum(1)
-        total = prob.flatten(1).sum(1)
-        stats = torch.stack([tp.double(), fp.double(), fn.double(), inside.double(), total.double()], 1).tolist()
-        for row, (t, p, n, ins, tot) in zip(rows.tolist(), stats, strict=True):
-            scores.append(ObjectScore(batch.classes[row], int(t + n), int(t), int(p), int(n), ins, tot))
+        size = tuple(targets.shape[-2:])
+        step = max(1, CHUNK_PIXELS // (size[0] * size[1]))
+        for start in range(0, len(rows), step):
+            chunk = rows[start : start + step]
+            full = original_size_logits(logits[chunk], side, extent, size)
+            tgt = targets[start : start + step].to(full.device)
+            pred, prob = full > 0, full.sigmoid()
+            tp = (pred & tgt).flatten(1).sum(1)
+            fp = (pred & ~tgt).flatten(1).sum(1)
+            fn = (~pred & tgt).flatten(1).sum(1)
+            inside = (prob * tgt).flatten(1).sum(1)
+            total = prob.flatten(1).sum(1)
+            stats = torch.stack([tp.double(), fp.double(), fn.double(), inside.double(), total.double()], 1)
+            for row, (t, p, n, ins, tot) in zip(chunk, stats.tolist(), strict=True):
+                scores.append(ObjectScore(batch.classes[row], int(t + n), int(t), int(p), int(n), ins, tot))
     return scores
 
 

@@ -114,9 +114,10 @@ class Gallery:
         rows = []
         for shown, masks in self.predict(module, multimask, reduction, precision, device):
             height, width = shown.image.shape[:2]
-            if baseline or shown.index not in self.base:
+            if baseline:
                 self.base[shown.index] = encode(masks)
-            base = decode(self.base[shown.index], height, width)
+            # A run resumed from a checkpoint without the base model's masks has none to show.
+            base = decode(self.base[shown.index], height, width) if shown.index in self.base else None
             tuned = None if baseline else masks
             rows.append((f"{shown.index:05d}.png", png(draw_row(shown, base, tuned))))
         return rows
@@ -151,12 +152,10 @@ def _label_at(draw: ImageDraw.ImageDraw, mask: np.ndarray, text: str, factor: fl
     draw.text((x, y), text, fill=(255, 255, 255), font=font)
 
 
-def _mask_panel(shown: Shown, masks: np.ndarray | None, title: str) -> Image.Image:
+def _mask_panel(shown: Shown, masks: np.ndarray | None, missing: str) -> Image.Image:
     if masks is None:
         panel = _scaled(Image.fromarray(shown.image // 3))
-        ImageDraw.Draw(panel).text(
-            (8, panel.height // 2), "(drawn after training)", fill=(255, 255, 255), font=_font(16)
-        )
+        ImageDraw.Draw(panel).text((8, panel.height // 2), missing, fill=(255, 255, 255), font=_font(16))
         return panel
     panel = _scaled(Image.fromarray(_overlay(shown.image, masks)))
     draw = ImageDraw.Draw(panel)
@@ -164,7 +163,7 @@ def _mask_panel(shown: Shown, masks: np.ndarray | None, title: str) -> Image.Ima
     for k, (pred, target) in enumerate(zip(masks, shown.targets, strict=True)):
         corner = tuple(shown.coords[k].min(0))
         _label_at(draw, pred if pred.any() else target, f"{iou(pred, target):.2f}", factor, corner)
-    if title:
+    if len(masks):
         mean = np.mean([iou(p, t) for p, t in zip(masks, shown.targets, strict=True)]) if len(masks) else 0.0
         draw.text(
             (4, panel.height - 20),
@@ -193,14 +192,14 @@ def _prompt_panel(shown: Shown) -> Image.Image:
     return panel
 
 
-def draw_row(shown: Shown, base: np.ndarray, tuned: np.ndarray | None) -> Image.Image:
+def draw_row(shown: Shown, base: np.ndarray | None, tuned: np.ndarray | None) -> Image.Image:
     """image | ground truth | prompts | base model | fine-tuned, titled, side by side."""
     panels = [
         _scaled(Image.fromarray(shown.image)),
         _scaled(Image.fromarray(_overlay(shown.image, shown.targets))),
         _prompt_panel(shown),
-        _mask_panel(shown, base, "base"),
-        _mask_panel(shown, tuned, "tuned"),
+        _mask_panel(shown, base, "(not drawn before training)"),
+        _mask_panel(shown, tuned, "(drawn after training)"),
     ]
     gap, title_h = 6, 22
     width = sum(p.width for p in panels) + gap * (len(panels) - 1)

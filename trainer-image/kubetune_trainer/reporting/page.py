@@ -53,6 +53,10 @@ def series(rows: Iterable[dict[str, Any]], key: str) -> list[tuple[float, float]
     return [(r["step"], r[key]) for r in rows if _number(r.get(key))]
 
 
+def at_evaluations(evals: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
+    return [(e["step"], e[key]) for e in evals if _number(e.get(key))]
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
@@ -226,17 +230,17 @@ def build(inputs: Inputs) -> str:
         sections.append("<h2>By class</h2>" + breakdown(before, after, "class", classes))
     sections.append("<h2>Curves</h2>")
     sections.append(
-        line_chart({"training loss": series(rows, "loss"), "validation loss": series(rows, "eval/loss")}, "loss")
+        line_chart({"training loss": series(rows, "loss"), "validation loss": at_evaluations(evals, "loss")}, "loss")
     )
-    quality = {name: series(rows, f"eval/{key}") for key, name in (*COMPARED, ("soft_dice", "soft Dice"))}
+    quality = {name: at_evaluations(evals, key) for key, name in (*COMPARED, ("soft_dice", "soft Dice"))}
     quality["train soft Dice (logits)"] = series(rows, "train/soft_dice_at_logits")
     quality["train mIoU (logits)"] = series(rows, "train/miou_at_logits")
     sections.append(line_chart(quality, "validation metrics; training soft Dice and IoU", (0.0, 1.0)))
     watch = {
         "train empty masks": series(rows, "train/empty_share"),
         "train p inside target": series(rows, "train/target_prob"),
-        "val empty masks": series(rows, "eval/empty_share"),
-        "val p inside target": series(rows, "eval/target_prob"),
+        "val empty masks": at_evaluations(evals, "empty_share"),
+        "val p inside target": at_evaluations(evals, "target_prob"),
     }
     sections.append(line_chart(watch, "collapse watch: share of empty masks, probability inside targets", (0.0, 1.0)))
     if inputs.gallery:
