@@ -134,12 +134,22 @@ def _scaled(image: Image.Image) -> Image.Image:
     return image.resize((max(1, round(image.width * factor)), max(1, round(image.height * factor))), Image.BILINEAR)
 
 
-def _overlay(image: np.ndarray, masks: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    out = image.astype(np.float32).copy()
+def _overlay(image: np.ndarray, masks: np.ndarray, alpha: float = 0.45) -> Image.Image:
+    """The image at panel size with each mask tinted in its object's colour and outlined, so a
+    mask stays visible whatever the colours of the image under it."""
+    panel = _scaled(Image.fromarray(image))
+    out = np.asarray(panel, np.float32).copy()
     for k, mask in enumerate(masks):
+        small = np.asarray(Image.fromarray(mask).resize(panel.size, Image.NEAREST))
         color = np.array(PALETTE[k % len(PALETTE)], np.float32)
-        out[mask] = (1 - alpha) * out[mask] + alpha * color
-    return out.clip(0, 255).astype(np.uint8)
+        out[small] = (1 - alpha) * out[small] + alpha * color
+        inner = small.copy()
+        inner[1:] &= small[:-1]
+        inner[:-1] &= small[1:]
+        inner[:, 1:] &= small[:, :-1]
+        inner[:, :-1] &= small[:, 1:]
+        out[small & ~inner] = color  # the outline
+    return Image.fromarray(out.clip(0, 255).astype(np.uint8))
 
 
 def _label_at(draw: ImageDraw.ImageDraw, mask: np.ndarray, text: str, factor: float, fallback: tuple) -> None:
@@ -157,14 +167,14 @@ def _mask_panel(shown: Shown, masks: np.ndarray | None, missing: str) -> Image.I
         panel = _scaled(Image.fromarray(shown.image // 3))
         ImageDraw.Draw(panel).text((8, panel.height // 2), missing, fill=(255, 255, 255), font=_font(16))
         return panel
-    panel = _scaled(Image.fromarray(_overlay(shown.image, masks)))
+    panel = _overlay(shown.image, masks)
     draw = ImageDraw.Draw(panel)
     factor = panel.width / shown.image.shape[1]
     for k, (pred, target) in enumerate(zip(masks, shown.targets, strict=True)):
         corner = tuple(shown.coords[k].min(0))
         _label_at(draw, pred if pred.any() else target, f"{iou(pred, target):.2f}", factor, corner)
     if len(masks):
-        mean = np.mean([iou(p, t) for p, t in zip(masks, shown.targets, strict=True)]) if len(masks) else 0.0
+        mean = np.mean([iou(p, t) for p, t in zip(masks, shown.targets, strict=True)])
         draw.text(
             (4, panel.height - 20),
             f"mIoU {mean:.2f}",
@@ -196,7 +206,7 @@ def draw_row(shown: Shown, base: np.ndarray | None, tuned: np.ndarray | None) ->
     """image | ground truth | prompts | base model | fine-tuned, titled, side by side."""
     panels = [
         _scaled(Image.fromarray(shown.image)),
-        _scaled(Image.fromarray(_overlay(shown.image, shown.targets))),
+        _overlay(shown.image, shown.targets),
         _prompt_panel(shown),
         _mask_panel(shown, base, "(not drawn before training)"),
         _mask_panel(shown, tuned, "(drawn after training)"),
