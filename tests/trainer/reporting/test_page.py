@@ -57,3 +57,23 @@ def test_page_is_self_contained_and_a_browser_draws_it(tmp_path: Path) -> None:
     path.write_text(page)
     shown, colours = drawn_share(screenshot(path, tmp_path / "shot.png", height=1600))
     assert shown > 0.05 and colours > 20, (shown, colours)
+
+
+def test_kubetune_report_builds_the_page_of_a_running_job_and_says_where(tmp_path: Path, capsys) -> None:
+    """While a job runs its output has a metric log and report/config.json, no report.json yet."""
+    import json
+
+    from kubetune.cli import main
+
+    out = tmp_path / "out"
+    (out / "report").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows()))
+    (out / "report" / "config.json").write_text(json.dumps({"job": {"name": "shapes"}, "model": {"family": "sam"}}))
+    page = tmp_path / "page.html"
+    assert main(["report", out.as_uri() + "/", "--out", str(page)]) == 0
+    said = capsys.readouterr().out
+    assert f"(running or stopped, 0 gallery images): {page}" in said
+    assert "running (refreshed at each evaluation); step 40 of ?" in page.read_text()
+
+    assert main(["report", tmp_path.as_uri() + "/nothing/"]) == 2  # no metric log: said, not a traceback
+    assert "no metrics.jsonl under" in capsys.readouterr().err
