@@ -40,6 +40,14 @@ def test_collapse_and_disagreement_are_said_in_words() -> None:
     assert warnings(evaluations(_rows()), _rows()) == []
 
 
+def test_a_total_collapse_written_once_still_counts_for_every_step() -> None:
+    """JsonlWriter writes a value only when it changes: 1.0 at step 5 stands for steps 5 to 40."""
+    rows = [{"step": s, "loss": 1.0 / s, **({"train/empty_share": 0.1} if s < 5 else {})} for s in range(1, 41)]
+    rows[4]["train/empty_share"] = 1.0
+    said = " ".join(warnings([], rows))
+    assert "100% of the prompts of the last 20 steps" in said
+
+
 def test_metric_log_with_a_torn_last_line_still_reads() -> None:
     text = '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n{"step": 3, "lo'
     assert [r["step"] for r in read_rows(text)] == [1, 2]

@@ -50,7 +50,15 @@ def evaluations(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def series(rows: Iterable[dict[str, Any]], key: str) -> list[tuple[float, float]]:
-    return [(r["step"], r[key]) for r in rows if _number(r.get(key))]
+    """A training value at every step the log has a row for. A row holds only what changed, so a
+    value missing from a step's row is the one before it (a collapse to exactly 1.0 writes 1.0 once)."""
+    out, current = [], None
+    for row in rows:
+        if _number(row.get(key)):
+            current = row[key]
+        if current is not None and ("loss" in row or key in row):
+            out.append((row["step"], current))
+    return out
 
 
 def at_evaluations(evals: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
