@@ -261,3 +261,20 @@ def test_detectron2_example_is_a_valid_finetunejob() -> None:
     example = ROOT / "examples" / "finetunejob-detectron2.yaml"
     job = FineTuneJob.model_validate(yaml.safe_load(example.read_text()))
     assert job.spec.model.family == "detectron2" and job.spec.training.precision == "fp16"
+
+
+def test_coco_results_become_fractions_per_size_and_per_class() -> None:
+    """COCOEvaluator's dict (percentages; NaN where no object of a size exists) under kubetune's names."""
+    from kubetune_trainer.d2.bridge import coco_results
+
+    nan = float("nan")
+    results = {
+        "bbox": {"AP": 40.0, "AP50": 60.0, "AP75": 41.0, "APs": nan, "APm": 30.0, "APl": 50.0, "AP-cat": 45.0},
+        "segm": {"AP": 35.0, "AP50": 55.0, "AP75": 36.0, "APs": nan, "APm": 25.0, "APl": 45.0, "AP-cat": 38.0},
+    }
+    results["bbox"]["AP-traffic/light"] = 35.0
+    out = coco_results(results, ("bbox", "segm"))
+    assert out["bbox_ap"] == 0.4 and out["segm_ap50"] == 0.55 and out["size/medium/segm_ap"] == 0.25
+    assert out["size/small/bbox_ap"] != out["size/small/bbox_ap"]  # NaN stays NaN (null in report.json)
+    assert out["class/traffic_light/bbox_ap"] == 0.35  # a slash in a class name does not nest the key
+    assert not any(k.startswith("class/") and k.endswith("segm_ap") for k in out)  # one class: no table

@@ -1,5 +1,6 @@
 """Detectron2's EventStorage scalars → kubetune's `Snapshot`, so a Detectron2 job exports the same
-Prometheus names (and metrics.jsonl rows) as a SAM2 job. Pure: tested without detectron2.
+Prometheus names (and metrics.jsonl rows) as a SAM2 job, and COCOEvaluator's results → kubetune's
+metric names. Pure: tested without detectron2.
 
 Detectron2 puts, per iteration: total_loss and each loss_* (averaged over ranks, main rank only),
 lr (LRScheduler hook), time (IterationTimer, after its warm-up), data_time / rank_data_time.
@@ -7,6 +8,7 @@ lr (LRScheduler hook), time (IterationTimer, after its warm-up), data_time / ran
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -57,3 +59,24 @@ def bridge(latest: Mapping[str, tuple[float, int]], iteration: int, shape: RunSh
             scalars[key] = value
     increments = {"images": float(shape.total_batch // shape.world_size)}
     return Snapshot(step, scalars, observations, increments)
+
+
+SIZE_KEYS = {"APs": "small", "APm": "medium", "APl": "large"}
+
+
+def coco_results(results: dict[str, dict[str, float]], tasks: tuple[str, ...]) -> dict[str, float]:
+    """COCOEvaluator's percentages as fractions under kubetune's names: `segm_ap`, `bbox_ap50`…,
+    per COCO object size `size/small/segm_ap`…, and per class `class/<name>/segm_ap` (its "AP-<name>")."""
+    out = {}
+    for task in tasks:
+        values = results.get(task, {})
+        for name in ("AP", "AP50", "AP75"):
+            out[f"{task}_{name.lower()}"] = values.get(name, math.nan) / 100.0
+        for name, size in SIZE_KEYS.items():
+            if name in values:
+                out[f"size/{size}/{task}_ap"] = values[name] / 100.0
+        per_class = {name[3:]: value for name, value in values.items() if name.startswith("AP-")}
+        if len(per_class) > 1:  # no table of one row
+            for name, value in per_class.items():
+                out[f"class/{name.replace('/', '_')}/{task}_ap"] = value / 100.0
+    return out

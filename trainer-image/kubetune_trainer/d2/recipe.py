@@ -10,7 +10,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
-import math
 import shutil
 import tempfile
 import time
@@ -31,7 +30,7 @@ from detectron2.utils.logger import setup_logger
 
 from kubetune_trainer import logs
 from kubetune_trainer.config import TrainConfig
-from kubetune_trainer.d2.bridge import RunShape
+from kubetune_trainer.d2.bridge import RunShape, coco_results
 from kubetune_trainer.d2.build import (
     TRAIN,
     VALIDATION,
@@ -256,27 +255,6 @@ def _evaluate(cfg: Any, module: torch.nn.Module, masks: bool, workdir: Path, tra
     flat = {f"{task}/{name}": value for task, values in results.items() for name, value in values.items()}
     trainer.storage.put_scalars(**flat, smoothing_hint=False)  # Detectron2's names, for metrics.json
     return coco_results(results, tasks)
-
-
-SIZE_KEYS = {"APs": "small", "APm": "medium", "APl": "large"}
-
-
-def coco_results(results: dict[str, dict[str, float]], tasks: tuple[str, ...]) -> dict[str, float]:
-    """COCOEvaluator's percentages as fractions under kubetune's names: `segm_ap`, `bbox_ap50`…,
-    per COCO object size `size/small/segm_ap`…, and per class `class/<name>/segm_ap` (its "AP-<name>")."""
-    out = {}
-    for task in tasks:
-        values = results.get(task, {})
-        for name in ("AP", "AP50", "AP75"):
-            out[f"{task}_{name.lower()}"] = values.get(name, math.nan) / 100.0
-        for name, size in SIZE_KEYS.items():
-            if name in values:
-                out[f"size/{size}/{task}_ap"] = values[name] / 100.0
-        per_class = {name[3:]: value for name, value in values.items() if name.startswith("AP-")}
-        if len(per_class) > 1:  # no table of one row
-            for name, value in per_class.items():
-                out[f"class/{name.replace('/', '_')}/{task}_ap"] = value / 100.0
-    return out
 
 
 def write_final(cfg: Any, module: torch.nn.Module, train: Split, workdir: Path) -> Path:

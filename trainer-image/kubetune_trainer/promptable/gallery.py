@@ -20,7 +20,7 @@ from torch import nn
 from kubetune_trainer.datasets.files import load_image
 from kubetune_trainer.datasets.readers import Sample
 from kubetune_trainer.promptable.data import EVAL_EPOCH, PromptedMasks, collate
-from kubetune_trainer.promptable.evaluation import original_size_logits
+from kubetune_trainer.promptable.evaluation import CHUNK_PIXELS, original_size_logits
 from kubetune_trainer.promptable.losses import kept_logits
 from kubetune_trainer.training import distributed
 
@@ -98,13 +98,20 @@ class Gallery:
         out = []
         for index in self.indices:
             item, shown = self._item(index)
+            size = shown.image.shape[:2]
+            if not len(item["masks"]):  # nothing to prompt
+                out.append((shown, np.zeros((0, *size), bool)))
+                continue
             batch = collate([item]).to(device)
             with distributed.autocast(precision, device):
                 preds = module(batch, multimask)
             logits = kept_logits(preds, reduction)
-            size = shown.image.shape[:2]
-            full = original_size_logits(logits, self.dataset.pre.size, item["extent"], size)
-            out.append((shown, (full > 0).cpu().numpy()))
+            step = max(1, CHUNK_PIXELS // (size[0] * size[1]))  # a large image, a few objects at a time
+            masks = [
+                (original_size_logits(logits[i : i + step], self.dataset.pre.size, item["extent"], size) > 0).cpu()
+                for i in range(0, len(logits), step)
+            ]
+            out.append((shown, torch.cat(masks).numpy()))
         module.train(was_training)
         return out
 
