@@ -83,6 +83,8 @@ def test_summary_means_sizes_classes_and_collapse_numbers() -> None:
     assert result["size/small/miou"] == pytest.approx(ious[0]) and result["size/medium/objects"] == 1
     assert result["class/cat/miou"] == pytest.approx(sum(ious[:2]) / 2) and result["class/dog/objects"] == 1
     assert [size_of(a) for a in (1023, 1024, 9215, 9216)] == ["small", "medium", "medium", "large"]
+    slashed = summarize([ObjectScore("traffic/light", 10, 5, 0, 5, 5.0, 5.0), scores[0]])
+    assert "class/traffic_light/miou" in slashed
     one_class = summarize([ObjectScore("shape", 10, 5, 0, 5, 5.0, 5.0)])
     assert not any(k.startswith("class/") for k in one_class)  # no table of one row
 

@@ -91,7 +91,7 @@ def summarize(scores: list[ObjectScore]) -> dict[str, float]:
     by_class: dict[str, list[ObjectScore]] = defaultdict(list)
     for s in scores:
         by_size[size_of(s.area)].append(s)
-        by_class[s.cls].append(s)
+        by_class[s.cls.replace("/", "_")].append(s)  # a slash in a class name must not nest the key
     for name, _, _ in SIZES:
         if by_size[name]:
             result.update({f"size/{name}/{k}": v for k, v in _means(by_size[name]).items()})
