@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from kubetune_trainer.reporting.files import read_rows
-from kubetune_trainer.reporting.page import Inputs, build, evaluations, warnings
+from kubetune_trainer.reporting.page import Inputs, build, evaluations, thinned, warnings
 from PIL import Image
 
 from tests.helpers import drawn_share, screenshot
@@ -46,6 +46,13 @@ def test_a_total_collapse_written_once_still_counts_for_every_step() -> None:
     rows[4]["train/empty_share"] = 1.0
     said = " ".join(warnings([], rows))
     assert "100% of the prompts of the last 20 steps" in said
+
+
+def test_a_long_run_draws_a_bounded_number_of_points_and_keeps_the_last() -> None:
+    points = [(float(s), 1.0 / s) for s in range(1, 100_001)]
+    kept = thinned(points)
+    assert len(kept) <= 1501 and kept[0] == points[0] and kept[-1] == points[-1]
+    assert thinned(points[:10]) == points[:10]
 
 
 def test_metric_log_with_a_torn_last_line_still_reads() -> None:

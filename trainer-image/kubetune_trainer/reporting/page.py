@@ -26,6 +26,7 @@ WATCHED = (
     ("target_prob", "mean probability inside targets"),
 )
 LOWER_IS_BETTER = {"empty_share", "loss"}
+MOST_POINTS = 1500  # per curve: a 100,000-step run draws one point in 67
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf")
 
 
@@ -105,6 +106,7 @@ def line_chart(
     ]
     for i, (name, pts) in enumerate(lines.items()):
         color = COLORS[i % len(COLORS)]
+        pts = thinned(pts)
         if len(pts) > 1:
             points = " ".join(px(x, y) for x, y in pts)
             parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{points}"/>')
@@ -116,6 +118,14 @@ def line_chart(
         parts.append(f'<text x="{w - right + 26}" y="{ly - 4}" font-size="11">{html.escape(name)}</text>')
     parts.append("</svg>")
     return "".join(parts)
+
+
+def thinned(points: list[tuple[float, float]], most: int = MOST_POINTS) -> list[tuple[float, float]]:
+    """At most about `most` points, evenly spaced, the last one kept: a long run's page stays small."""
+    if len(points) <= most:
+        return points
+    stride = -(-len(points) // most)
+    return points[::stride] + ([points[-1]] if (len(points) - 1) % stride else [])
 
 
 def warnings(evals: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[str]:
