@@ -18,6 +18,7 @@ from detectron2.engine import HookBase
 from kubetune_trainer.config import EarlyStoppingSpec
 from kubetune_trainer.d2.bridge import RunShape, bridge
 from kubetune_trainer.metrics.events import EventStorage, EventWriter
+from kubetune_trainer.reporting.publisher import ReportPublisher, png
 from kubetune_trainer.storage.checkpoints import Checkpointer
 from kubetune_trainer.storage.stores import ObjectStore
 from kubetune_trainer.training import distributed
@@ -256,14 +257,13 @@ class BridgeHook(HookBase):
 
 
 class ReportHook(HookBase):
-    """After each evaluation, once the bridge has written its row: `refresh(step)` draws the
-    gallery and rewrites report.html (rank 0). A report that cannot be written is logged."""
+    """After each evaluation, once the bridge has written its row: the publisher's gallery and
+    report.html (rank 0). `state` is what the gallery keeps across resumes (the base panels)."""
 
-    def __init__(self, evaluation: EvalHook, refresh: Callable[[int], None], state: Any = None) -> None:
+    def __init__(self, evaluation: EvalHook, publisher: ReportPublisher, state: Any = None) -> None:
         self.evaluation = evaluation
-        self.refresh = refresh
-        self.state = state  # what the refresh keeps across resumes (the gallery's base panels)
-        self._done: int | None = None
+        self.publisher = publisher
+        self.state = state
 
     def state_dict(self) -> dict[str, Any]:
         return self.state.state_dict() if self.state is not None else {}
@@ -273,14 +273,8 @@ class ReportHook(HookBase):
             self.state.load_state_dict(state)
 
     def _after_evaluation(self) -> None:
-        history = self.evaluation.history
-        if not history or history[-1]["step"] == self._done or unwinding():
-            return
-        self._done = step = history[-1]["step"]
-        try:
-            self.refresh(step)
-        except Exception as exc:  # noqa: BLE001 — pictures and a page are not worth the run
-            log.warning("could not refresh the report", step=step, error=f"{type(exc).__name__}: {exc}")
+        if not unwinding():
+            self.publisher.after_evaluation(self.evaluation.history)
 
     def before_train(self) -> None:
         self._after_evaluation()
@@ -317,7 +311,7 @@ class Gallery:
             truth = Visualizer(rgb, self.metadata).draw_dataset_dict(record).get_image()
             drawn = Visualizer(rgb, self.metadata).draw_instance_predictions(predicted).get_image()
             if baseline:
-                self.base[index] = _png(Image.fromarray(drawn))
+                self.base[index] = png(Image.fromarray(drawn))
             # A run resumed from a checkpoint without the base model's panels has none to show.
             dimmed = Image.fromarray(rgb // 3)
             base = Image.open(io.BytesIO(self.base[index])).convert("RGB") if index in self.base else dimmed
@@ -336,7 +330,7 @@ class Gallery:
                 draw.text((x + 2, 2), title, fill=(0, 0, 0), font=font)
                 row.paste(panel, (x, 22))
                 x += panel.width + 6
-            rows.append((f"{index:05d}.png", _png(row)))
+            rows.append((f"{index:05d}.png", png(row)))
         return rows
 
     def state_dict(self) -> dict[str, Any]:
@@ -344,14 +338,6 @@ class Gallery:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.base = {int(k): v for k, v in (state.get("gallery_base") or {}).items()}
-
-
-def _png(image: Any) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=True)
-    return buffer.getvalue()
 
 
 def predict(cfg: Any, model: torch.nn.Module, records: list[dict]) -> list[Any]:

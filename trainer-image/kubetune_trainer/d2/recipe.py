@@ -57,8 +57,7 @@ from kubetune_trainer.d2.sampler import ResumableStream
 from kubetune_trainer.metrics.events import METRICS_FILE, EventStorage, JsonlWriter
 from kubetune_trainer.metrics.prometheus import PrometheusWriter
 from kubetune_trainer.metrics.report import BestValue, Report
-from kubetune_trainer.reporting.files import CONFIG_KEY, GALLERY, publish_page, read_rows
-from kubetune_trainer.reporting.page import Inputs as PageInputs
+from kubetune_trainer.reporting.publisher import ReportPublisher
 from kubetune_trainer.storage.checkpoints import Checkpointer
 from kubetune_trainer.storage.stores import open_store
 from kubetune_trainer.training import distributed
@@ -150,24 +149,10 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> Rep
     bridge_hook = BridgeHook(progress, shape=shape, writers=writers, device=ctx.device, events=events)
     hook_list += [bridge_hook, ckpt_hook, PreemptionHook(Preemption().install(), ckpt_hook, eval_hook)]
     gallery = Gallery(cfg, val.records[: config.output.gallery_images], vis_metadata) if val else None
-    drawn: list[tuple[str, bytes]] = []
-
-    def page(report: dict | None) -> None:
-        if ctx.is_main:
-            rows = read_rows(metrics_log.read_text()) if metrics_log.exists() else []
-            output.put_bytes(config.model_dump_json(by_alias=True, indent=1).encode(), CONFIG_KEY)
-            publish_page(output, PageInputs(rows, config.model_dump(by_alias=True, mode="json"), report, drawn))
-
-    def refresh(step: int) -> None:
-        if ctx.is_main:
-            if gallery is not None and gallery.records:
-                drawn[:] = gallery.draw(module, baseline=step == 0)
-                for name, data in drawn:
-                    output.put_bytes(data, GALLERY + name)
-            page(None)
-
+    draw = (lambda baseline: gallery.draw(module, baseline)) if gallery and gallery.records else None
+    publisher = ReportPublisher(output, config, metrics_log, draw, ctx.is_main)
     if eval_hook is not None:  # after the bridge: the evaluation's row is in the metric log
-        hook_list.insert(hook_list.index(bridge_hook) + 1, ReportHook(eval_hook, refresh, gallery))
+        hook_list.insert(hook_list.index(bridge_hook) + 1, ReportHook(eval_hook, publisher, gallery))
     if ctx.is_main:
         printers = [CommonMetricPrinter(job_plan.max_iter), JSONWriter(str(d2_log))]
         hook_list.append(d2_hooks.PeriodicWriter(printers, period=20))
@@ -218,11 +203,7 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> Rep
     )
     if ctx.is_main:
         publish(output, write_final(cfg, module, train, workdir), config, report, list(metric_logs.values()))
-        try:
-            page(report.model_dump(mode="json"))
-            log.info("report", page=f"{output.uri}report/report.html")
-        except Exception as exc:  # noqa: BLE001 — the model and report.json are published already
-            log.warning("could not write report.html", error=f"{type(exc).__name__}: {exc}")
+        publisher.finish(report)
     distributed.barrier()
     return report
 

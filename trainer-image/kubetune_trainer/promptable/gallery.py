@@ -8,7 +8,6 @@ COCO RLE, in checkpoints too), so a resumed run still draws the "before" column.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +21,7 @@ from kubetune_trainer.datasets.readers import Sample
 from kubetune_trainer.promptable.data import EVAL_EPOCH, PromptedMasks, collate
 from kubetune_trainer.promptable.evaluation import CHUNK_PIXELS, original_size_logits
 from kubetune_trainer.promptable.losses import kept_logits
+from kubetune_trainer.reporting.publisher import png
 from kubetune_trainer.training import distributed
 
 PANEL = 320  # longest side of one panel, in pixels
@@ -228,9 +228,3 @@ def draw_row(shown: Shown, base: np.ndarray | None, tuned: np.ndarray | None) ->
         row.paste(panel, (x, title_h))
         x += panel.width + gap
     return row
-
-
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=True)
-    return buffer.getvalue()

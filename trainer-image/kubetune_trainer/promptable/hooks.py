@@ -12,6 +12,7 @@ from kubetune_trainer.config import EarlyStoppingSpec
 from kubetune_trainer.metrics.events import EventWriter
 from kubetune_trainer.metrics.report import COLLAPSE_SHARE
 from kubetune_trainer.promptable.engine import Hook, Trainer
+from kubetune_trainer.reporting.publisher import ReportPublisher
 from kubetune_trainer.storage.checkpoints import Checkpointer
 from kubetune_trainer.training.early_stopping import EarlyStopping
 from kubetune_trainer.training.preemption import Preemption
@@ -224,33 +225,22 @@ class CollapseWatch(Hook):
 
 
 class ReportHook(Hook):
-    """After each evaluation, once the writers have its row: `refresh(step)` draws the gallery and
-    rewrites report.html (rank 0). A report that cannot be written is logged, never fatal."""
+    """After each evaluation, once the writers have its row: the publisher's gallery and
+    report.html (rank 0). `state` is what the gallery keeps across resumes (the base masks)."""
 
-    def __init__(self, evaluation: EvalHook, refresh: Callable[[int], None], state: Any = None) -> None:
+    def __init__(self, evaluation: EvalHook, publisher: ReportPublisher, state: Any = None) -> None:
         self.evaluation = evaluation
-        self.refresh = refresh
-        self.state = state  # what the refresh keeps across resumes (the gallery's base masks)
-        self._done: int | None = None
-
-    def _after_evaluation(self) -> None:
-        history = self.evaluation.history
-        if not history or history[-1]["step"] == self._done:
-            return
-        self._done = step = history[-1]["step"]
-        try:
-            self.refresh(step)
-        except Exception as exc:  # noqa: BLE001 — pictures and a page are not worth the run
-            log.warning("could not refresh the report", step=step, error=f"{type(exc).__name__}: {exc}")
+        self.publisher = publisher
+        self.state = state
 
     def before_train(self, trainer: Trainer) -> None:
-        self._after_evaluation()
+        self.publisher.after_evaluation(self.evaluation.history)
 
     def after_step(self, trainer: Trainer) -> None:
-        self._after_evaluation()
+        self.publisher.after_evaluation(self.evaluation.history)
 
     def after_train(self, trainer: Trainer) -> None:
-        self._after_evaluation()
+        self.publisher.after_evaluation(self.evaluation.history)
 
     def state_dict(self) -> dict[str, Any]:
         return self.state.state_dict() if self.state is not None else {}

@@ -53,8 +53,7 @@ from kubetune_trainer.promptable.losses import LOSS_HEADS, compute_loss
 from kubetune_trainer.promptable.models.base import Segmenter
 from kubetune_trainer.promptable.models.registry import segmenter_for
 from kubetune_trainer.promptable.schedules import build_scheduler
-from kubetune_trainer.reporting.files import CONFIG_KEY, GALLERY, publish_page, read_rows
-from kubetune_trainer.reporting.page import Inputs as PageInputs
+from kubetune_trainer.reporting.publisher import ReportPublisher
 from kubetune_trainer.storage.checkpoints import Checkpointer
 from kubetune_trainer.storage.stores import ObjectStore, open_store
 from kubetune_trainer.training import distributed
@@ -246,40 +245,27 @@ def add_report(
     ctx: DistContext,
     output: ObjectStore,
     metrics_log: Path,
-) -> Callable[[dict | None], None]:
+) -> ReportPublisher:
     """The collapse watch on every rank; on rank 0, after each evaluation, the gallery (the base
     model's masks at the baseline, the model's at each later evaluation) and report.html under
-    output.uri. Returns what writes the final page, with report.json's content."""
+    output.uri. Returns the publisher, which writes the finished page."""
     trainer.hooks.append(CollapseWatch())
     model, training = config.model, config.training
     dataset = PromptedMasks(samples, module.pre, config.data.prompts, seed=training.seed, train=False)
     gallery = (
         Gallery(samples, dataset, config.output.gallery_images) if samples and config.output.gallery_images else None
     )
-    drawn: list[tuple[str, bytes]] = []
 
-    def page(report: dict | None) -> None:
-        if not ctx.is_main:
-            return
-        rows = read_rows(metrics_log.read_text()) if metrics_log.exists() else []
-        output.put_bytes(config.model_dump_json(by_alias=True, indent=1).encode(), CONFIG_KEY)
-        publish_page(output, PageInputs(rows, config.model_dump(by_alias=True, mode="json"), report, drawn))
+    def draw(baseline: bool) -> list[tuple[str, bytes]]:
+        assert gallery is not None
+        return gallery.draw(
+            module, model.multimask, model.multimask_reduction, training.precision, ctx.device, baseline=baseline
+        )
 
-    def refresh(step: int) -> None:
-        if not ctx.is_main:
-            return
-        if gallery is not None:
-            rows = gallery.draw(
-                module, model.multimask, model.multimask_reduction, training.precision, ctx.device, baseline=step == 0
-            )
-            for name, data in rows:
-                output.put_bytes(data, GALLERY + name)
-            drawn[:] = rows
-        page(None)
-
+    publisher = ReportPublisher(output, config, metrics_log, draw if gallery else None, ctx.is_main)
     if evaluation is not None:
-        trainer.hooks.append(ReportHook(evaluation, refresh, gallery))
-    return page
+        trainer.hooks.append(ReportHook(evaluation, publisher, gallery))
+    return publisher
 
 
 def add_recording(
@@ -342,7 +328,7 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> Rep
     metrics_log = workdir / METRICS_FILE
     eval_hook = add_evaluation(trainer, module, inputs.validation, config, ctx)
     ckpt_hook = add_recording(trainer, checkpointer, output, config, ctx, metrics, metrics_log)
-    final_page = add_report(trainer, eval_hook, module, inputs.validation, config, ctx, output, metrics_log)
+    publisher = add_report(trainer, eval_hook, module, inputs.validation, config, ctx, output, metrics_log)
     trainer.hooks.append(PreemptionHook(Preemption().install(), ckpt_hook))  # last: the step's row is in
     if latest is not None:
         resume(trainer, checkpointer, latest, ctx, metrics_log)
@@ -388,10 +374,6 @@ def run(config: TrainConfig, ctx: DistContext, metrics: PrometheusWriter) -> Rep
         final.mkdir()
         segmenter.save_native(module, final)
         publish(output, final, config, report, [metrics_log])
-        try:
-            final_page(report.model_dump(mode="json"))
-            log.info("report", page=f"{output.uri}report/report.html")
-        except Exception as exc:  # noqa: BLE001 — the model and report.json are published already
-            log.warning("could not write report.html", error=f"{type(exc).__name__}: {exc}")
+        publisher.finish(report)
     distributed.barrier()
     return report
